@@ -11,7 +11,7 @@ from dataclasses import asdict, dataclass, fields
 from dataclasses import field as dc_field
 from typing import Any, Optional
 
-from .cameras import CameraError, CameraDistribution, camera_source_from_dict
+from .cameras import CameraError, camera_source_from_dict
 
 PRIORS = ("reference", "sd")
 METHODS = ("sds", "vsd", "esd", "esd-exact", "ssd")
@@ -94,7 +94,7 @@ class GenerateConfig:
     batch_size: int = 4  # cameras per iteration
     seed: int = 0
     view_dependent: bool = False  # "front/side/back/overhead view of ..." prompting
-    cameras: dict = dc_field(default_factory=lambda: CameraDistribution().to_dict())
+    cameras: Optional[dict] = None  # camera distribution or rig (JSON form); None = the prior's recommendation
     field: str = "auto"  # dense (CPU default) | hash (GPU default)
     grid_resolution: int = 64  # dense grid cells per axis
     samples_per_ray: int = 48
@@ -143,7 +143,8 @@ class GenerateConfig:
         if not isinstance(self.view_dependent, bool):
             raise ConfigError("view_dependent must be true or false")
         try:
-            self.cameras = camera_source_from_dict(self.cameras).to_dict()
+            if self.cameras is not None:
+                self.cameras = camera_source_from_dict(self.cameras).to_dict()
         except CameraError as exc:
             raise ConfigError(f"cameras: {exc}") from None
         _choice("field", self.field, FIELDS)
