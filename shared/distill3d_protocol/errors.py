@@ -1,0 +1,43 @@
+"""The one exception type of the wire protocol."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+# Codes used by the protocol itself (decode/encode). The server adds its own codes
+# (see ``SERVER_ERROR_CODES``); every code matches ``[a-z][a-z0-9_]{0,39}``.
+PROTOCOL_ERROR_CODES = (
+    "bad_frames",  # no frames, wrong frame count, a frame that is not a buffer
+    "bad_header",  # header is not UTF-8 JSON object, or too large
+    "bad_version",  # protocol version differs
+    "unknown_kind",  # kind is not one of KINDS
+    "missing_field",  # a required header field is absent
+    "unknown_field",  # a header field that this kind does not have
+    "bad_field",  # wrong type, out of range, not finite, too long
+    "bad_array",  # array descriptor or payload is wrong
+    "too_large",  # arrays above the byte limit
+)
+
+SERVER_ERROR_CODES = (
+    "bad_job",  # the job config failed semantic validation (GenerateConfig.from_dict)
+    "not_found",  # no such job (or not visible to this client)
+    "bad_state",  # the request does not fit the job's state (e.g. cancel a finished job)
+    "queue_full",  # too many queued jobs
+    "job_failed",  # the trainer raised
+    "internal",  # a server bug; the server keeps running
+)
+
+
+class ProtocolError(ValueError):
+    """A message that does not follow the protocol.
+
+    ``code`` is a short machine-readable tag (see ``PROTOCOL_ERROR_CODES``), ``message``
+    says in words what is wrong and what is allowed. ``req`` is the request id of the
+    offending message when it could still be read (so a reply can be correlated).
+    """
+
+    def __init__(self, code: str, message: str, req: Optional[str] = None) -> None:
+        super().__init__(f"{code}: {message}")
+        self.code = code
+        self.message = message
+        self.req = req
