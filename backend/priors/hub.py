@@ -1,0 +1,110 @@
+"""Loading pretrained weights from the Hugging Face hub or a local folder, with clear errors.
+
+Shared by the Stable Diffusion prior and the DPT depth estimator. Nothing here downloads by
+itself: it resolves the offline switch (``HF_HUB_OFFLINE`` and friends, or an explicit
+``local_files_only``), tells a local folder from a hub id, and turns every loading failure
+(missing folder, file not in the cache, no network, gated repository, bad id) into a
+:class:`~distill3d.priors.base.PriorError` whose message says how to provide the weights.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator, Optional
+
+from .base import PriorError
+
+log = logging.getLogger(__name__)
+
+_TRUE = {"1", "true", "yes", "on"}
+OFFLINE_ENV_VARS = ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "DIFFUSERS_OFFLINE")
+
+
+def _load_error_types() -> tuple[type[BaseException], ...]:
+    types: list[type[BaseException]] = [OSError, ValueError, ConnectionError, TimeoutError]
+    try:  # not an OSError subclass in every huggingface_hub version
+        from huggingface_hub.errors import EntryNotFoundError
+
+        types.append(EntryNotFoundError)
+    except ImportError:  # pragma: no cover - very old huggingface_hub
+        pass
+    return tuple(types)
+
+
+#: exceptions that mean "the weights could not be found or fetched"
+LOAD_ERRORS = _load_error_types()
+
+
+def offline_requested(local_files_only: Optional[bool] = None) -> bool:
+    """True when loading must not touch the network: ``local_files_only`` if given, else
+    whether one of :data:`OFFLINE_ENV_VARS` is set to a true value."""
+    if local_files_only is not None:
+        return bool(local_files_only)
+    return any(os.environ.get(name, "").strip().lower() in _TRUE for name in OFFLINE_ENV_VARS)
+
+
+def looks_like_path(model: str) -> bool:
+    """A model reference meant as a filesystem path rather than a hub id ("owner/name")."""
+    return (
+        model.startswith(("/", "./", "../", "~", "\\"))
+        or (len(model) > 1 and model[1] == ":")  # Windows drive letter
+        or model.count("/") > 1
+        or os.path.isdir(os.path.expanduser(model))
+    )
+
+
+def resolve_model_ref(model: str, what: str) -> str:
+    """Expand ``~`` in local folders and fail early, clearly, on a folder that does not exist."""
+    if not isinstance(model, str) or not model.strip():
+        raise PriorError(f"{what}: the model must be a hub id (owner/name) or a local folder, got {model!r}")
+    model = model.strip()
+    if looks_like_path(model):
+        path = Path(os.path.expanduser(model))
+        if not path.is_dir():
+            raise PriorError(
+                f"{what}: the model folder {str(path)!r} does not exist. Point --model at a folder that holds "
+                "the downloaded weights, or pass a hub id such as 'owner/name'."
+            )
+        return str(path)
+    return model
+
+
+def weights_help(model: str, layout: str) -> str:
+    """How to provide the weights for ``model``; ``layout`` describes the expected folder."""
+    return (
+        "To provide the weights: (1) on a machine with internet access run "
+        f"`huggingface-cli download {model}` (or `hf download {model}`), then copy its Hugging Face cache "
+        "(~/.cache/huggingface) to this machine, or set HF_HOME to a folder holding that cache; "
+        f"(2) or download the model into a folder ({layout}) and point --model at that folder; "
+        "(3) or, to let distill3d download it now, run on a machine with network access and unset HF_HUB_OFFLINE."
+    )
+
+
+@contextmanager
+def loading(what: str, model: str, offline: bool, cache_dir: Optional[str], layout: str) -> Iterator[None]:
+    """Run a ``from_pretrained`` block; turn loading failures into a helpful :class:`PriorError`.
+
+    The original exception is logged at debug level, not shown to the user as a traceback.
+    """
+    try:
+        yield
+    except PriorError:
+        raise
+    except LOAD_ERRORS as exc:
+        log.debug("loading %s from %r failed", what, model, exc_info=True)
+        first_line = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        if len(first_line) > 300:
+            first_line = first_line[:300] + "..."
+        where = f"the cache folder {cache_dir!r}" if cache_dir else "the Hugging Face cache (HF_HOME)"
+        mode = (
+            f"Offline mode is on, so only local files were tried ({where})."
+            if offline
+            else f"Tried the local folder / {where} and the Hugging Face hub."
+        )
+        raise PriorError(
+            f"Could not load the {what} from {model!r} ({type(exc).__name__}: {first_line}). {mode} "
+            + weights_help(model, layout)
+        ) from None
