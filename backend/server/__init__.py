@@ -1,0 +1,21 @@
+"""The distill3d backend service: a ZeroMQ ROUTER that queues, runs and streams generation jobs.
+
+* :mod:`.service`: :class:`Server` and :class:`ServerConfig` (the socket-owning main loop)
+* :mod:`.worker`: a job on its own thread, events to the main loop through :class:`EventBus`
+* :mod:`.jobs`: the jobs folder (state, results, checkpoints), survives restarts
+* :mod:`.auth`: loopback detection, CURVE keys, the ZAP authenticator
+* :mod:`.client`: a blocking client for scripts, tests and the benchmark
+
+Start it with ``distill3d serve --bind tcp://127.0.0.1:5555``; the wire format is the
+``distill3d_protocol`` package.
+"""
+
+from .auth import AuthError, ClientKeys, is_loopback, make_keys
+from .client import Client, ServerError
+from .jobs import JobRecord, JobStore
+from .service import Server, ServerConfig, ServerConfigError
+
+__all__ = [
+    "AuthError", "Client", "ClientKeys", "JobRecord", "JobStore", "Server", "ServerConfig",
+    "ServerConfigError", "ServerError", "is_loopback", "make_keys",
+]

@@ -24,6 +24,8 @@ SERVER_ERROR_CODES = (
     "bad_state",  # the request does not fit the job's state (e.g. cancel a finished job)
     "queue_full",  # too many queued jobs
     "job_failed",  # the trainer raised
+    "shutdown",  # the server is stopping; the job is interrupted and can be resumed later
+    "unexpected_kind",  # a server-to-client kind (or a reply) sent to the server
     "internal",  # a server bug; the server keeps running
 )
 

@@ -1,0 +1,86 @@
+"""`distill3d serve`: run the backend service until SIGINT/SIGTERM."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import signal
+import sys
+import time
+from pathlib import Path
+
+_STD_ATTRS = set(vars(logging.LogRecord("", 0, "", 0, "", (), None))) | {"message", "asctime"}
+
+
+class JsonLogFormatter(logging.Formatter):
+    """One JSON object per line: time, level, logger, message (and any extra fields)."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        out = {
+            "time": round(record.created, 3), "level": record.levelname, "logger": record.name,
+            "message": record.getMessage(), "thread": record.threadName,
+        }
+        out.update({k: v for k, v in vars(record).items() if k not in _STD_ATTRS})
+        if record.exc_info:
+            out["exception"] = self.formatException(record.exc_info)
+        return json.dumps(out, default=str)
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "serve",
+        help="run the ZeroMQ backend service",
+        description="Serve generation jobs over ZeroMQ (ROUTER). Loopback binds need no keys; any other "
+        "bind needs CURVE keys from `distill3d keys`. Stop with Ctrl-C or SIGTERM: running jobs are "
+        "checkpointed and marked interrupted, and can be resumed after a restart.",
+    )
+    p.add_argument("--bind", default="tcp://127.0.0.1:5555", help="endpoint, e.g. tcp://127.0.0.1:5555 or tcp://127.0.0.1:* (any free port)")
+    p.add_argument("--jobs-dir", type=Path, default=None, help="where jobs and results live (default: the user data folder)")
+    p.add_argument("--workers", type=int, default=0, help="jobs running at once (default: one per GPU, at least 1)")
+    p.add_argument("--keys-dir", type=Path, default=None, help="CURVE keys folder (server.key_secret + authorized_clients/)")
+    p.add_argument("--require-keys", action="store_true", help="use CURVE even on a loopback bind")
+    p.add_argument("--checkpoint-every", type=int, default=100, help="checkpoint interval for jobs that set none (0 = only at the end)")
+    p.add_argument("--max-queue", type=int, default=100, help="refuse submissions beyond this many queued jobs")
+    p.add_argument("--preview-interval", type=float, default=0.25, help="minimum seconds between previews of one job")
+    p.add_argument("--progress-interval", type=float, default=0.05, help="minimum seconds between progress messages of one job")
+    p.add_argument("--shutdown-timeout", type=float, default=60.0, help="seconds to wait for running jobs to checkpoint on stop")
+    p.add_argument("--log-json", action="store_true", help="log one JSON object per line")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..server.auth import AuthError
+    from ..server.jobs import JobStoreError
+    from ..server.service import Server, ServerConfig, ServerConfigError
+
+    if args.log_json:
+        handler = logging.StreamHandler()
+        handler.setFormatter(JsonLogFormatter())
+        root = logging.getLogger()
+        root.handlers[:] = [handler]
+    logging.getLogger("distill3d.server").setLevel(min(logging.getLogger().level, logging.INFO))
+    config = ServerConfig(
+        bind=args.bind, jobs_dir=args.jobs_dir, workers=args.workers, keys_dir=args.keys_dir,
+        require_keys=args.require_keys, checkpoint_every=args.checkpoint_every, max_queue=args.max_queue,
+        preview_interval_s=args.preview_interval, progress_interval_s=args.progress_interval,
+        shutdown_timeout_s=args.shutdown_timeout,
+    )
+    try:
+        server = Server(config)
+        endpoint = server.start()
+    except (AuthError, ServerConfigError, JobStoreError, OSError) as exc:
+        print(f"distill3d serve: error: {exc}", file=sys.stderr)
+        return 2
+
+    def on_signal(signum, _frame):
+        print(f"distill3d serve: {signal.Signals(signum).name}: stopping", file=sys.stderr, flush=True)
+        server.stop()
+
+    signal.signal(signal.SIGINT, on_signal)
+    signal.signal(signal.SIGTERM, on_signal)
+    print(f"distill3d serve: listening on {endpoint} (jobs in {server.store.root}, {server.workers} worker(s))", flush=True)
+    started = time.time()
+    server.serve_forever()
+    print(f"distill3d serve: stopped after {time.time() - started:.1f} s", flush=True)
+    return 0

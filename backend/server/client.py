@@ -1,0 +1,164 @@
+"""A small blocking client for the service (DEALER socket): scripts, tests and the benchmark.
+
+Requests carry a ``req`` id; :meth:`Client.request` waits for the reply with that id and
+keeps every other message (progress, previews, results of running jobs) in an inbox that
+:meth:`Client.recv` and :meth:`Client.events` read. All waits are bounded by timeouts.
+"""
+
+from __future__ import annotations
+
+import itertools
+import time
+from collections import deque
+from typing import Any, Deque, Dict, Iterator, Optional
+
+import zmq
+
+from distill3d_protocol import MAX_ARRAY_BYTES, Kind, Message, ProtocolError, decode, encode
+
+from .auth import ClientKeys
+
+TERMINAL_KINDS = (Kind.RESULT, Kind.CANCELLED, Kind.ERROR)
+
+
+class ServerError(RuntimeError):
+    """The server answered a request with an ``error`` message."""
+
+    def __init__(self, code: str, message: str, job_id: Optional[str] = None) -> None:
+        super().__init__(f"{code}: {message}")
+        self.code = code
+        self.message = message
+        self.job_id = job_id
+
+
+class Client:
+    def __init__(
+        self,
+        endpoint: str,
+        name: Optional[str] = None,
+        keys: Optional[ClientKeys] = None,
+        context: Optional[zmq.Context] = None,
+        timeout: float = 10.0,
+        max_array_bytes: int = MAX_ARRAY_BYTES,
+    ) -> None:
+        self.endpoint = endpoint
+        self.name = name
+        self.timeout = timeout
+        self.max_array_bytes = max_array_bytes
+        self._own_context = context is None
+        self.context = context or zmq.Context()
+        self.socket = self.context.socket(zmq.DEALER)
+        self.socket.setsockopt(zmq.LINGER, 0)
+        self.socket.setsockopt(zmq.RCVHWM, 0)  # a client never drops what it was sent
+        if keys is not None:
+            keys.apply(self.socket)
+        self.socket.connect(endpoint)
+        self._inbox: Deque[Message] = deque()
+        self._ids = itertools.count(1)
+
+    # ------------------------------------------------------------------ low level
+    def send(self, kind: str, header: Optional[Dict[str, Any]] = None, job_id: Optional[str] = None) -> str:
+        req = f"r{next(self._ids)}"
+        header = dict(header or {})
+        header["req"] = req
+        if self.name:
+            header.setdefault("client", self.name)
+        self.socket.send_multipart(encode(kind, header, job_id=job_id), copy=False)
+        return req
+
+    def _receive(self, timeout: float) -> Optional[Message]:
+        if not self.socket.poll(max(0, int(timeout * 1000))):
+            return None
+        return decode(self.socket.recv_multipart(copy=False), max_array_bytes=self.max_array_bytes)
+
+    def recv(self, timeout: Optional[float] = None) -> Optional[Message]:
+        """The next message (inbox first); None when nothing arrives in time."""
+        if self._inbox:
+            return self._inbox.popleft()
+        return self._receive(self.timeout if timeout is None else timeout)
+
+    def request(self, kind: str, header: Optional[Dict[str, Any]] = None, job_id: Optional[str] = None,
+                timeout: Optional[float] = None, raise_errors: bool = True) -> Message:
+        """Send and wait for the reply carrying the same request id."""
+        req = self.send(kind, header, job_id)
+        deadline = time.monotonic() + (self.timeout if timeout is None else timeout)
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise TimeoutError(f"no reply to {kind} from {self.endpoint} within the timeout")
+            msg = self._receive(left)
+            if msg is None:
+                continue
+            if msg.req != req:
+                self._inbox.append(msg)
+                continue
+            if msg.kind == Kind.ERROR and raise_errors:
+                raise ServerError(msg.header["code"], msg.header["message"], msg.job_id)
+            return msg
+
+    # ------------------------------------------------------------------ requests
+    def ping(self, timeout: Optional[float] = None) -> Message:
+        return self.request(Kind.PING, {"t": time.time()}, timeout=timeout)
+
+    def submit(self, config: Dict[str, Any], timeout: Optional[float] = None) -> str:
+        """Queue a job; returns its id (raises ServerError for a bad config)."""
+        return self.request(Kind.SUBMIT, {"config": config}, timeout=timeout).job_id
+
+    def resume(self, job_id: str, timeout: Optional[float] = None) -> Message:
+        return self.request(Kind.SUBMIT, {"resume": True}, job_id=job_id, timeout=timeout)
+
+    def cancel(self, job_id: str, timeout: Optional[float] = None) -> Message:
+        """Cancel and wait until the job has stopped (the ``cancelled`` reply)."""
+        return self.request(Kind.CANCEL, {}, job_id=job_id, timeout=timeout)
+
+    def status(self, job_id: Optional[str] = None, timeout: Optional[float] = None) -> Message:
+        return self.request(Kind.STATUS, {}, job_id=job_id, timeout=timeout)
+
+    def list_jobs(self, all_clients: bool = False, timeout: Optional[float] = None) -> list:
+        return self.request(Kind.LIST, {"all": all_clients}, timeout=timeout).header["jobs"]
+
+    def fetch(self, job_id: str, timeout: Optional[float] = None) -> Message:
+        return self.request(Kind.FETCH, {}, job_id=job_id, timeout=timeout)
+
+    # ------------------------------------------------------------------ job streams
+    def events(self, job_id: str, timeout: float = 60.0) -> Iterator[Message]:
+        """Messages about ``job_id`` until a terminal one (result, cancelled, error); others stay queued."""
+        deadline = time.monotonic() + timeout
+        skipped: Deque[Message] = deque()
+        try:
+            while True:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise TimeoutError(f"job {job_id}: no terminal message within {timeout} s")
+                msg = self._inbox.popleft() if self._inbox else self._receive(min(left, 0.5))
+                if msg is None:
+                    continue
+                if msg.job_id != job_id:
+                    skipped.append(msg)
+                    continue
+                yield msg
+                if msg.kind in TERMINAL_KINDS:
+                    return
+        finally:
+            self._inbox.extendleft(reversed(skipped))
+
+    def wait(self, job_id: str, timeout: float = 60.0) -> Message:
+        """The terminal message of a job (its result, cancelled, or error)."""
+        last = None
+        for last in self.events(job_id, timeout):
+            pass
+        return last
+
+    def close(self) -> None:
+        self.socket.close(0)
+        if self._own_context:
+            self.context.term()
+
+    def __enter__(self) -> "Client":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+
+__all__ = ["Client", "ServerError", "ProtocolError"]

@@ -1,0 +1,279 @@
+"""The jobs folder: one directory per job with its state, config, checkpoint and results.
+
+Layout of ``<jobs_dir>/<job_id>/``::
+
+    job.json          state record (queued/running/done/failed/cancelled/interrupted), atomic writes
+    result.glb, texture.png, preview.png, summary.json   written by distill3d.trainer.generate
+    mesh.npz          the exact wire arrays of the result (no pickle), for fast ``fetch``
+    checkpoint/       the trainer's checkpoint (kept until the job is done)
+
+Only the server's main loop mutates :class:`JobRecord` objects and writes ``job.json``;
+worker threads write result files into the job folder before they report completion.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import secrets
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+import numpy as np
+
+from distill3d_protocol import ARRAY_SLOTS, JOB_ID_RE, JOB_STATES
+
+log = logging.getLogger(__name__)
+
+JOB_FILE = "job.json"
+MESH_FILE = "mesh.npz"
+CHECKPOINT_DIR = "checkpoint"
+RESULT_FILES = ("result.glb", "texture.png", "preview.png", "summary.json", MESH_FILE)
+RESUMABLE_STATES = ("interrupted", "cancelled", "failed")
+FINAL_STATES = ("done", "failed", "cancelled", "interrupted")
+
+
+class JobStoreError(RuntimeError):
+    """The jobs folder cannot be used (not writable, not a directory)."""
+
+
+def new_job_id() -> str:
+    """Sortable by creation time, unguessable, and a safe folder name."""
+    return time.strftime("%Y%m%d-%H%M%S", time.gmtime()) + "-" + secrets.token_hex(6)
+
+
+def json_safe(value: Any, depth: int = 0) -> Any:
+    """A JSON-able copy: numpy scalars to Python, non-finite floats to None, the rest to str."""
+    if depth > 7:
+        return str(value)[:200]
+    if value is None or isinstance(value, (bool, str)):
+        return value if not isinstance(value, str) else value[:4000]
+    if isinstance(value, (int, np.integer)) and not isinstance(value, bool):
+        return int(value)
+    if isinstance(value, (float, np.floating)):
+        return float(value) if math.isfinite(float(value)) else None
+    if isinstance(value, np.bool_):
+        return bool(value)
+    if isinstance(value, dict):
+        return {str(k)[:256]: json_safe(v, depth + 1) for k, v in list(value.items())[:1000]}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(v, depth + 1) for v in list(value)[:1000]]
+    if isinstance(value, np.ndarray) and value.size <= 1000:
+        return json_safe(value.tolist(), depth + 1)
+    return str(value)[:4000]
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+    with open(tmp, "w", encoding="utf-8") as fh:
+        fh.write(text)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+
+
+@dataclass
+class JobRecord:
+    """What the server knows about one job (persisted as job.json)."""
+
+    job_id: str
+    config: Dict[str, Any]
+    owner: str  # client name, or "peer:<routing id hex>" for anonymous clients
+    state: str = "queued"
+    created: float = field(default_factory=time.time)
+    updated: float = field(default_factory=time.time)
+    step: int = 0
+    total: int = 0
+    message: Optional[str] = None
+    checkpoint_step: Optional[int] = None
+    resume: bool = False  # the next run continues from the checkpoint
+    files: List[str] = field(default_factory=list)
+
+    def info(self, position: Optional[int] = None) -> Dict[str, Any]:
+        """The protocol's job-info record."""
+        out: Dict[str, Any] = {
+            "job": self.job_id,
+            "state": self.state,
+            "prompt": str(self.config.get("prompt", ""))[:4000],
+            "method": str(self.config.get("method", ""))[:64],
+            "prior": str(self.config.get("prior", ""))[:64],
+            "client": self.owner[:64],
+            "step": max(int(self.step), 0),
+            "total": max(int(self.total), 0),
+            "created": max(float(self.created), 0.0),
+            "updated": max(float(self.updated), 0.0),
+            "message": self.message[:4000] if self.message else None,
+            "position": position,
+            "checkpoint_step": self.checkpoint_step,
+            "files": list(self.files),
+        }
+        return out
+
+    def to_json(self) -> Dict[str, Any]:
+        return json_safe(asdict(self))
+
+    @classmethod
+    def from_json(cls, data: Dict[str, Any]) -> "JobRecord":
+        if not isinstance(data, dict):
+            raise ValueError("job.json must hold an object")
+        known = {f for f in cls.__dataclass_fields__}
+        rec = cls(**{k: v for k, v in data.items() if k in known})
+        if not JOB_ID_RE.match(str(rec.job_id)) or rec.state not in JOB_STATES or not isinstance(rec.config, dict):
+            raise ValueError(f"job.json has a bad id, state or config: {rec.job_id!r} {rec.state!r}")
+        return rec
+
+
+class JobStore:
+    """Reads and writes the jobs folder."""
+
+    def __init__(self, root: Path | str) -> None:
+        self.root = Path(root).expanduser().resolve()
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise JobStoreError(f"cannot create jobs folder {self.root}: {exc}") from None
+        if not os.access(self.root, os.W_OK):
+            raise JobStoreError(f"jobs folder {self.root} is not writable")
+
+    def job_dir(self, job_id: str) -> Path:
+        if not JOB_ID_RE.match(job_id):  # never build a path from an unchecked id
+            raise ValueError(f"bad job id {job_id!r}")
+        return self.root / job_id
+
+    def checkpoint_dir(self, job_id: str) -> Path:
+        return self.job_dir(job_id) / CHECKPOINT_DIR
+
+    def create(self, config: Dict[str, Any], owner: str) -> JobRecord:
+        job_id = new_job_id()
+        while self.job_dir(job_id).exists():
+            job_id = new_job_id()
+        self.job_dir(job_id).mkdir(parents=True)
+        rec = JobRecord(job_id=job_id, config=json_safe(config), owner=owner, total=int(config.get("iters", 0) or 0))
+        self.save(rec)
+        return rec
+
+    def save(self, rec: JobRecord) -> None:
+        rec.updated = time.time()
+        atomic_write_text(self.job_dir(rec.job_id) / JOB_FILE, json.dumps(rec.to_json(), indent=1, allow_nan=False))
+
+    def load_all(self) -> List[JobRecord]:
+        records = []
+        for path in sorted(self.root.glob(f"*/{JOB_FILE}")):
+            try:
+                rec = JobRecord.from_json(json.loads(path.read_text(encoding="utf-8")))
+                if rec.job_id != path.parent.name:
+                    raise ValueError(f"job id {rec.job_id!r} does not match its folder")
+                records.append(rec)
+            except (OSError, ValueError, TypeError) as exc:
+                log.warning("skipping unreadable job record %s: %s", path, exc)
+        return records
+
+    def result_files(self, job_id: str) -> List[str]:
+        d = self.job_dir(job_id)
+        return [name for name in RESULT_FILES if (d / name).is_file()]
+
+    # ------------------------------------------------------------------ result mesh
+    def write_mesh(self, job_id: str, arrays: Dict[str, np.ndarray]) -> Path:
+        """Store the wire arrays exactly (npz, no pickle); atomic."""
+        path = self.job_dir(job_id) / MESH_FILE
+        tmp = path.with_name(path.name + ".tmp.npz")
+        np.savez(tmp, **{k: np.ascontiguousarray(v) for k, v in arrays.items()})
+        os.replace(tmp, path)
+        return path
+
+    def read_mesh(self, job_id: str) -> Dict[str, np.ndarray]:
+        """The result arrays: mesh.npz when present, else read back from result.glb."""
+        d = self.job_dir(job_id)
+        path = d / MESH_FILE
+        if path.is_file():
+            with np.load(path, allow_pickle=False) as data:
+                return {k: data[k] for k in data.files if k in ARRAY_SLOTS}
+        glb = d / "result.glb"
+        if glb.is_file():
+            return read_glb_arrays(glb)
+        raise FileNotFoundError(f"job {job_id} has no stored mesh")
+
+    def read_summary(self, job_id: str) -> Dict[str, Any]:
+        path = self.job_dir(job_id) / "summary.json"
+        if not path.is_file():
+            return {}
+        try:
+            return json_safe(json.loads(path.read_text(encoding="utf-8")))
+        except (OSError, ValueError) as exc:
+            log.warning("unreadable summary for job %s: %s", job_id, exc)
+            return {}
+
+    def last_checkpoint_step(self, job_id: str) -> Optional[int]:
+        """The step the job's checkpoint holds (None when it has none)."""
+        from ..trainer import CHECKPOINT_NAME
+
+        path = self.checkpoint_dir(job_id) / CHECKPOINT_NAME
+        if not path.is_file():
+            return None
+        try:
+            import torch
+
+            state = torch.load(path, map_location="cpu", mmap=True, weights_only=False)
+            return int(state["step"])
+        except Exception as exc:  # a corrupt checkpoint: resume starts from scratch
+            log.warning("unreadable checkpoint for job %s: %s", job_id, exc)
+            return None
+
+    def drop_checkpoint(self, job_id: str) -> None:
+        d = self.checkpoint_dir(job_id)
+        if d.is_dir():
+            for p in d.iterdir():
+                try:
+                    p.unlink()
+                except OSError:
+                    pass
+            try:
+                d.rmdir()
+            except OSError:
+                pass
+
+
+def read_glb_arrays(path: Path) -> Dict[str, np.ndarray]:
+    """Read a result GLB back into wire arrays (distill3d.export's reader if present, else trimesh)."""
+    from distill3d_protocol import mesh_arrays
+
+    try:
+        from ..export import read_glb  # type: ignore[attr-defined]
+    except ImportError:
+        read_glb = None
+    if read_glb is not None:
+        mesh = read_glb(path)
+        return arrays_from_mesh(mesh)
+    import trimesh
+
+    scene = trimesh.load(path, process=False, force="scene")
+    geoms = list(scene.dump()) if hasattr(scene, "dump") else [scene]
+    mesh = trimesh.util.concatenate(geoms) if len(geoms) > 1 else geoms[0]
+    # glTF is Y-up; distill3d is Z-up (Blender): (x, y, z)_gltf -> (x, -z, y)
+    v = np.asarray(mesh.vertices, dtype=np.float64)
+    vertices = np.stack([v[:, 0], -v[:, 2], v[:, 1]], axis=1)
+    visual = mesh.visual
+    uv = getattr(visual, "uv", None)
+    material = getattr(visual, "material", None)
+    image = getattr(material, "baseColorTexture", None) or getattr(material, "image", None)
+    if uv is not None and image is not None:
+        texture = np.asarray(image.convert("RGBA"))
+        return mesh_arrays(vertices, mesh.faces, uvs=uv, texture=texture)
+    colors = getattr(visual, "vertex_colors", None)
+    return mesh_arrays(vertices, mesh.faces, vertex_colors=colors if colors is not None and len(colors) == len(v) else None)
+
+
+def arrays_from_mesh(mesh: Any) -> Dict[str, np.ndarray]:
+    """Wire arrays of a distill3d.export Mesh or TexturedMesh (duck-typed)."""
+    from distill3d_protocol import mesh_arrays
+
+    uvs = getattr(mesh, "uvs", None)
+    texture = getattr(mesh, "texture", None)
+    colors = getattr(mesh, "vertex_colors", None)
+    if uvs is not None and texture is not None:
+        return mesh_arrays(mesh.vertices, mesh.faces, uvs=uvs, texture=texture)
+    return mesh_arrays(mesh.vertices, mesh.faces, vertex_colors=colors)

@@ -1,0 +1,580 @@
+"""The ZeroMQ service: a ROUTER socket, a job queue, worker threads, streaming, persistence.
+
+Threading model: only the main loop (:meth:`Server.serve_forever`) touches the socket and the
+job records. Workers (:class:`~distill3d.server.worker.JobWorker`) post lifecycle events
+and offer latest-wins progress/preview payloads on an :class:`EventBus` whose wake-up socket
+sits in the same ``zmq.Poller`` as the ROUTER, so the loop sleeps until there is work.
+
+Outbound traffic never blocks: sends are non-blocking with ``ROUTER_MANDATORY``; a client
+whose queue is full (send high-water mark) misses progress and previews (the next one
+replaces them) while results, cancellations and errors are retried for a while (and stay
+fetchable from the jobs folder). Progress and previews are throttled per job.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import queue
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Deque, Dict, List, Optional, Sequence, Tuple
+
+import zmq
+
+from distill3d_protocol import (
+    CLIENT_TO_SERVER,
+    MAX_HEADER_BYTES,
+    PROTOCOL_VERSION,
+    Kind,
+    Message,
+    ProtocolError,
+    decode,
+    encode,
+    error_frames,
+)
+
+from .. import __version__
+from ..config import ConfigError, GenerateConfig
+from .auth import AuthError, ServerKeys, is_loopback, load_server_keys, secure_socket, start_authenticator
+from .jobs import FINAL_STATES, RESUMABLE_STATES, JobRecord, JobStore
+from .worker import Event, EventBus, JobWorker
+
+log = logging.getLogger("distill3d.server")
+
+Envelope = Tuple[bytes, ...]  # routing id (+ empty delimiter for REQ clients)
+
+
+class ServerConfigError(ValueError):
+    """A server option is out of range."""
+
+
+def default_jobs_dir() -> Path:
+    import platformdirs
+
+    return Path(platformdirs.user_data_dir("distill3d")) / "jobs"
+
+
+@dataclass
+class ServerConfig:
+    bind: str = "tcp://127.0.0.1:5555"
+    jobs_dir: Optional[Path] = None  # None = the user data folder (platformdirs)
+    workers: int = 0  # concurrent jobs; 0 = one per CUDA device (at least 1)
+    keys_dir: Optional[Path] = None  # CURVE keys (see distill3d keys); required off loopback
+    require_keys: bool = False  # CURVE even on loopback
+    checkpoint_every: int = 100  # for jobs whose config leaves checkpoint_every at 0
+    max_queue: int = 100  # queued jobs beyond this are refused (queue_full)
+    progress_interval_s: float = 0.05  # at most ~20 progress messages per second per job
+    preview_interval_s: float = 0.25  # at most ~4 previews per second per job
+    send_hwm: int = 64  # messages queued per client before progress/previews are dropped
+    critical_retry_s: float = 30.0  # how long results/errors wait for a congested client
+    shutdown_timeout_s: float = 60.0  # wait this long for running jobs to checkpoint on stop
+
+    def validate(self) -> "ServerConfig":
+        if not isinstance(self.bind, str) or "://" not in self.bind:
+            raise ServerConfigError(f"bind must be a ZeroMQ endpoint like tcp://127.0.0.1:5555, got {self.bind!r}")
+        checks = {
+            "workers": (self.workers, 0, 64), "checkpoint_every": (self.checkpoint_every, 0, 10**9),
+            "max_queue": (self.max_queue, 1, 100_000), "send_hwm": (self.send_hwm, 1, 1_000_000),
+        }
+        for name, (value, lo, hi) in checks.items():
+            if isinstance(value, bool) or not isinstance(value, int) or not lo <= value <= hi:
+                raise ServerConfigError(f"{name} must be an integer in [{lo}, {hi}], got {value!r}")
+        for name in ("progress_interval_s", "preview_interval_s", "critical_retry_s", "shutdown_timeout_s"):
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0 or value > 3600:
+                raise ServerConfigError(f"{name} must be a number of seconds in [0, 3600], got {value!r}")
+        if self.jobs_dir is None:
+            self.jobs_dir = default_jobs_dir()
+        self.jobs_dir = Path(self.jobs_dir)
+        return self
+
+
+@dataclass
+class RunningJob:
+    record: JobRecord
+    worker: JobWorker
+    stop_reason: Optional[str] = None  # "cancel" | "shutdown"
+    last_saved: float = field(default_factory=time.monotonic)
+
+
+def _gpu_count() -> int:
+    try:
+        import torch
+
+        return torch.cuda.device_count() if torch.cuda.is_available() else 0
+    except Exception:
+        return 0
+
+
+class Server:
+    """``Server(ServerConfig(...)).serve_forever()``; ``stop()`` from any thread or a signal handler."""
+
+    def __init__(self, config: ServerConfig) -> None:
+        self.config = config.validate()
+        self.keys: Optional[ServerKeys] = None
+        if config.keys_dir is not None:
+            self.keys = load_server_keys(config.keys_dir)
+        elif config.require_keys or not is_loopback(config.bind):
+            reason = "--require-keys was given" if config.require_keys else f"{config.bind} is reachable from other machines"
+            raise AuthError(
+                f"refusing to serve without CURVE keys: {reason}. Create keys with `distill3d keys --out DIR` "
+                "and pass --keys-dir DIR, or bind a loopback address (tcp://127.0.0.1:PORT)."
+            )
+        self.store = JobStore(config.jobs_dir)
+        self.gpus = _gpu_count()
+        self.workers = config.workers or max(self.gpus, 1)
+        self.bus = EventBus()
+        self.context = zmq.Context()
+        self.socket: Optional[zmq.Socket] = None
+        self.endpoint: Optional[str] = None
+        self._auth = None
+        self._stop = threading.Event()
+        self._started_at = time.time()
+        self._jobs: Dict[str, JobRecord] = {}
+        self._queue: Deque[str] = deque()
+        self._running: Dict[str, RunningJob] = {}
+        self._subscribers: Dict[str, List[Envelope]] = {}
+        self._cancel_waiters: Dict[str, List[Tuple[Envelope, Optional[str]]]] = {}
+        self._last_stream_sent: Dict[Tuple[str, str], float] = {}
+        self._pending: Deque[Tuple[float, Envelope, list]] = deque()
+        self.ready = threading.Event()
+
+    # ------------------------------------------------------------------ lifecycle
+    def start(self) -> str:
+        """Recover the jobs folder, bind the socket; returns the bound endpoint."""
+        self._recover()
+        if self.keys is not None:
+            self._auth = start_authenticator(self.context, self.keys)
+        sock = self.context.socket(zmq.ROUTER)
+        sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
+        sock.setsockopt(zmq.SNDHWM, self.config.send_hwm)
+        sock.setsockopt(zmq.RCVHWM, 1000)
+        sock.setsockopt(zmq.MAXMSGSIZE, MAX_HEADER_BYTES + 4096)  # requests carry no arrays
+        sock.setsockopt(zmq.LINGER, 1000)
+        secure_socket(sock, self.keys)
+        try:
+            sock.bind(self.config.bind)
+        except zmq.ZMQError as exc:
+            sock.close(0)
+            raise OSError(f"cannot bind {self.config.bind}: {exc}") from None
+        self.socket = sock
+        self.endpoint = sock.getsockopt_string(zmq.LAST_ENDPOINT)
+        log.info("listening endpoint=%s workers=%d gpus=%d jobs_dir=%s curve=%s", self.endpoint, self.workers, self.gpus,
+                 self.store.root, self.keys is not None)
+        self.ready.set()
+        return self.endpoint
+
+    def stop(self) -> None:
+        """Ask the loop to finish (thread-safe, signal-safe)."""
+        self._stop.set()
+        self.bus.wake()
+
+    def serve_forever(self) -> None:
+        if self.socket is None:
+            self.start()
+        poller = zmq.Poller()
+        poller.register(self.socket, zmq.POLLIN)
+        poller.register(self.bus.wake_fd, zmq.POLLIN)
+        try:
+            while not self._stop.is_set():
+                timeout = self._tick()
+                events = dict(poller.poll(timeout))
+                if self.bus.wake_fd in events:
+                    self.bus.drain_wake()
+                if self.socket in events:
+                    self._receive_all()
+        finally:
+            self._shutdown()
+
+    def _tick(self) -> int:
+        """Everything that is not a request: worker events, streams, retries, scheduling.
+        Returns the poll timeout (ms) until the next throttled send is due."""
+        self._drain_events()
+        next_due = self._flush_streams()
+        self._retry_pending()
+        self._schedule()
+        if self._pending:
+            next_due = min(next_due, 0.05)
+        return max(1, int(math.ceil(min(next_due, 1.0) * 1000)))
+
+    # ------------------------------------------------------------------ recovery
+    def _recover(self) -> None:
+        records = sorted(self.store.load_all(), key=lambda r: r.created)
+        for rec in records:
+            if rec.state == "running":
+                rec.state = "interrupted"
+                rec.checkpoint_step = self.store.last_checkpoint_step(rec.job_id)
+                start = "the start" if rec.checkpoint_step is None else f"checkpoint step {rec.checkpoint_step}"
+                rec.message = f"the server stopped while this job was running (step {rec.step}); resume continues from {start}"
+                self.store.save(rec)
+                log.warning("job=%s state=interrupted step=%d checkpoint=%s", rec.job_id, rec.step, rec.checkpoint_step)
+            elif rec.state == "queued":
+                self._queue.append(rec.job_id)
+            self._jobs[rec.job_id] = rec
+        if records:
+            log.info("recovered jobs=%d queued=%d", len(records), len(self._queue))
+
+    # ------------------------------------------------------------------ receiving
+    def _receive_all(self) -> None:
+        for _ in range(256):  # bounded so streams and events keep flowing under load
+            try:
+                frames = self.socket.recv_multipart(zmq.NOBLOCK, copy=False)
+            except zmq.Again:
+                return
+            try:
+                self._handle_frames(frames)
+            except Exception:  # never die on input
+                log.exception("unhandled error while handling a message")
+
+    def _handle_frames(self, frames: Sequence[zmq.Frame]) -> None:
+        if len(frames) < 2:
+            return  # nothing but a routing id: nothing to answer
+        envelope: Envelope = (frames[0].bytes,)
+        body = list(frames[1:])
+        if len(body) > 1 and len(body[0]) == 0:  # REQ client: keep the empty delimiter
+            envelope = envelope + (b"",)
+            body = body[1:]
+        peer = envelope[0].hex()
+        try:
+            msg = decode(body, max_array_bytes=0)
+        except ProtocolError as exc:
+            log.info("rejected peer=%s code=%s %s", peer, exc.code, exc.message)
+            self._send(envelope, error_frames(exc.code, exc.message, req=exc.req), critical=True)
+            return
+        owner = msg.get("client") or f"peer:{peer}"
+        log.debug("request peer=%s client=%s kind=%s job=%s", peer, owner, msg.kind, msg.job_id)
+        if msg.kind not in CLIENT_TO_SERVER or msg.reply:
+            self._error(envelope, msg, "unexpected_kind", f"the server does not accept {msg.kind}{' replies' if msg.reply else ''} "
+                        f"messages; requests are: {', '.join(sorted(CLIENT_TO_SERVER))}")
+            return
+        handler = getattr(self, f"_on_{msg.kind}")
+        try:
+            handler(envelope, msg, owner)
+        except Exception as exc:
+            log.exception("handler failed client=%s kind=%s job=%s", owner, msg.kind, msg.job_id)
+            self._error(envelope, msg, "internal", f"internal server error while handling {msg.kind}: {type(exc).__name__}: {exc}")
+
+    # ------------------------------------------------------------------ sending
+    def _send(self, envelope: Envelope, frames: list, critical: bool = False) -> bool:
+        try:
+            self.socket.send_multipart([*envelope, *frames], flags=zmq.NOBLOCK, copy=False)
+            return True
+        except zmq.Again:
+            if critical:
+                self._pending.append((time.monotonic() + self.config.critical_retry_s, envelope, frames))
+            else:
+                log.debug("dropped a stream message for congested peer=%s", envelope[0].hex())
+            return False
+        except zmq.ZMQError as exc:
+            if exc.errno == zmq.EHOSTUNREACH:
+                log.info("peer=%s is gone; message dropped", envelope[0].hex())
+            else:
+                log.warning("send to peer=%s failed: %s", envelope[0].hex(), exc)
+            return False
+
+    def _retry_pending(self) -> None:
+        now = time.monotonic()
+        for _ in range(len(self._pending)):
+            deadline, envelope, frames = self._pending.popleft()
+            if now > deadline:
+                log.warning("peer=%s did not drain its queue; a message was dropped (results stay fetchable)", envelope[0].hex())
+                continue
+            try:
+                self.socket.send_multipart([*envelope, *frames], flags=zmq.NOBLOCK, copy=False)
+            except zmq.Again:
+                self._pending.append((deadline, envelope, frames))
+            except zmq.ZMQError:
+                pass
+
+    def _reply(self, envelope: Envelope, msg: Message, kind: str, header: dict, arrays=None, job_id=None) -> None:
+        if msg.req is not None:
+            header = {**header, "req": msg.req}
+        self._send(envelope, encode(kind, header, arrays, job_id=job_id), critical=True)
+
+    def _error(self, envelope: Envelope, msg: Optional[Message], code: str, message: str, job_id: Optional[str] = None) -> None:
+        req = msg.req if msg is not None else None
+        log.info("error client=%s code=%s job=%s %s", envelope[0].hex(), code, job_id, message)
+        self._send(envelope, error_frames(code, message, job_id=job_id, req=req), critical=True)
+
+    def _broadcast(self, job_id: str, frames: list, critical: bool) -> None:
+        for envelope in self._subscribers.get(job_id, []):
+            self._send(envelope, frames, critical=critical)
+
+    # ------------------------------------------------------------------ handlers
+    def _on_ping(self, envelope: Envelope, msg: Message, owner: str) -> None:
+        header: Dict[str, Any] = {"server_version": __version__, "protocol": PROTOCOL_VERSION}
+        if "t" in msg.header:
+            header["t"] = msg.header["t"]
+        self._reply(envelope, msg, Kind.PONG, header)
+
+    def _on_submit(self, envelope: Envelope, msg: Message, owner: str) -> None:
+        if msg.get("resume") is True:
+            self._resume(envelope, msg, owner)
+            return
+        if len(self._queue) >= self.config.max_queue:
+            self._error(envelope, msg, "queue_full", f"{len(self._queue)} jobs are queued (limit {self.config.max_queue}); try later")
+            return
+        try:
+            config = GenerateConfig.from_dict(msg.header["config"])
+        except (ConfigError, TypeError) as exc:
+            self._error(envelope, msg, "bad_job", str(exc))
+            return
+        rec = self.store.create(config.to_dict(), owner)
+        self._jobs[rec.job_id] = rec
+        self._queue.append(rec.job_id)
+        self._subscribers[rec.job_id] = [envelope]
+        log.info("job=%s client=%s kind=submit prompt=%r method=%s iters=%d", rec.job_id, owner, config.prompt, config.method, config.iters)
+        self._reply(envelope, msg, Kind.ACCEPTED, {"state": "queued", "position": len(self._queue) - 1, "config": rec.config},
+                    job_id=rec.job_id)
+
+    def _resume(self, envelope: Envelope, msg: Message, owner: str) -> None:
+        rec = self._find(envelope, msg)
+        if rec is None:
+            return
+        if rec.state not in RESUMABLE_STATES:
+            self._error(envelope, msg, "bad_state", f"job {rec.job_id} is {rec.state}; only {', '.join(RESUMABLE_STATES)} jobs can be resumed",
+                        job_id=rec.job_id)
+            return
+        rec.checkpoint_step = self.store.last_checkpoint_step(rec.job_id)
+        rec.state, rec.resume, rec.message = "queued", True, None
+        self.store.save(rec)
+        self._queue.append(rec.job_id)
+        self._subscribers[rec.job_id] = [envelope]
+        log.info("job=%s client=%s kind=resume checkpoint=%s", rec.job_id, owner, rec.checkpoint_step)
+        self._reply(envelope, msg, Kind.ACCEPTED, {"state": "queued", "position": len(self._queue) - 1, "resumed_from": rec.checkpoint_step},
+                    job_id=rec.job_id)
+
+    def _on_cancel(self, envelope: Envelope, msg: Message, owner: str) -> None:
+        rec = self._find(envelope, msg)
+        if rec is None:
+            return
+        if rec.job_id in self._running:
+            running = self._running[rec.job_id]
+            running.stop_reason = running.stop_reason or "cancel"
+            running.worker.cancel.set()
+            self._cancel_waiters.setdefault(rec.job_id, []).append((envelope, msg.req))
+            log.info("job=%s client=%s kind=cancel (stopping at the next iteration)", rec.job_id, owner)
+        elif rec.state == "queued":
+            self._queue.remove(rec.job_id)
+            rec.state, rec.message = "cancelled", "cancelled before it started"
+            self.store.save(rec)
+            log.info("job=%s client=%s kind=cancel (was queued)", rec.job_id, owner)
+            self._announce_cancelled(rec, None, [(envelope, msg.req)])
+        else:
+            self._error(envelope, msg, "bad_state", f"job {rec.job_id} is {rec.state}; there is nothing to cancel", job_id=rec.job_id)
+
+    def _on_status(self, envelope: Envelope, msg: Message, owner: str) -> None:
+        info = None
+        if msg.job_id is not None:
+            rec = self._find(envelope, msg)
+            if rec is None:
+                return
+            info = self._info(rec)
+        server = {
+            "version": __version__, "protocol": PROTOCOL_VERSION, "workers": self.workers, "gpus": self.gpus,
+            "running": len(self._running), "queued": len(self._queue), "uptime_s": round(time.time() - self._started_at, 3),
+            "curve": self.keys is not None,
+        }
+        self._reply(envelope, msg, Kind.STATUS, {"reply": True, "server": server, "info": info}, job_id=msg.job_id)
+
+    def _on_list(self, envelope: Envelope, msg: Message, owner: str) -> None:
+        show_all = msg.get("all") is True
+        records = [r for r in self._jobs.values() if show_all or r.owner == owner]
+        records.sort(key=lambda r: r.created)
+        self._reply(envelope, msg, Kind.LIST, {"reply": True, "jobs": [self._info(r) for r in records[-10_000:]]})
+
+    def _on_fetch(self, envelope: Envelope, msg: Message, owner: str) -> None:
+        rec = self._find(envelope, msg)
+        if rec is None:
+            return
+        header: Dict[str, Any] = {"reply": True, "info": self._info(rec)}
+        arrays = None
+        if rec.state == "done":
+            try:
+                arrays = self.store.read_mesh(rec.job_id)
+            except (OSError, ValueError) as exc:
+                self._error(envelope, msg, "not_found", f"job {rec.job_id} is done but its mesh cannot be read: {exc}", job_id=rec.job_id)
+                return
+            header["summary"] = self.store.read_summary(rec.job_id)
+            header["files"] = self.store.result_files(rec.job_id)
+        log.info("job=%s client=%s kind=fetch state=%s", rec.job_id, owner, rec.state)
+        self._reply(envelope, msg, Kind.FETCH, header, arrays, job_id=rec.job_id)
+
+    def _find(self, envelope: Envelope, msg: Message) -> Optional[JobRecord]:
+        rec = self._jobs.get(msg.job_id) if msg.job_id else None
+        if rec is None:
+            self._error(envelope, msg, "not_found", f"no job {msg.job_id!r} on this server", job_id=None)
+        return rec
+
+    def _info(self, rec: JobRecord) -> dict:
+        position = self._queue.index(rec.job_id) if rec.state == "queued" and rec.job_id in self._queue else None
+        return rec.info(position)
+
+    # ------------------------------------------------------------------ scheduling
+    def _schedule(self) -> None:
+        while self._queue and len(self._running) < self.workers and not self._stop.is_set():
+            job_id = self._queue.popleft()
+            rec = self._jobs[job_id]
+            try:
+                config = GenerateConfig.from_dict(rec.config)
+            except (ConfigError, TypeError) as exc:
+                self._finish_failed(rec, f"stored config is no longer valid: {exc}")
+                continue
+            if config.checkpoint_every == 0 and self.config.checkpoint_every:
+                config.checkpoint_every = self.config.checkpoint_every
+            slot = len(self._running)
+            worker = JobWorker(job_id, config, self.store, self.bus, resume=rec.resume, gpu_slot=slot)
+            rec.state, rec.total, rec.message = "running", config.iters, None
+            self.store.save(rec)  # "running" is on disk before the first step: a crash reads as interrupted
+            self._running[job_id] = RunningJob(rec, worker)
+            log.info("job=%s state=running resume=%s slot=%d", job_id, rec.resume, slot)
+            worker.start()
+
+    # ------------------------------------------------------------------ worker events
+    def _drain_events(self) -> None:
+        while True:
+            try:
+                event = self.bus.events.get_nowait()
+            except queue.Empty:
+                return
+            try:
+                self._on_event(event)
+            except Exception:
+                log.exception("job=%s event %s could not be handled", event.job_id, event.kind)
+
+    def _on_event(self, event: Event) -> None:
+        running = self._running.get(event.job_id)
+        rec = self._jobs.get(event.job_id)
+        if rec is None:
+            return
+        if event.kind == "started":
+            return
+        self._flush_streams(job_id=event.job_id, force=event.kind == "done")
+        self.bus.discard_streams(event.job_id)
+        self._running.pop(event.job_id, None)
+        rec.resume = False
+        if event.kind == "done":
+            rec.state, rec.step, rec.message = "done", rec.total, None
+            rec.files = self.store.result_files(rec.job_id)
+            self.store.save(rec)  # results and state on disk, then announced
+            self.store.drop_checkpoint(rec.job_id)
+            rec.checkpoint_step = None
+            log.info("job=%s state=done elapsed=%.2fs", rec.job_id, event.data.get("elapsed_s", 0.0))
+            header = {"summary": event.data.get("summary", {}), "files": rec.files, "elapsed_s": max(float(event.data.get("elapsed_s", 0.0)), 0.0)}
+            try:
+                frames = encode(Kind.RESULT, header, event.data["arrays"], job_id=rec.job_id)
+            except ProtocolError as exc:
+                self._finish_failed(rec, f"the result mesh is not valid: {exc.message}")
+                return
+            self._broadcast(rec.job_id, frames, critical=True)
+        elif event.kind == "cancelled":
+            step = event.data.get("step")
+            rec.checkpoint_step = step
+            if running is not None and running.stop_reason == "shutdown":
+                self._mark_interrupted(rec, step)
+                return
+            rec.state, rec.step, rec.message = "cancelled", step or rec.step, f"cancelled at step {step}"
+            self.store.save(rec)
+            log.info("job=%s state=cancelled step=%s", rec.job_id, step)
+            self._announce_cancelled(rec, step, self._cancel_waiters.pop(rec.job_id, []))
+        elif event.kind == "failed":
+            if running is not None and running.stop_reason == "shutdown":
+                self._mark_interrupted(rec, rec.step)
+                return
+            self._finish_failed(rec, event.data.get("message", "the job failed"))
+
+    def _finish_failed(self, rec: JobRecord, message: str) -> None:
+        rec.state, rec.message = "failed", message
+        self.store.save(rec)
+        log.warning("job=%s state=failed %s", rec.job_id, message)
+        self._broadcast(rec.job_id, error_frames("job_failed", message, job_id=rec.job_id), critical=True)
+        for envelope, req in self._cancel_waiters.pop(rec.job_id, []):
+            self._send(envelope, error_frames("job_failed", message, job_id=rec.job_id, req=req), critical=True)
+
+    def _mark_interrupted(self, rec: JobRecord, step: Optional[int]) -> None:
+        rec.state = "interrupted"
+        rec.message = f"the server shut down at step {rec.step}; resume continues from checkpoint step {rec.checkpoint_step}"
+        self.store.save(rec)
+        log.warning("job=%s state=interrupted step=%s", rec.job_id, rec.step)
+        self._broadcast(rec.job_id, error_frames("shutdown", rec.message, job_id=rec.job_id), critical=True)
+
+    def _announce_cancelled(self, rec: JobRecord, step: Optional[int], waiters: List[Tuple[Envelope, Optional[str]]]) -> None:
+        plain = encode(Kind.CANCELLED, {"step": step}, job_id=rec.job_id)
+        waiting = {env for env, _ in waiters}
+        for envelope in self._subscribers.get(rec.job_id, []):
+            if envelope not in waiting:
+                self._send(envelope, plain, critical=True)
+        for envelope, req in waiters:
+            header: Dict[str, Any] = {"step": step}
+            if req is not None:
+                header["req"] = req
+            self._send(envelope, encode(Kind.CANCELLED, header, job_id=rec.job_id), critical=True)
+
+    # ------------------------------------------------------------------ streams
+    def _flush_streams(self, job_id: Optional[str] = None, force: bool = False) -> float:
+        """Send due progress/preview payloads (latest wins); returns seconds until the next is due."""
+        now = time.monotonic()
+        next_due = math.inf
+        for key, value in self.bus.take_streams().items():
+            jid, stream = key
+            if job_id is not None and jid != job_id:
+                self.bus.put_back(key, value)
+                continue
+            interval = self.config.preview_interval_s if stream == "preview" else self.config.progress_interval_s
+            last = self._last_stream_sent.get(key, -math.inf)
+            if not force and now - last < interval:
+                self.bus.put_back(key, value)
+                next_due = min(next_due, last + interval - now)
+                continue
+            _, header, arrays = value
+            rec = self._jobs.get(jid)
+            if rec is None:
+                continue
+            kind = Kind.PROGRESS if stream == "progress" else Kind.PREVIEW
+            if stream == "progress":
+                rec.step = header["step"]
+                running = self._running.get(jid)
+                if running is not None and now - running.last_saved > 2.0:
+                    running.last_saved = now
+                    self.store.save(rec)
+            try:
+                frames = encode(kind, header, arrays, job_id=jid)
+            except ProtocolError as exc:
+                log.warning("job=%s dropped a %s that does not encode: %s", jid, stream, exc.message)
+                continue
+            self._last_stream_sent[key] = now
+            self._broadcast(jid, frames, critical=False)
+        return next_due
+
+    # ------------------------------------------------------------------ shutdown
+    def _shutdown(self) -> None:
+        log.info("shutting down running=%d", len(self._running))
+        for running in self._running.values():
+            running.stop_reason = "shutdown"
+            running.worker.cancel.set()
+        deadline = time.monotonic() + self.config.shutdown_timeout_s
+        for running in list(self._running.values()):
+            running.worker.join(max(0.0, deadline - time.monotonic()))
+        try:
+            self._drain_events()
+        except Exception:
+            log.exception("error while draining events at shutdown")
+        for running in list(self._running.values()):  # still alive: interrupted without a fresh checkpoint
+            rec = running.record
+            rec.checkpoint_step = self.store.last_checkpoint_step(rec.job_id)
+            self._mark_interrupted(rec, rec.step)
+        self._running.clear()
+        self._retry_pending()
+        if self.socket is not None:
+            self.socket.close(linger=500)
+            self.socket = None
+        if self._auth is not None:
+            self._auth.stop()
+            self._auth = None
+        self.bus.close()
+        self.context.term()
+        log.info("stopped")

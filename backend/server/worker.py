@@ -1,0 +1,188 @@
+"""One job on its own thread: runs ``distill3d.trainer.generate`` and reports through an event bus.
+
+The worker never touches the ZeroMQ socket. It hands the server's main loop
+* lifecycle events (``started``, ``done``, ``cancelled``, ``failed``) through a queue, and
+* progress / preview payloads through a latest-wins slot per job and stream, so a slow
+  client or a busy main loop can never make training wait (old previews are overwritten).
+Result files (GLB, texture, summary, mesh.npz) are written before ``done`` is posted.
+"""
+
+from __future__ import annotations
+
+import gc
+import logging
+import math
+import queue
+import socket
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any, Dict, Optional, Tuple
+
+import numpy as np
+
+from distill3d_protocol import mesh_arrays
+
+from .jobs import JobStore, arrays_from_mesh, json_safe
+
+log = logging.getLogger("distill3d.server.worker")
+
+
+@dataclass
+class Event:
+    """A lifecycle event from a worker: kind is started | done | cancelled | failed."""
+
+    kind: str
+    job_id: str
+    data: Dict[str, Any] = field(default_factory=dict)
+
+
+class EventBus:
+    """Thread-safe hand-over from workers to the main loop, with a pollable wake-up socket."""
+
+    def __init__(self) -> None:
+        self.events: "queue.SimpleQueue[Event]" = queue.SimpleQueue()
+        self._lock = threading.Lock()
+        self._streams: Dict[Tuple[str, str], Tuple[float, dict, Optional[dict]]] = {}
+        self._wake_recv, self._wake_send = socket.socketpair()
+        self._wake_recv.setblocking(False)
+        self._wake_send.setblocking(False)
+
+    @property
+    def wake_fd(self) -> int:
+        return self._wake_recv.fileno()
+
+    def wake(self) -> None:
+        try:
+            self._wake_send.send(b"\0")
+        except (BlockingIOError, OSError):
+            pass  # already awake (buffer full) or closing
+
+    def drain_wake(self) -> None:
+        try:
+            while self._wake_recv.recv(4096):
+                pass
+        except (BlockingIOError, OSError):
+            pass
+
+    def post(self, event: Event) -> None:
+        self.events.put(event)
+        self.wake()
+
+    def offer(self, job_id: str, stream: str, header: dict, arrays: Optional[dict] = None) -> None:
+        """Latest wins: replaces any not-yet-sent payload of this job's stream."""
+        with self._lock:
+            self._streams[(job_id, stream)] = (time.monotonic(), header, arrays)
+        self.wake()
+
+    def take_streams(self) -> Dict[Tuple[str, str], Tuple[float, dict, Optional[dict]]]:
+        with self._lock:
+            out, self._streams = self._streams, {}
+        return out
+
+    def put_back(self, key: Tuple[str, str], value: Tuple[float, dict, Optional[dict]]) -> None:
+        """Return a throttled payload unless a newer one arrived meanwhile."""
+        with self._lock:
+            self._streams.setdefault(key, value)
+
+    def discard_streams(self, job_id: str) -> None:
+        with self._lock:
+            for key in [k for k in self._streams if k[0] == job_id]:
+                del self._streams[key]
+
+    def close(self) -> None:
+        self._wake_recv.close()
+        self._wake_send.close()
+
+
+def _finite_or_none(value: Any) -> Optional[float]:
+    try:
+        v = float(value)
+    except (TypeError, ValueError):
+        return None
+    return v if math.isfinite(v) else None
+
+
+class JobWorker(threading.Thread):
+    """Runs one job; ``cancel`` stops it at the next iteration (the trainer checkpoints first)."""
+
+    def __init__(self, job_id: str, config: Any, store: JobStore, bus: EventBus, resume: bool = False, gpu_slot: int = 0) -> None:
+        super().__init__(name=f"job-{job_id}", daemon=True)
+        self.job_id = job_id
+        self.config = config
+        self.store = store
+        self.bus = bus
+        self.resume = resume
+        self.gpu_slot = gpu_slot
+        self.cancel = threading.Event()
+
+    # ------------------------------------------------------------------ trainer callbacks
+    def _on_progress(self, step: int, total: int, losses: dict, elapsed: float, eta: float) -> None:
+        header = {
+            "step": max(int(step), 0),
+            "total": max(int(total), 1),
+            "losses": {str(k)[:64]: _finite_or_none(v) for k, v in list(losses.items())[:64]},
+            "elapsed_s": max(_finite_or_none(elapsed) or 0.0, 0.0),
+            "eta_s": None if _finite_or_none(eta) is None else max(float(eta), 0.0),
+        }
+        self.bus.offer(self.job_id, "progress", header)
+
+    def _on_preview(self, step: int, mesh: Any, image: Optional[np.ndarray]) -> None:
+        try:
+            arrays: Dict[str, np.ndarray] = {}
+            if mesh is not None and len(getattr(mesh, "faces", ())) > 0:
+                arrays.update(mesh_arrays(mesh.vertices, mesh.faces, vertex_colors=getattr(mesh, "vertex_colors", None)))
+            if image is not None:
+                arrays["image"] = mesh_arrays(np.zeros((0, 3)), np.zeros((0, 3)), image=image)["image"]
+            if arrays:
+                self.bus.offer(self.job_id, "preview", {"step": max(int(step), 0), "total": max(int(self.config.iters), 1)}, arrays)
+        except Exception:  # a bad preview must never stop training
+            log.exception("job=%s preview at step %s could not be packed", self.job_id, step)
+
+    # ------------------------------------------------------------------ the run
+    def run(self) -> None:
+        from ..trainer import Cancelled, TrainerCallbacks, generate
+
+        started = time.perf_counter()
+        self.bus.post(Event("started", self.job_id))
+        try:
+            self._select_gpu()
+            callbacks = TrainerCallbacks(on_progress=self._on_progress, on_preview=self._on_preview)
+            result = generate(
+                self.config,
+                self.store.job_dir(self.job_id),
+                callbacks=callbacks,
+                cancel=self.cancel,
+                checkpoint_dir=self.store.checkpoint_dir(self.job_id),
+                resume=self.resume,
+            )
+            arrays = arrays_from_mesh(result.mesh)
+            self.store.write_mesh(self.job_id, arrays)  # everything on disk before it is announced
+            summary = json_safe(result.summary)
+            del result
+            self.bus.post(Event("done", self.job_id, {"arrays": arrays, "summary": summary, "elapsed_s": time.perf_counter() - started}))
+        except Cancelled as exc:
+            self.bus.post(Event("cancelled", self.job_id, {"step": exc.step}))
+        except Exception as exc:
+            log.exception("job=%s failed", self.job_id)
+            self.bus.post(Event("failed", self.job_id, {"message": f"{type(exc).__name__}: {exc}"[:4000]}))
+        finally:
+            self._free_memory()
+
+    def _select_gpu(self) -> None:
+        import torch
+
+        if torch.cuda.is_available() and torch.cuda.device_count() > 1:
+            torch.cuda.set_device(self.gpu_slot % torch.cuda.device_count())
+
+    @staticmethod
+    def _free_memory() -> None:
+        gc.collect()
+        try:
+            import torch
+
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+        except Exception:  # freeing is best effort
+            pass
+
