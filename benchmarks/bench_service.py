@@ -1,0 +1,186 @@
+"""Service benchmark: mesh transfer over loopback, and the server's cost per training iteration.
+
+1. Round trip of a ~200k-triangle textured mesh (1024x1024 RGBA texture) from server to
+   client on loopback: the raw protocol (encode, ROUTER send, DEALER receive, validating
+   decode) and a real ``fetch`` from a running server (which also reads the jobs folder).
+2. The overhead the server adds per training iteration: the same job run by the bare
+   trainer (``distill3d.trainer.generate``) and through a server subprocess with a client
+   consuming every progress and preview message; ratio of seconds per iteration.
+
+Run: ``.venv/bin/python benchmarks/bench_service.py [--iters 60] [--out out/bench_service.json]``
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import zmq
+
+from distill3d_protocol import Kind, decode, encode, mesh_arrays
+
+
+def sphere_mesh(target_faces: int = 200_000, texture_size: int = 1024, seed: int = 0) -> dict:
+    """A UV sphere with about ``target_faces`` triangles, per-vertex UVs and a noise texture."""
+    rings = int(np.ceil(np.sqrt(target_faces / 4)))
+    segments = 2 * rings
+    theta = np.linspace(0, np.pi, rings + 1)
+    phi = np.linspace(0, 2 * np.pi, segments + 1)
+    th, ph = np.meshgrid(theta, phi, indexing="ij")
+    vertices = np.stack([np.sin(th) * np.cos(ph), np.sin(th) * np.sin(ph), np.cos(th)], -1).reshape(-1, 3)
+    uvs = np.stack([ph / (2 * np.pi), 1 - th / np.pi], -1).reshape(-1, 2)
+    idx = np.arange((rings + 1) * (segments + 1)).reshape(rings + 1, segments + 1)
+    a, b, c, d = idx[:-1, :-1], idx[1:, :-1], idx[1:, 1:], idx[:-1, 1:]
+    faces = np.concatenate([np.stack([a, b, c], -1).reshape(-1, 3), np.stack([a, c, d], -1).reshape(-1, 3)])
+    texture = np.random.default_rng(seed).integers(0, 256, size=(texture_size, texture_size, 4), dtype=np.uint8)
+    return mesh_arrays(vertices, faces, uvs=uvs, texture=texture)
+
+
+def bench_raw_transfer(arrays: dict, repeats: int) -> list[float]:
+    """encode -> ROUTER -> DEALER -> decode over tcp loopback, seconds per message."""
+    ctx = zmq.Context()
+    router, dealer = ctx.socket(zmq.ROUTER), ctx.socket(zmq.DEALER)
+    try:
+        port = router.bind_to_random_port("tcp://127.0.0.1")
+        dealer.connect(f"tcp://127.0.0.1:{port}")
+        dealer.send_multipart(encode(Kind.PING))
+        ident, *_ = router.recv_multipart()
+        times = []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            router.send_multipart([ident, *encode(Kind.RESULT, {"summary": {}}, arrays, job_id="bench")], copy=False)
+            msg = decode(dealer.recv_multipart(copy=False))
+            times.append(time.perf_counter() - t0)
+            assert msg.arrays["faces"].shape == arrays["faces"].shape
+        return times
+    finally:
+        router.close(0)
+        dealer.close(0)
+        ctx.term()
+
+
+def bench_fetch(arrays: dict, repeats: int) -> list[float]:
+    """A real server's fetch of a finished job: request -> read jobs folder -> send -> decode."""
+    import threading
+
+    from distill3d.server import Client, Server, ServerConfig
+    from distill3d.server.jobs import JobStore
+
+    with tempfile.TemporaryDirectory() as tmp:
+        store = JobStore(Path(tmp) / "jobs")
+        rec = store.create({"prompt": "benchmark sphere", "iters": 1}, owner="bench")
+        store.write_mesh(rec.job_id, arrays)
+        rec.state = "done"
+        store.save(rec)
+        server = Server(ServerConfig(bind="tcp://127.0.0.1:*", jobs_dir=store.root))
+        endpoint = server.start()
+        thread = threading.Thread(target=server.serve_forever, daemon=True)
+        thread.start()
+        try:
+            with Client(endpoint, timeout=30) as client:
+                times = []
+                for _ in range(repeats):
+                    t0 = time.perf_counter()
+                    msg = client.fetch(rec.job_id)
+                    times.append(time.perf_counter() - t0)
+                    assert msg.arrays["texture"].shape == arrays["texture"].shape
+                return times
+        finally:
+            server.stop()
+            thread.join(30)
+
+
+def start_server(jobs_dir: Path, log_path: Path) -> tuple[subprocess.Popen, str]:
+    cmd = [sys.executable, "-m", "distill3d", "serve", "--bind", "tcp://127.0.0.1:*", "--jobs-dir", str(jobs_dir)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=open(log_path, "w"), text=True)
+    line = proc.stdout.readline()
+    if "listening on" not in line:
+        proc.kill()
+        raise RuntimeError(f"server did not start: {line!r}; see {log_path}")
+    return proc, line.split("listening on ")[1].split()[0]
+
+
+def bench_overhead(iters: int, resolution: int, preview_every: int) -> dict:
+    """Seconds per iteration of one job: bare trainer vs through the server."""
+    from distill3d.config import GenerateConfig
+    from distill3d.server import Client
+    from distill3d.trainer import generate
+
+    job = {"prompt": "a rubber duck", "iters": iters, "resolution": resolution, "preview_every": preview_every,
+           "export": {"mc_resolution": 32, "texture_size": 64}}
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        t0 = time.perf_counter()
+        bare = generate(GenerateConfig.from_dict(job), tmp / "bare")
+        bare_wall = time.perf_counter() - t0
+        proc, endpoint = start_server(tmp / "jobs", tmp / "server.log")
+        try:
+            with Client(endpoint, timeout=60) as client:
+                t0 = time.perf_counter()
+                job_id = client.submit(job)
+                counts = {"progress": 0, "preview": 0}
+                result = None
+                for msg in client.events(job_id, timeout=3600):
+                    if msg.kind in counts:
+                        counts[msg.kind] += 1
+                    result = msg
+                served_wall = time.perf_counter() - t0
+        finally:
+            proc.terminate()
+            proc.wait(60)
+    if result is None or result.kind != Kind.RESULT:
+        raise RuntimeError(f"the served job did not finish: {result.header if result else None}")
+    bare_spi = bare.summary["seconds_per_iteration"]
+    served_spi = result.header["summary"]["seconds_per_iteration"]
+    return {
+        "iters": iters, "resolution": resolution, "preview_every": preview_every,
+        "bare_seconds_per_iteration": bare_spi, "served_seconds_per_iteration": served_spi,
+        "ratio_per_iteration": served_spi / bare_spi,
+        "bare_wall_s": bare_wall, "served_wall_s": served_wall,
+        "messages_received": counts,
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--faces", type=int, default=200_000)
+    p.add_argument("--texture", type=int, default=1024)
+    p.add_argument("--repeats", type=int, default=10)
+    p.add_argument("--iters", type=int, default=60, help="training iterations for the overhead measurement (0 = skip)")
+    p.add_argument("--resolution", type=int, default=32)
+    p.add_argument("--preview-every", type=int, default=10)
+    p.add_argument("--out", type=Path, default=None, help="write the numbers as JSON here")
+    args = p.parse_args(argv)
+
+    arrays = sphere_mesh(args.faces, args.texture)
+    megabytes = sum(a.nbytes for a in arrays.values()) / 1e6
+    report: dict = {"mesh": {"faces": int(len(arrays["faces"])), "vertices": int(len(arrays["vertices"])),
+                             "texture": args.texture, "megabytes": round(megabytes, 2)}}
+    raw = bench_raw_transfer(arrays, args.repeats)
+    fetch = bench_fetch(arrays, args.repeats)
+    report["raw_transfer_s"] = {"median": statistics.median(raw), "max": max(raw)}
+    report["fetch_s"] = {"median": statistics.median(fetch), "max": max(fetch)}
+    print(f"mesh: {report['mesh']['faces']} faces, {report['mesh']['vertices']} vertices, {args.texture}^2 texture, {megabytes:.1f} MB")
+    print(f"raw protocol round trip (encode, send, receive, validate): median {statistics.median(raw) * 1000:.1f} ms, max {max(raw) * 1000:.1f} ms")
+    print(f"server fetch (request, read jobs folder, send, validate): median {statistics.median(fetch) * 1000:.1f} ms, max {max(fetch) * 1000:.1f} ms")
+    if args.iters > 0:
+        overhead = bench_overhead(args.iters, args.resolution, args.preview_every)
+        report["overhead"] = overhead
+        print(f"training {args.iters} iterations at {args.resolution} px: bare {overhead['bare_seconds_per_iteration'] * 1000:.1f} ms/it, "
+              f"served {overhead['served_seconds_per_iteration'] * 1000:.1f} ms/it, ratio {overhead['ratio_per_iteration']:.3f} "
+              f"(wall {overhead['bare_wall_s']:.1f} s vs {overhead['served_wall_s']:.1f} s; received {overhead['messages_received']})")
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(report, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
