@@ -1,0 +1,482 @@
+"""The job controller: connects the backend client to the scene (main thread only).
+
+One :class:`JobController` owns the :class:`~.client.BackendClient`, turns its events into
+scene changes (one preview object refilled in place at most every ``preview_interval_s``;
+the result as a new textured object) and keeps the status the panel shows. ``pump()`` is
+driven by a ``bpy.app.timers`` timer in the UI and by :meth:`JobController.wait_until_done`
+under ``blender -b``, in the batch script and in tests (timers never fire in the ``bpy``
+module). Nothing here raises into Blender's UI: failures become status messages.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import tempfile
+import time
+from typing import Any, Optional
+
+import bpy
+import numpy as np
+
+from . import scene_import
+from .backend_process import BackendProcessError, LocalBackend
+from .client import BackendClient, ClientError, ClientListener, Connection, JobStatus, is_loopback_endpoint
+from .preferences import ConnectionSettings
+
+log = logging.getLogger(__name__)
+
+TIMER_INTERVAL_S = 0.1
+
+
+def format_duration(seconds: Optional[float]) -> str:
+    """``1:05`` / ``1:02:05`` style durations ('?' when unknown)."""
+    if seconds is None or not math.isfinite(seconds) or seconds < 0:
+        return "?"
+    seconds = int(round(seconds))
+    hours, rest = divmod(seconds, 3600)
+    minutes, secs = divmod(rest, 60)
+    return f"{hours}:{minutes:02d}:{secs:02d}" if hours else f"{minutes}:{secs:02d}"
+
+
+def user_dir() -> str:
+    """A writable folder for logs and jobs: the extension's user folder, else a temp folder."""
+    try:
+        return bpy.utils.extension_path_user(__package__, create=True)
+    except (ValueError, RuntimeError, AttributeError):
+        path = os.path.join(tempfile.gettempdir(), "distill3d")
+        os.makedirs(path, exist_ok=True)
+        return path
+
+
+# ----------------------------------------------------------------------------- local backend
+
+_LOCAL_BACKEND: Optional[LocalBackend] = None
+
+
+def start_local_backend(settings: ConnectionSettings) -> LocalBackend:
+    """Start (or reuse) the local backend process serving ``settings.endpoint``."""
+    global _LOCAL_BACKEND
+    if _LOCAL_BACKEND is not None and _LOCAL_BACKEND.running and _LOCAL_BACKEND.endpoint == settings.endpoint.strip():
+        return _LOCAL_BACKEND
+    stop_local_backend()
+    base = user_dir()
+    backend = LocalBackend(
+        settings.python,
+        settings.endpoint,
+        jobs_dir=settings.jobs_dir or os.path.join(base, "jobs"),
+        log_path=os.path.join(base, "backend.log"),
+    )
+    backend.start()
+    _LOCAL_BACKEND = backend
+    return backend
+
+
+def stop_local_backend() -> bool:
+    global _LOCAL_BACKEND
+    backend, _LOCAL_BACKEND = _LOCAL_BACKEND, None
+    if backend is None:
+        return False
+    backend.stop()
+    return True
+
+
+def local_backend() -> Optional[LocalBackend]:
+    return _LOCAL_BACKEND
+
+
+def local_backend_status() -> str:
+    backend = _LOCAL_BACKEND
+    if backend is None:
+        return "Local backend: not started"
+    if backend.running:
+        return f"Local backend: running (pid {backend.process.pid}) on {backend.endpoint}"
+    return backend.exit_message()
+
+
+# ----------------------------------------------------------------------------- controller
+
+
+class JobController(ClientListener):
+    """State of the one job the panel runs, and everything it does to the scene."""
+
+    def __init__(self) -> None:
+        self.client: Optional[BackendClient] = None
+        self._client_key: Optional[tuple] = None
+        self.settings = ConnectionSettings()
+        self.status = "Idle"
+        self.status_is_error = False
+        self.scene_name = ""
+        self.collection_name = ""
+        self.result_object_name = ""
+        self.last_timings: Optional[scene_import.ImportTimings] = None
+        self.preview_updates = 0
+        self.preview_interval_s = 0.5
+        self._pending_preview: Optional[dict] = None
+        self._last_preview_at = -math.inf
+        self._waiting_for_backend: Optional[LocalBackend] = None
+
+    # ------------------------------------------------------------------ status
+
+    def _set_status(self, text: str, error: bool = False) -> None:
+        if text == self.status and error == self.status_is_error:
+            return
+        self.status = text
+        self.status_is_error = error
+        log.log(logging.WARNING if error else logging.INFO, "%s", text)
+        print(f"distill3d: {'ERROR: ' if error else ''}{text}")
+
+    @property
+    def job(self) -> Optional[JobStatus]:
+        return self.client.job if self.client is not None else None
+
+    @property
+    def busy(self) -> bool:
+        return self.client is not None and self.client.busy
+
+    @property
+    def connection(self) -> Connection:
+        return self.client.connection if self.client is not None else Connection.UNKNOWN
+
+    @property
+    def connection_text(self) -> str:
+        if self.client is None:
+            return "Not connected yet (use Test connection)"
+        return self.client.status
+
+    @property
+    def progress_text(self) -> str:
+        job = self.job
+        if job is None:
+            return ""
+        if job.state in ("submitting", "submitted"):
+            return "Waiting for the backend…"
+        if job.state == "queued":
+            pos = f" (position {job.position})" if job.position else ""
+            return f"Queued{pos}"
+        if job.total:
+            return f"Step {job.step}/{job.total} · ETA {format_duration(job.eta_s)}"
+        return job.state.capitalize()
+
+    # ------------------------------------------------------------------ client
+
+    def _client_for(self, settings: ConnectionSettings) -> BackendClient:
+        keys = settings.keys
+        key = (
+            settings.endpoint.strip(),
+            None if keys is None else (keys.server_public.strip(), keys.client_public.strip(), keys.client_secret.strip()),
+            settings.connect_timeout_s,
+            settings.heartbeat_s,
+            settings.lost_after_s,
+        )
+        if self.client is not None and not self.client.closed and key == self._client_key:
+            return self.client
+        if self.client is not None and self.client.busy:
+            raise ClientError("a job is running with other connection settings; cancel it first")
+        self.close_client()
+        self.client = BackendClient(
+            settings.endpoint,
+            self,
+            keys=keys,
+            connect_timeout_s=settings.connect_timeout_s,
+            heartbeat_s=settings.heartbeat_s,
+            lost_after_s=settings.lost_after_s,
+        )
+        self._client_key = key
+        return self.client
+
+    def close_client(self) -> None:
+        if self.client is not None:
+            self.client.close()
+        self.client = None
+        self._client_key = None
+
+    @staticmethod
+    def check_online_access(endpoint: str) -> None:
+        """Blender's "Allow Online Access" governs every non-loopback endpoint."""
+        if not is_loopback_endpoint(endpoint) and not bpy.app.online_access:
+            raise ClientError(
+                f"Online access is disabled in Blender (Preferences > System > Network), so the backend at "
+                f"{endpoint} cannot be reached; allow online access or use a loopback endpoint"
+            )
+
+    def _prepare(self, settings: ConnectionSettings) -> tuple[BackendClient, Optional[float]]:
+        """Client for ``settings``, after the online-access check and an optional local backend start."""
+        self.settings = settings
+        self.preview_interval_s = settings.preview_interval_s
+        self.check_online_access(settings.endpoint)
+        timeout = None
+        self._waiting_for_backend = None
+        if settings.start_local_backend:
+            backend = local_backend()
+            fresh = backend is None or not backend.running or backend.endpoint != settings.endpoint.strip()
+            try:
+                backend = start_local_backend(settings)
+            except BackendProcessError as exc:
+                raise ClientError(f"Cannot start the local backend: {exc}") from None
+            if fresh:
+                timeout = settings.backend_start_timeout_s  # importing torch takes a while
+                self._waiting_for_backend = backend
+                self._set_status(f"Started the local backend on {settings.endpoint}; waiting for it…")
+        return self._client_for(settings), timeout
+
+    # ------------------------------------------------------------------ actions
+
+    def generate(self, scene: Any, job: dict, settings: ConnectionSettings, collection: Any = None) -> JobStatus:
+        """Submit ``job``; results go to ``scene`` (and ``collection``). Raises ClientError on refusal."""
+        if self.busy:
+            raise ClientError("a job is already running; cancel it first")
+        client, timeout = self._prepare(settings)
+        status = client.submit(job, timeout_s=timeout)
+        self.scene_name = scene.name
+        self.collection_name = collection.name if collection is not None else ""
+        self.result_object_name = ""
+        self.preview_updates = 0
+        self._pending_preview = None
+        self._last_preview_at = -math.inf
+        self._set_status(f"Submitted “{job.get('prompt', '')}” ({job.get('method', '?')}, {job.get('iters', '?')} steps)")
+        ensure_timer()
+        return status
+
+    def cancel(self) -> bool:
+        if self.client is None or not self.client.cancel():
+            return False
+        job = self.job
+        if job is not None and not job.finished:
+            self._set_status("Cancelling…")
+        ensure_timer()
+        return True
+
+    def test_connection(self, settings: ConnectionSettings) -> None:
+        client, timeout = self._prepare(settings)
+        client.ping(timeout_s=timeout)
+        ensure_timer()
+
+    def fetch_job(self, scene: Any, job_id: str, settings: ConnectionSettings, config: Optional[dict] = None) -> JobStatus:
+        """Follow a job submitted earlier (e.g. before Blender restarted) and import its result."""
+        client, _ = self._prepare(settings)
+        status = client.adopt(job_id, config)
+        self.scene_name = scene.name
+        self.result_object_name = ""
+        ensure_timer()
+        return status
+
+    # ------------------------------------------------------------------ pumping
+
+    def pump(self) -> bool:
+        """Drain the socket and apply due previews; True while there is more to wait for."""
+        client = self.client
+        if client is None:
+            return False
+        try:
+            client.pump()
+            self._apply_pending_preview()
+            backend = self._waiting_for_backend
+            if backend is not None:
+                if client.connection == Connection.CONNECTED:
+                    self._waiting_for_backend = None
+                elif not backend.running:
+                    self._waiting_for_backend = None
+                    if client.abandon(backend.exit_message()) is False:
+                        self._set_status(backend.exit_message(), error=True)
+        except Exception:  # noqa: BLE001 - called from a timer: never raise into Blender
+            log.exception("distill3d: error while pumping")
+        return client.busy or client.connection == Connection.CONNECTING or self._pending_preview is not None
+
+    def wait_until_done(self, timeout_s: float) -> Optional[JobStatus]:
+        """Blocking loop for ``blender -b``, scripts and tests: pump until the job finishes."""
+        if self.client is None:
+            return None
+        self.client.wait_until(lambda: not self.busy, timeout_s, on_tick=self._tick)
+        self._apply_pending_preview(force=True)
+        return self.job
+
+    def wait_for_connection(self, timeout_s: float) -> Connection:
+        """Pump until the connection is known to be up or down (after ``test_connection``)."""
+        if self.client is None:
+            return Connection.UNKNOWN
+        settled = (Connection.CONNECTED, Connection.UNREACHABLE)
+        self.client.wait_until(lambda: self.client.connection in settled, timeout_s, on_tick=self._tick)
+        return self.client.connection
+
+    def _tick(self) -> None:
+        self._apply_pending_preview()
+        backend = self._waiting_for_backend
+        if backend is not None and not backend.running and self.client is not None:
+            self._waiting_for_backend = None
+            self.client.abandon(backend.exit_message())
+
+    def shutdown(self) -> None:
+        """Close the connection, stop the timer and the local backend (unregister, exit)."""
+        if self.client is not None and self.client.busy:
+            log.info("distill3d: closing with a job running; it stays on the backend")
+        self.close_client()
+        stop_local_backend()
+        if bpy.app.timers.is_registered(_timer):
+            bpy.app.timers.unregister(_timer)
+
+    # ------------------------------------------------------------------ scene access
+
+    def _scene(self) -> Any:
+        return bpy.data.scenes.get(self.scene_name) or bpy.context.scene
+
+    def _collection(self) -> Any:
+        return bpy.data.collections.get(self.collection_name) if self.collection_name else None
+
+    def _apply_pending_preview(self, force: bool = False) -> None:
+        pending = self._pending_preview
+        if pending is None:
+            return
+        now = time.monotonic()
+        if not force and now - self._last_preview_at < self.preview_interval_s:
+            return
+        self._pending_preview = None
+        self._last_preview_at = now
+        try:
+            scene = self._scene()
+            if pending.get("vertices") is not None and len(pending["faces"]):
+                scene_import.update_preview_object(
+                    scene, pending["vertices"], pending["faces"], pending.get("vertex_colors"), pending["job_id"], self._collection()
+                )
+                self.preview_updates += 1
+            if pending.get("image") is not None:
+                existing = bpy.data.images.get("distill3d preview")
+                scene_import.image_from_rgb("distill3d preview", pending["image"], existing)
+        except Exception as exc:  # noqa: BLE001
+            log.exception("distill3d: preview update failed")
+            self._set_status(f"Preview could not be shown: {exc}", error=True)
+
+    # ------------------------------------------------------------------ client events
+
+    def on_accepted(self, job: JobStatus, message: Any) -> None:
+        where = f", position {job.position} in the queue" if job.state == "queued" and job.position else ""
+        self._set_status(f"Job {job.job_id} accepted ({job.state}{where})")
+
+    def on_progress(self, job: JobStatus, message: Any) -> None:
+        if not job.cancel_requested:
+            self.status_is_error = False
+            self.status = f"Running {job.job_id}: step {job.step}/{job.total}"
+
+    def on_preview(self, job: JobStatus, mesh: Any, image: Any, message: Any) -> None:
+        self._pending_preview = {
+            "job_id": job.job_id or "",
+            "vertices": None if mesh is None else np.array(mesh.vertices),
+            "faces": None if mesh is None else np.array(mesh.faces),
+            "vertex_colors": None if mesh is None or mesh.vertex_colors is None else np.array(mesh.vertex_colors),
+            "image": None if image is None else np.array(image),
+            "step": message.get("step"),
+        }
+        self._apply_pending_preview()
+
+    def on_result(self, job: JobStatus, mesh: Any, message: Any) -> None:
+        self._pending_preview = None
+        scene = self._scene()
+        try:
+            scene_import.remove_preview_object(scene)
+            timings = scene_import.ImportTimings()
+            obj = scene_import.create_result_object(
+                scene,
+                job.config.get("prompt", "distill3d"),
+                mesh.vertices,
+                mesh.faces,
+                mesh.uvs,
+                mesh.texture,
+                vertex_colors=mesh.vertex_colors,
+                job=job.config,
+                job_id=job.job_id,
+                collection=self._collection(),
+                timings=timings,
+            )
+            if job.summary:
+                obj["distill3d_summary"] = _json(job.summary)
+            self._select(obj)
+        except Exception as exc:  # noqa: BLE001 - a bad mesh must not break Blender
+            log.exception("distill3d: importing the result failed")
+            self._set_status(f"Job {job.job_id} finished but its mesh could not be imported: {exc}", error=True)
+            return
+        self.result_object_name = obj.name
+        self.last_timings = timings
+        self._set_status(
+            f"Done: “{obj.name}” with {len(mesh.vertices)} vertices, {len(mesh.faces)} faces "
+            f"(imported in {timings.total:.2f} s)"
+        )
+
+    def on_failed(self, job: JobStatus) -> None:
+        self._pending_preview = None
+        try:
+            scene_import.remove_preview_object(self._scene())
+        except Exception:  # noqa: BLE001
+            log.exception("distill3d: removing the preview failed")
+        self._set_status(job.message, error=True)
+
+    def on_cancelled(self, job: JobStatus) -> None:
+        self._pending_preview = None
+        try:
+            scene_import.remove_preview_object(self._scene())
+        except Exception:  # noqa: BLE001
+            log.exception("distill3d: removing the preview failed")
+        self._set_status(job.message or "Cancelled")
+
+    def on_connection(self, state: Connection, detail: str) -> None:
+        job = self.job
+        if state == Connection.LOST:
+            self._set_status(detail, error=True)
+        elif state == Connection.CONNECTED and job is not None and not job.finished and self.status_is_error:
+            self._set_status(f"Backend is back; following job {job.job_id or ''}".strip())
+        elif state == Connection.UNREACHABLE and (job is None or job.finished):
+            self._set_status(detail, error=True)
+
+    def on_pong(self, latency_s: float, server_version: str) -> None:
+        if not self.busy:
+            self._set_status(self.client.status if self.client is not None else "Connected")
+
+    @staticmethod
+    def _select(obj: Any) -> None:
+        view_layer = bpy.context.view_layer
+        if view_layer is None or obj.name not in view_layer.objects:
+            return
+        for other in view_layer.objects.selected:
+            other.select_set(False)
+        obj.select_set(True)
+        view_layer.objects.active = obj
+
+
+def _json(value: Any) -> str:
+    import json
+
+    try:
+        return json.dumps(value, sort_keys=True)
+    except (TypeError, ValueError):
+        return "{}"
+
+
+# ----------------------------------------------------------------------------- timer
+
+CONTROLLER = JobController()
+
+
+def _tag_redraw() -> None:
+    wm = getattr(bpy.context, "window_manager", None)
+    if wm is None:
+        return
+    for window in wm.windows:
+        for area in window.screen.areas:
+            if area.type in ("VIEW_3D", "PREFERENCES"):
+                area.tag_redraw()
+
+
+def _timer() -> Optional[float]:
+    try:
+        active = CONTROLLER.pump()
+        _tag_redraw()
+    except Exception:  # noqa: BLE001
+        log.exception("distill3d: timer failed")
+        active = False
+    return TIMER_INTERVAL_S if active else None
+
+
+def ensure_timer() -> None:
+    """Keep the UI pump running while something is pending (timers never fire in the bpy module)."""
+    if not bpy.app.timers.is_registered(_timer):
+        bpy.app.timers.register(_timer, first_interval=TIMER_INTERVAL_S, persistent=True)

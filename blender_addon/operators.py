@@ -1,0 +1,161 @@
+"""Operators: Generate, Cancel, Test connection, Regenerate from selected, local backend start/stop.
+
+Every operator reports problems with ``self.report`` (the info log) and the panel's status
+line, and returns CANCELLED instead of raising. None needs a window, so they also run under
+``blender -b`` and in the ``bpy`` module.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import bpy
+
+from . import scene_import
+from .backend_process import BackendProcessError
+from .client import ClientError
+from .jobs import CONTROLLER, local_backend_status, start_local_backend, stop_local_backend
+from .preferences import connection_settings
+from .properties import JobSettingsError, apply_job_to_settings, job_from_settings
+
+
+def _active_collection(context: Any) -> Any:
+    layer = getattr(context, "view_layer", None)
+    collection = layer.active_layer_collection.collection if layer is not None else None
+    # the scene's master collection is not in bpy.data.collections: None means "the scene"
+    return collection if collection is not None and collection.name in bpy.data.collections else None
+
+
+class DISTILL3D_OT_generate(bpy.types.Operator):
+    """Send the prompt and settings to the backend and import the result"""
+
+    bl_idname = "distill3d.generate"
+    bl_label = "Generate"
+    bl_options = {"REGISTER"}
+
+    @classmethod
+    def poll(cls, context: Any) -> bool:
+        return not CONTROLLER.busy and getattr(context.scene, "distill3d", None) is not None
+
+    def execute(self, context: Any) -> set:
+        try:
+            settings = context.scene.distill3d
+            job = job_from_settings(settings, context.scene)
+            conn = connection_settings(context)
+            status = CONTROLLER.generate(context.scene, job, conn, _active_collection(context))
+        except (JobSettingsError, ClientError) as exc:
+            CONTROLLER._set_status(str(exc), error=True)
+            self.report({"ERROR"}, str(exc))
+            return {"CANCELLED"}
+        if settings.random_seed:
+            settings.seed = job["seed"]  # show the seed that was used
+        self.report({"INFO"}, f"distill3d: submitted “{job['prompt']}” to {conn.endpoint} (seed {job['seed']})")
+        return {"FINISHED"} if status is not None else {"CANCELLED"}
+
+
+class DISTILL3D_OT_cancel(bpy.types.Operator):
+    """Stop the running job"""
+
+    bl_idname = "distill3d.cancel"
+    bl_label = "Cancel"
+    bl_options = {"REGISTER"}
+
+    @classmethod
+    def poll(cls, context: Any) -> bool:
+        return CONTROLLER.busy
+
+    def execute(self, context: Any) -> set:
+        if not CONTROLLER.cancel():
+            self.report({"WARNING"}, "distill3d: no job is running")
+            return {"CANCELLED"}
+        self.report({"INFO"}, "distill3d: cancel requested")
+        return {"FINISHED"}
+
+
+class DISTILL3D_OT_test_connection(bpy.types.Operator):
+    """Ping the backend and show whether it answers"""
+
+    bl_idname = "distill3d.test_connection"
+    bl_label = "Test connection"
+
+    def execute(self, context: Any) -> set:
+        try:
+            CONTROLLER.test_connection(connection_settings(context))
+        except ClientError as exc:
+            CONTROLLER._set_status(str(exc), error=True)
+            self.report({"ERROR"}, str(exc))
+            return {"CANCELLED"}
+        self.report({"INFO"}, f"distill3d: pinging {CONTROLLER.client.endpoint}")
+        return {"FINISHED"}
+
+
+class DISTILL3D_OT_regenerate_from_selected(bpy.types.Operator):
+    """Load the settings stored on the active distill3d result into the panel (to regenerate or vary it)"""
+
+    bl_idname = "distill3d.regenerate_from_selected"
+    bl_label = "Load settings from selected"
+    bl_options = {"REGISTER", "UNDO"}
+
+    @classmethod
+    def poll(cls, context: Any) -> bool:
+        obj = getattr(context, "active_object", None)
+        return obj is not None and scene_import.JOB_KEY in obj.keys()
+
+    def execute(self, context: Any) -> set:
+        job = scene_import.job_settings_of(context.active_object)
+        if job is None:
+            self.report({"ERROR"}, "distill3d: the active object's stored settings are unreadable")
+            return {"CANCELLED"}
+        skipped = apply_job_to_settings(context.scene.distill3d, job)
+        for item in skipped:
+            self.report({"WARNING"}, f"distill3d: not restored: {item}")
+        self.report({"INFO"}, f"distill3d: loaded the settings of “{context.active_object.name}”")
+        return {"FINISHED"}
+
+
+class DISTILL3D_OT_start_backend(bpy.types.Operator):
+    """Start a local backend process with the Python interpreter set in the preferences"""
+
+    bl_idname = "distill3d.start_backend"
+    bl_label = "Start local backend"
+
+    def execute(self, context: Any) -> set:
+        try:
+            backend = start_local_backend(connection_settings(context))
+        except BackendProcessError as exc:
+            self.report({"ERROR"}, f"distill3d: {exc}")
+            return {"CANCELLED"}
+        self.report({"INFO"}, f"distill3d: local backend running (pid {backend.process.pid})")
+        return {"FINISHED"}
+
+
+class DISTILL3D_OT_stop_backend(bpy.types.Operator):
+    """Stop the local backend process started by this add-on"""
+
+    bl_idname = "distill3d.stop_backend"
+    bl_label = "Stop local backend"
+
+    def execute(self, context: Any) -> set:
+        stopped = stop_local_backend()
+        self.report({"INFO"}, f"distill3d: {local_backend_status()}" if stopped else "distill3d: no local backend was running")
+        return {"FINISHED"}
+
+
+CLASSES = (
+    DISTILL3D_OT_generate,
+    DISTILL3D_OT_cancel,
+    DISTILL3D_OT_test_connection,
+    DISTILL3D_OT_regenerate_from_selected,
+    DISTILL3D_OT_start_backend,
+    DISTILL3D_OT_stop_backend,
+)
+
+
+def register() -> None:
+    for cls in CLASSES:
+        bpy.utils.register_class(cls)
+
+
+def unregister() -> None:
+    for cls in reversed(CLASSES):
+        bpy.utils.unregister_class(cls)
