@@ -272,3 +272,45 @@ def test_clean_stop_closes_the_socket(tmp_path):
             assert c.ping().kind == Kind.PONG
     finally:
         again.stop()
+
+
+# ----------------------------------------------------------------------------- internals
+
+
+def test_event_bus_keeps_only_the_latest_preview_per_job():
+    from distill3d.server.worker import EventBus
+
+    bus = EventBus()
+    try:
+        for step in range(5):
+            bus.offer("job-a", "preview", {"step": step, "total": 5})
+        bus.offer("job-b", "preview", {"step": 1, "total": 5})
+        bus.offer("job-a", "progress", {"step": 4, "total": 5})
+        streams = bus.take_streams()
+        assert streams[("job-a", "preview")][1]["step"] == 4
+        assert set(streams) == {("job-a", "preview"), ("job-b", "preview"), ("job-a", "progress")}
+        assert bus.take_streams() == {}
+        # a throttled payload goes back only if nothing newer arrived meanwhile
+        bus.offer("job-a", "preview", {"step": 9, "total": 9})
+        bus.put_back(("job-a", "preview"), streams[("job-a", "preview")])
+        assert bus.take_streams()[("job-a", "preview")][1]["step"] == 9
+        bus.drain_wake()
+    finally:
+        bus.close()
+
+
+def test_json_log_lines():
+    import logging
+
+    from distill3d.commands.serve import JsonLogFormatter
+
+    record = logging.LogRecord("distill3d.server", logging.INFO, __file__, 1, "job=%s state=%s", ("j1", "done"), None)
+    line = json.loads(JsonLogFormatter().format(record))
+    assert line["message"] == "job=j1 state=done" and line["level"] == "INFO" and line["logger"] == "distill3d.server"
+
+
+def test_serve_command_is_registered():
+    from distill3d.cli import build_parser
+
+    help_text = build_parser().format_help()
+    assert "serve" in help_text and "keys" in help_text
