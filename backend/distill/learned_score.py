@@ -220,7 +220,7 @@ class LearnedScore(abc.ABC):
             target = a * eps - s * x0
         else:
             target = eps
-        with torch.enable_grad():
+        with torch.enable_grad(), self._session():
             out = self._output(x_t, t, features, null, prompt)
             loss = F.mse_loss(out, target)
             self.optimizer.zero_grad(set_to_none=True)
@@ -231,6 +231,11 @@ class LearnedScore(abc.ABC):
         self.optimizer.zero_grad(set_to_none=True)
         self.steps += 1
         return float(loss.detach())
+
+    @contextmanager
+    def _session(self) -> Iterator[None]:
+        """Held around a training forward *and* backward (LoRA keeps its adapter live)."""
+        yield
 
     def _make_optimizer(self) -> None:
         self.optimizer = torch.optim.AdamW(self.trainable_parameters(), lr=self.config.lr, weight_decay=self.config.weight_decay)
@@ -300,6 +305,7 @@ class LoRAScore(LearnedScore):
         if not self._lora_params:
             raise LearnedScoreError(f"no module of the UNet matches target_modules {list(self.config.target_modules)}")
         self._set_adapters(False)
+        self._depth = 0
         self._camera_emb: Optional[torch.Tensor] = None
         self._hook = unet.time_embedding.register_forward_hook(self._add_camera)
         unet._distill3d_eps_psi = self  # lets a later LoRAScore on the same UNet clean up
@@ -320,14 +326,28 @@ class LoRAScore(LearnedScore):
         return output + self._camera_emb.to(output.dtype)
 
     @contextmanager
-    def _active(self, camera_emb: torch.Tensor) -> Iterator[None]:
-        self._set_adapters(True)
-        self._camera_emb = camera_emb
+    def _session(self) -> Iterator[None]:
+        # peft's disable switch also sets requires_grad=False on the adapter, and autograd drops
+        # gradients of leaves that no longer require grad: keep the adapter on through backward.
+        self._depth += 1
+        if self._depth == 1:
+            self._set_adapters(True)
         try:
             yield
         finally:
-            self._camera_emb = None
-            self._set_adapters(False)
+            self._depth -= 1
+            if self._depth == 0:
+                self._set_adapters(False)
+
+    @contextmanager
+    def _active(self, camera_emb: torch.Tensor) -> Iterator[None]:
+        previous = self._camera_emb
+        with self._session():
+            self._camera_emb = camera_emb
+            try:
+                yield
+            finally:
+                self._camera_emb = previous
 
     def _output(self, x_t, t, features, null, prompt) -> torch.Tensor:
         states = prompt.data.expand(x_t.shape[0], -1, -1)
