@@ -573,10 +573,12 @@ def random_prior(
     prediction_type: str = "epsilon",
     latent_mode: bool = False,
     with_depth: bool = False,
+    latent_size: Optional[int] = None,
 ) -> StableDiffusionPrior:
     """A :class:`StableDiffusionPrior` with random weights (see :func:`random_components`);
-    ``with_depth`` attaches a tiny random DPT. For tests and timing only: its images are noise."""
-    components = random_components(size, seed=seed, prediction_type=prediction_type)
+    ``with_depth`` attaches a tiny random DPT; ``latent_size`` overrides the UNet's sample size
+    (tiny: 8, sd21-base: 64). For tests and timing only: its images are noise."""
+    components = random_components(size, seed=seed, prediction_type=prediction_type, latent_size=latent_size)
     depth = DPTDepthEstimator.tiny_random(seed=seed) if with_depth else None
     return StableDiffusionPrior.from_components(
         **components, device=device, dtype=dtype, latent_mode=latent_mode, depth_estimator=depth, model_ref=f"random:{size}"
