@@ -70,7 +70,7 @@ class MixturePrior(Prior):
         a, s = self.sigmas(t)
         var = a.pow(2) * self.smoothing**2 + s.pow(2)
         pi = self.responsibilities(x_t, a, var)
-        mean = torch.einsum("bk,kchw->bchw", pi, self.refs)
+        mean = (pi @ self.refs.flatten(1)).view_as(x_t)
         eps = s * (x_t - a * mean) / var  # -s_t * score
         return eps, eps
 
@@ -85,7 +85,7 @@ class MixturePrior(Prior):
             a, s = self.sigmas(t)
             a, var = a.view(-1), s.view(-1).pow(2) + 0.01
         pi = self.responsibilities(x, a, var)
-        return torch.einsum("bk,kchw->bchw", pi, self.ref_depth)
+        return (pi @ self.ref_depth.flatten(1)).view(x.shape[0], 1, *x.shape[-2:])
 
 
 def make_batch(prior: MixturePrior, n: int, t: int | torch.Tensor, seed: int, x0: torch.Tensor | None = None) -> DistillBatch:

