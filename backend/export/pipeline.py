@@ -1,0 +1,83 @@
+"""The whole export chain, driven by :class:`distill3d.config.ExportConfig`.
+
+:func:`build_final_mesh`: density grid -> marching cubes (automatic or fixed threshold)
+-> drop small components -> Taubin smoothing -> then either
+:func:`textured_from_field` (decimate -> xatlas unwrap -> bake) or decimation plus vertex
+colours. Both field functions follow :mod:`distill3d.export.fields`.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+from ..config import ConfigError, ExportConfig, export_config_from_dict
+from .bake import bake_texture_details, vertex_colors
+from .cleanup import decimate, remove_small_components, smooth
+from .fields import DEFAULT_CHUNK, FieldFn
+from .marching import extract_mesh
+from .mesh import ExportError, Mesh, TexturedMesh
+from .uv import UnwrapOptions, unwrap
+
+log = logging.getLogger(__name__)
+
+
+def default_padding(texture_size: int) -> int:
+    """Chart padding in texels for a texture size: 2 up to 1024, then growing with the size."""
+    return max(2, texture_size // 512)
+
+
+def _config(export_config) -> ExportConfig:
+    try:
+        cfg = export_config_from_dict(export_config)
+        return cfg.validate()
+    except ConfigError as exc:
+        raise ExportError(f"bad export configuration: {exc}") from None
+
+
+def textured_from_field(
+    mesh: Mesh,
+    albedo_fn: FieldFn,
+    export_config: ExportConfig,
+    unwrap_options: UnwrapOptions | None = None,
+    device=None,
+    chunk: int = DEFAULT_CHUNK,
+) -> TexturedMesh:
+    """Decimate (when ``export_config.faces`` > 0), unwrap with xatlas and bake the albedo."""
+    cfg = _config(export_config)
+    if not isinstance(mesh, Mesh):
+        raise ExportError(f"textured_from_field needs a Mesh, got {type(mesh).__name__}")
+    t0 = time.perf_counter()
+    if cfg.faces and mesh.num_faces > cfg.faces:
+        mesh = decimate(mesh, cfg.faces)
+    t1 = time.perf_counter()
+    opts = unwrap_options or UnwrapOptions(padding=default_padding(cfg.texture_size))
+    layout = unwrap(mesh.vertices, mesh.faces, resolution=cfg.texture_size, options=opts)
+    bake = bake_texture_details(layout.vertices, layout.faces, layout.uvs, albedo_fn, cfg.texture_size, device=device, chunk=chunk)
+    log.info(
+        "textured mesh: %d faces, %d vertices, %d^2 texture (decimate %.2fs, unwrap %.2fs, bake %.2fs)",
+        len(layout.faces), len(layout.vertices), cfg.texture_size, t1 - t0, layout.seconds, sum(bake.timings.values()),
+    )
+    return TexturedMesh(layout.vertices, layout.faces, layout.uvs, bake.texture)
+
+
+def build_final_mesh(
+    density_fn: FieldFn,
+    albedo_fn: FieldFn,
+    bound: float,
+    export_config: ExportConfig,
+    device=None,
+    chunk: int = DEFAULT_CHUNK,
+) -> Mesh | TexturedMesh:
+    """The export chain from field functions to the final mesh (textured or vertex-coloured)."""
+    cfg = _config(export_config)
+    mesh = extract_mesh(density_fn, bound, cfg.mc_resolution, cfg.threshold, chunk=chunk, device=device)
+    if cfg.min_component_fraction > 0:
+        mesh = remove_small_components(mesh, cfg.min_component_fraction)
+    if cfg.smooth_iterations:
+        mesh = smooth(mesh, cfg.smooth_iterations)
+    if cfg.textured:
+        return textured_from_field(mesh, albedo_fn, cfg, device=device, chunk=chunk)
+    if cfg.faces and mesh.num_faces > cfg.faces:
+        mesh = decimate(mesh, cfg.faces)
+    return vertex_colors(mesh, albedo_fn, chunk=chunk, device=device)
