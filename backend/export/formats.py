@@ -65,6 +65,8 @@ def _vertex_normals(vertices: np.ndarray, faces: np.ndarray) -> np.ndarray:
 
 
 def _to_trimesh(mesh: Mesh | TexturedMesh) -> trimesh.Trimesh:
+    if not isinstance(mesh, (Mesh, TexturedMesh)):
+        raise ExportError(f"expected a Mesh or TexturedMesh, got {type(mesh).__name__}")
     vertices = blender_to_yup(mesh.vertices)
     normals = _vertex_normals(vertices, mesh.faces)
     if isinstance(mesh, TexturedMesh):
@@ -77,11 +79,7 @@ def _to_trimesh(mesh: Mesh | TexturedMesh) -> trimesh.Trimesh:
         )
         visual = TextureVisuals(uv=mesh.uvs.astype(np.float64), material=material)
         return trimesh.Trimesh(vertices, mesh.faces, vertex_normals=normals, visual=visual, process=False)
-    if isinstance(mesh, Mesh):
-        return trimesh.Trimesh(
-            vertices, mesh.faces, vertex_normals=normals, vertex_colors=mesh.vertex_colors, process=False
-        )
-    raise ExportError(f"expected a Mesh or TexturedMesh, got {type(mesh).__name__}")
+    return trimesh.Trimesh(vertices, mesh.faces, vertex_normals=normals, vertex_colors=mesh.vertex_colors, process=False)
 
 
 def write_glb(mesh: Mesh | TexturedMesh, path: str | os.PathLike) -> Path:
@@ -149,6 +147,8 @@ def write_obj(mesh: TexturedMesh | Mesh, path: str | os.PathLike) -> list[Path]:
     extension and no MTL/PNG.
     """
     path = Path(path)
+    if not isinstance(mesh, (Mesh, TexturedMesh)):
+        raise ExportError(f"expected a Mesh or TexturedMesh, got {type(mesh).__name__}")
     if path.suffix.lower() != ".obj":
         raise ExportError(f"OBJ path must end in .obj, got {path.name}")
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -174,15 +174,13 @@ def write_obj(mesh: TexturedMesh | Mesh, path: str | os.PathLike) -> list[Path]:
         Image.fromarray(mesh.texture).save(buf, format="PNG")
         _atomic_write(png_path, buf.getvalue())
         written += [mtl_path, png_path]
-    elif isinstance(mesh, Mesh):
+    else:
         if mesh.vertex_colors is not None:
             rgb = mesh.vertex_colors[:, :3].astype(np.float64) / 255.0
             np.savetxt(out, np.hstack([v, rgb]), fmt="v %.6f %.6f %.6f %.4f %.4f %.4f")
         else:
             np.savetxt(out, v, fmt="v %.6f %.6f %.6f")
         np.savetxt(out, faces, fmt="f %d %d %d")
-    else:
-        raise ExportError(f"expected a Mesh or TexturedMesh, got {type(mesh).__name__}")
     _atomic_write(path, out.getvalue().encode())
     log.info("wrote %s", ", ".join(str(p) for p in written))
     return written
