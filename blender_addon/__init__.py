@@ -16,17 +16,24 @@ scene. Modules:
 
 from __future__ import annotations
 
-from . import jobs, operators, panel, preferences, properties
+# Submodules that need bpy are imported in register(), so the bpy-free ones (client, png,
+# backend_process, scene_cameras) can be imported from plain Python without Blender.
 
-_MODULES = (preferences, properties, operators, panel)
+
+def _modules() -> tuple:
+    from . import operators, panel, preferences, properties
+
+    return (preferences, properties, operators, panel)
 
 
 def register() -> None:
-    for module in _MODULES:
+    for module in _modules():
         module.register()
 
 
 def unregister() -> None:
+    from . import jobs
+
     jobs.CONTROLLER.shutdown()
-    for module in reversed(_MODULES):
+    for module in reversed(_modules()):
         module.unregister()

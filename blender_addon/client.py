@@ -543,8 +543,9 @@ class BackendClient:
             log.info("backend at %s is back; fetching job %s", self.endpoint, job.job_id)
             self.fetch(job.job_id)
 
-    def _set_connection(self, state: Connection, detail: str) -> None:
-        changed = state != self.connection or detail != self.status
+    def _set_connection(self, state: Connection, detail: str, quiet: bool = False) -> None:
+        """Record the connection state; listeners hear of changes (``quiet``: only of state changes)."""
+        changed = state != self.connection or (detail != self.status and not quiet)
         self.connection = state
         self.status = detail
         if changed:
@@ -564,13 +565,13 @@ class BackendClient:
         return None
 
     def _on_pong(self, msg: Message) -> None:
-        self._ping_waiting_since = None
-        sent = msg.get("t")
-        self.latency_s = max(0.0, time.time() - sent) if isinstance(sent, (int, float)) else None
+        sent_at, self._ping_waiting_since = self._ping_waiting_since, None
+        # round trip from when the ping actually left (it may have waited for a connection)
+        self.latency_s = max(0.0, self.clock() - sent_at) if sent_at is not None else None
         self.server_version = str(msg.get("server_version") or "")
         latency = f", {self.latency_s * 1000:.0f} ms" if self.latency_s is not None else ""
         version = f"distill3d {self.server_version} " if self.server_version else ""
-        self._set_connection(Connection.CONNECTED, f"Connected to {version}at {self.endpoint}{latency}")
+        self._set_connection(Connection.CONNECTED, f"Connected to {version}at {self.endpoint}{latency}", quiet=True)
         self.listener.on_pong(self.latency_s or 0.0, self.server_version)
 
     def _on_accepted(self, msg: Message) -> None:

@@ -116,6 +116,7 @@ class JobController(ClientListener):
         self._pending_preview: Optional[dict] = None
         self._last_preview_at = -math.inf
         self._waiting_for_backend: Optional[LocalBackend] = None
+        self._testing_connection = False  # the status line awaits the answer to "Test connection"
 
     # ------------------------------------------------------------------ status
 
@@ -250,7 +251,9 @@ class JobController(ClientListener):
 
     def test_connection(self, settings: ConnectionSettings) -> None:
         client, timeout = self._prepare(settings)
+        self._testing_connection = True
         client.ping(timeout_s=timeout)
+        self._set_status(f"Pinging the backend at {client.endpoint}…")
         ensure_timer()
 
     def fetch_job(self, scene: Any, job_id: str, settings: ConnectionSettings, config: Optional[dict] = None) -> JobStatus:
@@ -424,11 +427,13 @@ class JobController(ClientListener):
             self._set_status(detail, error=True)
         elif state == Connection.CONNECTED and job is not None and not job.finished and self.status_is_error:
             self._set_status(f"Backend is back; following job {job.job_id or ''}".strip())
-        elif state == Connection.UNREACHABLE and (job is None or job.finished):
+        elif state == Connection.UNREACHABLE and self._testing_connection:
+            self._testing_connection = False
             self._set_status(detail, error=True)
 
     def on_pong(self, latency_s: float, server_version: str) -> None:
-        if not self.busy:
+        if self._testing_connection:  # heartbeat pongs leave the status line alone
+            self._testing_connection = False
             self._set_status(self.client.status if self.client is not None else "Connected")
 
     @staticmethod

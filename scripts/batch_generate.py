@@ -1,0 +1,345 @@
+#!/usr/bin/env python3
+"""Generate one asset per prompt through a distill3d backend, saving a .blend and a GLB for each.
+
+    blender -b [scene.blend] --python scripts/batch_generate.py -- --prompts prompts.txt --out DIR [options]
+    python scripts/batch_generate.py -- --prompts prompts.txt --out DIR [options]   (where `bpy` is installed)
+
+Each prompt is sent to the backend with the add-on's own client and job code, the result is
+imported exactly as the panel imports it (object named after the prompt, at the 3D cursor,
+packed texture, job settings stored on the object), then ``DIR/NNN_<prompt>.blend`` and
+``DIR/NNN_<prompt>.glb`` are written and the object is removed again, so every file holds the
+input scene plus one result. ``DIR/batch_summary.json`` lists what happened. The exit code
+is 0 when every prompt succeeded, 1 when any failed, 2 on bad arguments.
+
+``--scene-cameras`` uses the scene's cameras (or those of ``--camera-collection``) as the
+rig; ``--start-backend`` runs ``<python> -m distill3d serve`` on a free loopback port for
+the duration of the batch (``--python`` defaults to this interpreter when it has distill3d).
+The add-on code comes from an enabled distill3d extension when there is one, else from
+``blender_addon/`` next to this script.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import importlib.util
+import json
+import re
+import socket
+import sys
+import time
+from pathlib import Path
+from types import ModuleType, SimpleNamespace
+from typing import Any, Optional, Sequence
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def script_args(argv: Sequence[str]) -> list[str]:
+    """The arguments meant for this script: after ``--`` (Blender's convention), else after argv[0]."""
+    argv = list(argv)
+    return argv[argv.index("--") + 1 :] if "--" in argv else argv[1:]
+
+
+def _json_value(text: str) -> Any:
+    path = Path(text)
+    if not text.lstrip().startswith(("{", "[")) and path.is_file():
+        text = path.read_text(encoding="utf-8")
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise argparse.ArgumentTypeError(f"not JSON: {exc}") from None
+
+
+def _key_json(text: str) -> tuple[str, Any]:
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"expected KEY=JSON, got {text!r}")
+    try:
+        return key.strip(), json.loads(value)
+    except json.JSONDecodeError:
+        return key.strip(), value  # a bare string
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="batch_generate.py",
+        description="Generate one Blender asset per prompt through a distill3d backend.",
+        epilog="Run inside Blender: blender -b [scene.blend] --python scripts/batch_generate.py -- ARGS",
+    )
+    src = p.add_argument_group("prompts and output")
+    src.add_argument("--prompts", type=Path, help="text file with one prompt per line (# comments and blank lines skipped)")
+    src.add_argument("--prompt", action="append", default=[], help="a prompt (repeatable; added after --prompts)")
+    src.add_argument("--out", type=Path, required=True, help="output folder")
+    src.add_argument("--no-glb", action="store_true", help="save only the .blend files")
+    src.add_argument("--scene", type=Path, default=None, help="open this .blend first (when not given to Blender itself)")
+    job = p.add_argument_group("job (as `distill3d generate`)")
+    job.add_argument("--negative-prompt", default="")
+    job.add_argument("--prior", default="reference", help="reference | sd")
+    job.add_argument("--model", default="")
+    job.add_argument("--method", default="sds", help="sds | vsd | esd | ssd")
+    job.add_argument("--lam", type=float, default=0.5, help="ESD lambda")
+    job.add_argument("--guidance-scale", type=float, default=None)
+    job.add_argument("--iters", type=int, default=600)
+    job.add_argument("--resolution", type=int, default=32)
+    job.add_argument("--batch-size", type=int, default=4)
+    job.add_argument("--seed", type=int, default=0)
+    job.add_argument("--random-seed", action="store_true", help="a new seed per prompt (stored on each result)")
+    job.add_argument("--view-dependent", action="store_true")
+    job.add_argument("--preview-every", type=int, default=0, help="previews are not shown in batch mode (default 0)")
+    job.add_argument("--texture-size", type=int, default=1024)
+    job.add_argument("--faces", type=int, default=0)
+    job.add_argument("--mc-resolution", type=int, default=128)
+    job.add_argument("--vertex-colors", action="store_true", help="vertex colours instead of a UV texture")
+    job.add_argument("--cameras", type=_json_value, default=None, help="camera distribution or rig as JSON (or a JSON file)")
+    job.add_argument("--scene-cameras", action="store_true", help="use the scene's cameras as the rig")
+    job.add_argument("--camera-collection", default="", help="with --scene-cameras: only this collection's cameras")
+    job.add_argument("--set", type=_key_json, action="append", default=[], metavar="KEY=JSON", help="any other job field")
+    net = p.add_argument_group("backend")
+    net.add_argument("--endpoint", default="", help="backend endpoint (default tcp://127.0.0.1:5555, or a free port with --start-backend)")
+    net.add_argument("--start-backend", action="store_true", help="start a local backend for this batch and stop it at the end")
+    net.add_argument("--python", default="", help="interpreter with distill3d installed (for --start-backend)")
+    net.add_argument("--jobs-dir", type=Path, default=None, help="jobs folder of the started backend (default OUT/jobs)")
+    net.add_argument("--server-public-key", default="", help="CURVE public key of a remote backend")
+    net.add_argument("--client-public-key", default="")
+    net.add_argument("--client-secret-key", default="")
+    net.add_argument("--connect-timeout", type=float, default=10.0, help="seconds to wait for the backend to answer")
+    net.add_argument("--timeout", type=float, default=6 * 3600.0, help="seconds allowed per prompt")
+    return p
+
+
+def read_prompts(args: argparse.Namespace) -> list[str]:
+    prompts: list[str] = []
+    if args.prompts is not None:
+        try:
+            lines = args.prompts.read_text(encoding="utf-8").splitlines()
+        except OSError as exc:
+            raise SystemExit(f"batch_generate: cannot read prompts file: {exc}")
+        prompts += [" ".join(line.split()) for line in lines if line.strip() and not line.lstrip().startswith("#")]
+    prompts += [" ".join(p.split()) for p in args.prompt if p.strip()]
+    return prompts
+
+
+def slug(text: str, limit: int = 48) -> str:
+    s = re.sub(r"[^A-Za-z0-9]+", "_", text).strip("_").lower()
+    return (s[:limit].rstrip("_") or "prompt")
+
+
+def free_loopback_endpoint() -> str:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return f"tcp://127.0.0.1:{s.getsockname()[1]}"
+
+
+def load_addon() -> ModuleType:
+    """The add-on package: an enabled distill3d extension, else blender_addon/ from this checkout."""
+    import bpy
+
+    package = "blender_addon"
+    for name in bpy.context.preferences.addons.keys():
+        if name.startswith("bl_ext.") and name.rsplit(".", 1)[-1] == "distill3d":
+            package = name
+            break
+    else:
+        if str(ROOT) not in sys.path:
+            sys.path.insert(0, str(ROOT))
+        if importlib.util.find_spec("distill3d_protocol") is None:
+            sys.path.insert(0, str(ROOT / "shared"))
+    addon = importlib.import_module(package)
+    for sub in ("backend_process", "preferences", "properties", "jobs"):
+        importlib.import_module(f"{package}.{sub}")
+    return addon
+
+
+def default_python() -> str:
+    if importlib.util.find_spec("distill3d") is not None:
+        return sys.executable
+    return ""
+
+
+def panel_like_settings(args: argparse.Namespace, prompt: str, collection: Any) -> SimpleNamespace:
+    """The attributes ``properties.job_from_settings`` reads, from the command line."""
+    return SimpleNamespace(
+        prompt=prompt,
+        negative_prompt=args.negative_prompt,
+        prior=args.prior,
+        model=args.model,
+        method=args.method,
+        lam=args.lam,
+        guidance_auto=args.guidance_scale is None,
+        guidance_scale=args.guidance_scale or 0.0,
+        iters=args.iters,
+        seed=args.seed,
+        random_seed=args.random_seed,
+        resolution=args.resolution,
+        batch_size=args.batch_size,
+        view_dependent=args.view_dependent,
+        preview_every=args.preview_every,
+        camera_mode="SCENE" if args.scene_cameras else "DISTRIBUTION",
+        camera_collection=collection,
+        elevation_range=(-10.0, 45.0),
+        azimuth_range=(-180.0, 180.0),
+        radius_range=(2.6, 3.2),
+        fov_range=(40.0, 50.0),
+        front_bias=0.0,
+        texture_size=args.texture_size,
+        faces=args.faces,
+        mc_resolution=args.mc_resolution,
+    )
+
+
+def make_job(addon: ModuleType, args: argparse.Namespace, prompt: str, scene: Any, collection: Any) -> dict:
+    job = addon.properties.job_from_settings(panel_like_settings(args, prompt, collection), scene)
+    if args.cameras is not None and not args.scene_cameras:
+        job["cameras"] = args.cameras
+    if args.vertex_colors:
+        job["export"]["textured"] = False
+    for key, value in args.set:
+        if key.startswith("export."):
+            job["export"][key[len("export.") :]] = value
+        else:
+            job[key] = value
+    return job
+
+
+def export_glb(obj: Any, path: Path) -> None:
+    import bpy
+
+    view_layer = bpy.context.view_layer
+    for other in view_layer.objects.selected:
+        other.select_set(False)
+    obj.select_set(True)
+    view_layer.objects.active = obj
+    result = bpy.ops.export_scene.gltf(filepath=str(path), export_format="GLB", use_selection=True, export_apply=True)
+    if "FINISHED" not in result or not path.exists():
+        raise RuntimeError(f"glTF export of {obj.name!r} did not write {path}")
+
+
+def remove_result(obj: Any) -> None:
+    """Delete a result object with its mesh, materials and images (they belong to it alone)."""
+    import bpy
+
+    mesh = obj.data
+    materials = [m for m in mesh.materials if m is not None] if mesh is not None else []
+    images = [n.image for m in materials if m.node_tree for n in m.node_tree.nodes if getattr(n, "image", None) is not None]
+    bpy.data.objects.remove(obj, do_unlink=True)
+    if mesh is not None and mesh.users == 0:
+        bpy.data.meshes.remove(mesh)
+    for m in materials:
+        if m.users == 0:
+            bpy.data.materials.remove(m)
+    for im in images:
+        if im.users == 0:
+            bpy.data.images.remove(im)
+
+
+def run(argv: Sequence[str]) -> int:
+    parser = build_parser()
+    args = parser.parse_args(script_args(argv))
+    prompts = read_prompts(args)
+    if not prompts:
+        parser.error("no prompts: give --prompts FILE and/or --prompt TEXT")
+
+    import bpy
+
+    if args.scene is not None:
+        bpy.ops.wm.open_mainfile(filepath=str(args.scene))
+    addon = load_addon()
+    scene = bpy.context.scene
+    collection = None
+    if args.camera_collection:
+        collection = bpy.data.collections.get(args.camera_collection)
+        if collection is None:
+            parser.error(f"no collection named {args.camera_collection!r} in the scene")
+    out = args.out.resolve()
+    out.mkdir(parents=True, exist_ok=True)
+
+    backend = None
+    endpoint = args.endpoint or (free_loopback_endpoint() if args.start_backend else addon.preferences.DEFAULT_ENDPOINT)
+    if args.start_backend:
+        python = args.python or default_python()
+        try:
+            backend = addon.backend_process.LocalBackend(
+                python, endpoint, jobs_dir=str(args.jobs_dir or out / "jobs"), log_path=str(out / "backend.log")
+            )
+            backend.start()
+        except addon.backend_process.BackendProcessError as exc:
+            print(f"batch_generate: cannot start the backend: {exc}", file=sys.stderr)
+            return 2
+        print(f"batch_generate: started backend pid {backend.process.pid} on {endpoint} (log: {out / 'backend.log'})")
+
+    settings = addon.preferences.ConnectionSettings(
+        endpoint=endpoint,
+        server_public_key=args.server_public_key,
+        client_public_key=args.client_public_key,
+        client_secret_key=args.client_secret_key,
+        connect_timeout_s=args.connect_timeout,
+        preview_interval_s=1e9,  # no preview objects in batch mode
+    )
+    controller = addon.jobs.CONTROLLER
+    summary: list[dict] = []
+    failures = 0
+    try:
+        for index, prompt in enumerate(prompts):
+            stem = f"{index:03d}_{slug(prompt)}"
+            entry: dict[str, Any] = {"prompt": prompt, "stem": stem}
+            started = time.monotonic()
+            try:
+                job = make_job(addon, args, prompt, scene, collection)
+                entry["seed"] = job["seed"]
+                # The first job may wait for a backend that is still importing torch.
+                settings.connect_timeout_s = max(args.connect_timeout, 120.0) if backend is not None and index == 0 else args.connect_timeout
+                controller.generate(scene, job, settings)
+                status = controller.wait_until_done(args.timeout)
+                if status is None or not status.finished:
+                    controller.cancel()
+                    controller.wait_until_done(10.0)
+                    raise RuntimeError(f"timed out after {args.timeout:g} s")
+                entry.update(job_id=status.job_id, state=status.state, message=status.message)
+                if backend is not None and not backend.running:
+                    raise RuntimeError(backend.exit_message())
+                if status.state != "done":
+                    raise RuntimeError(status.message or status.state)
+                obj = bpy.data.objects.get(controller.result_object_name)
+                if obj is None:
+                    raise RuntimeError(controller.status)
+                entry.update(object=obj.name, vertices=len(obj.data.vertices), faces=len(obj.data.polygons))
+                blend = out / f"{stem}.blend"
+                bpy.ops.wm.save_as_mainfile(filepath=str(blend), copy=True)
+                entry["blend"] = blend.name
+                if not args.no_glb:
+                    glb = out / f"{stem}.glb"
+                    export_glb(obj, glb)
+                    entry["glb"] = glb.name
+                remove_result(obj)
+                print(f"batch_generate: [{index + 1}/{len(prompts)}] {prompt!r}: {entry['vertices']} vertices -> {blend.name}")
+            except Exception as exc:  # noqa: BLE001 - one prompt's failure must not stop the batch
+                failures += 1
+                entry.setdefault("state", "failed")
+                entry["error"] = str(exc)
+                print(f"batch_generate: [{index + 1}/{len(prompts)}] {prompt!r} FAILED: {exc}", file=sys.stderr)
+            entry["seconds"] = round(time.monotonic() - started, 3)
+            summary.append(entry)
+            (out / "batch_summary.json").write_text(json.dumps(summary, indent=1), encoding="utf-8")
+    finally:
+        controller.close_client()
+        if backend is not None:
+            backend.stop()
+    print(f"batch_generate: {len(prompts) - failures}/{len(prompts)} prompts succeeded; summary in {out / 'batch_summary.json'}")
+    return 1 if failures else 0
+
+
+def main() -> None:
+    try:
+        code = run(sys.argv)
+    except SystemExit as exc:  # argparse errors: exit code 2
+        code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 2)
+        if isinstance(exc.code, str):
+            print(exc.code, file=sys.stderr)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    sys.exit(code)  # inside Blender too: SystemExit ends Blender with this code
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,323 @@
+"""The add-on inside real Blender (the ``bpy`` module), installed as an extension in a
+temporary repository, talking to a real backend subprocess.
+
+One Blender state and one backend process per module. The generation tests use the
+reference prior with a handful of steps at 16 px.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+
+import addon_support
+import numpy as np
+import pytest
+from addon_support import JOB_TIMEOUT_S, SMALL_JOB_SETTINGS, BackendServer, BlenderExtension, TcpRelay
+
+pytestmark = pytest.mark.bpy
+
+PROMPT = "a rubber duck"
+
+
+@pytest.fixture(scope="module")
+def blender(tmp_path_factory):
+    addon_support.fresh_blender()
+    ext = BlenderExtension(tmp_path_factory.mktemp("extensions"), "distill3d_tests").install()
+    ext.enable()
+    yield ext
+    ext.remove()
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    backend = BackendServer(tmp_path_factory.mktemp("backend") / "jobs").start()
+    yield backend
+    backend.stop()
+
+
+@pytest.fixture
+def backend(server):
+    addon_support.require_backend()
+    return server
+
+
+@pytest.fixture
+def controller(blender):
+    jobs = blender.submodule("jobs")
+    yield jobs.CONTROLLER
+    if jobs.CONTROLLER.busy:
+        jobs.CONTROLLER.cancel()
+        jobs.CONTROLLER.wait_until_done(30)
+    jobs.CONTROLLER.close_client()
+
+
+def configure(ext: BlenderExtension, endpoint: str, **prefs) -> None:
+    p = ext.preferences
+    p.endpoint = endpoint
+    p.connect_timeout = prefs.get("connect_timeout", 10.0)
+    p.heartbeat = prefs.get("heartbeat", 0.25)
+    p.lost_after = prefs.get("lost_after", 1.0)
+    p.preview_interval = prefs.get("preview_interval", 0.0)
+    p.start_local_backend = False
+
+
+def small_job(settings, **overrides) -> None:
+    settings.prompt = PROMPT
+    settings.method = "sds"
+    settings.prior = "reference"
+    settings.camera_mode = "DISTRIBUTION"
+    settings.random_seed = False
+    settings.seed = 7
+    for name, value in {**SMALL_JOB_SETTINGS, **overrides}.items():
+        setattr(settings, name, value)
+
+
+def pump_until(controller, predicate, timeout_s: float, each=None) -> bool:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        controller.pump()
+        if each is not None:
+            each()
+        if predicate():
+            return True
+        if controller.client is not None:
+            controller.client.poll(0.05)
+    return predicate()
+
+
+def mesh_arrays_of(obj):
+    me = obj.data
+    co = np.empty(len(me.vertices) * 3, np.float32)
+    me.vertices.foreach_get("co", co)
+    loops = np.empty(len(me.loops), np.int32)
+    me.loops.foreach_get("vertex_index", loops)
+    return co.reshape(-1, 3), loops.reshape(-1, 3)
+
+
+# ----------------------------------------------------------------------------- registration
+
+
+def test_extension_registers_and_unregisters_cleanly(blender):
+    bpy = blender.bpy
+    assert blender.addon.__name__ == "bl_ext.distill3d_tests.distill3d"
+    assert blender.submodule("_protocol").SOURCE == "bundled"  # the protocol copied into the extension
+    assert blender.preferences.endpoint == "tcp://127.0.0.1:5555"
+    names = ("DISTILL3D_OT_generate", "DISTILL3D_OT_cancel", "DISTILL3D_OT_test_connection", "VIEW3D_PT_distill3d", "VIEW3D_PT_distill3d_cameras")
+    for cycle in range(2):
+        assert all(hasattr(bpy.types, n) for n in names)
+        settings = bpy.context.scene.distill3d
+        assert settings.method == "esd" and settings.lam == pytest.approx(0.5)
+        assert bpy.ops.distill3d.generate.poll()
+        blender.disable()
+        assert blender.module_name not in bpy.context.preferences.addons
+        assert not hasattr(bpy.types.Scene, "distill3d")
+        assert not any(hasattr(bpy.types, n) for n in names)
+        assert not bpy.app.timers.is_registered(blender.submodule("jobs")._timer)
+        blender.enable()
+
+
+def test_settings_stored_on_a_result_load_back_into_the_panel(blender):
+    bpy = blender.bpy
+    props = blender.submodule("properties")
+    scene = bpy.context.scene
+    settings = scene.distill3d
+    settings.prompt, settings.method, settings.lam, settings.iters = "a teapot", "esd", 0.25, 321
+    settings.random_seed, settings.guidance_auto, settings.guidance_scale = True, False, 12.5
+    settings.elevation_range, settings.front_bias, settings.texture_size = (5.0, 30.0), 3.0, "512"
+    job = props.job_from_settings(settings, scene)
+    assert 0 <= job["seed"] <= props.MAX_SEED and job["guidance_scale"] == 12.5
+    obj = bpy.data.objects.new("stored", None)
+    obj["distill3d_job"] = json.dumps(job)
+    scene.collection.objects.link(obj)
+    bpy.context.view_layer.objects.active = obj
+    settings.property_unset("prompt")
+    settings.method, settings.iters, settings.elevation_range, settings.texture_size = "sds", 5, (-10.0, 10.0), "64"
+    assert bpy.ops.distill3d.regenerate_from_selected() == {"FINISHED"}
+    assert settings.random_seed is False  # regenerate reproduces the stored seed
+    assert props.job_from_settings(settings, scene) == job
+    bpy.data.objects.remove(obj)
+
+
+def test_scene_camera_rig_matches_blenders_own_camera_frame(blender):
+    bpy = blender.bpy
+    cams_mod = blender.submodule("scene_cameras")
+    scene = bpy.context.scene
+    data = bpy.data.cameras.new("probe")
+    obj = bpy.data.objects.new("probe", data)
+    scene.collection.objects.link(obj)
+    obj.location, obj.rotation_euler = (0.3, -3.0, 1.2), (1.2, 0.1, 0.4)
+    bpy.context.view_layer.update()
+    try:
+        for (rx, ry, ax, ay) in ((1920, 1080, 1, 1), (800, 1200, 1, 1), (1000, 1000, 2, 1)):
+            scene.render.resolution_x, scene.render.resolution_y = rx, ry
+            scene.render.pixel_aspect_x, scene.render.pixel_aspect_y = ax, ay
+            for fit in ("AUTO", "HORIZONTAL", "VERTICAL"):
+                data.sensor_fit, data.lens, data.sensor_width, data.sensor_height = fit, 35.0, 36.0, 20.0
+                entry = cams_mod.rig_entry(obj, scene)
+                frame = data.view_frame(scene=scene)  # Blender's own frame corners (camera space)
+                expected = math.degrees(2 * math.atan(max(v.y for v in frame) / -frame[0].z))
+                assert entry["fov"] == pytest.approx(expected, abs=1e-4), (rx, ry, ax, ay, fit)
+        flat = [obj.matrix_world[r][c] for r in range(4) for c in range(4)]
+        assert entry["matrix"] == pytest.approx(flat)
+        data.type = "ORTHO"
+        with pytest.raises(ValueError, match="perspective"):
+            cams_mod.scene_camera_rig(scene)
+    finally:
+        bpy.data.objects.remove(obj)
+        bpy.data.cameras.remove(data)
+
+
+# ----------------------------------------------------------------------------- failures without a backend
+
+
+def test_backend_down_gives_a_status_message_and_no_exception(blender, controller):
+    bpy = blender.bpy
+    endpoint = addon_support.free_endpoint()  # nothing listens there
+    configure(blender, endpoint, connect_timeout=0.5)
+    small_job(bpy.context.scene.distill3d)
+    assert bpy.ops.distill3d.generate() == {"FINISHED"}  # submitted; the failure arrives while pumping
+    job = controller.wait_until_done(10.0)
+    assert job.state == "failed" and not controller.busy
+    assert controller.status_is_error and "not reachable" in controller.status and endpoint in controller.status
+    assert bpy.ops.distill3d.test_connection() == {"FINISHED"}
+    assert controller.wait_for_connection(10.0).value == "unreachable"
+    assert "not reachable" in controller.connection_text
+    # Online access is off in the bpy module: loopback works (above), a remote endpoint is refused.
+    assert bpy.app.online_access is False
+    configure(blender, "tcp://192.0.2.10:5555")
+    with pytest.raises(RuntimeError, match="Online access is disabled"):
+        bpy.ops.distill3d.generate()  # bpy.ops turns the operator's ERROR report into RuntimeError
+    assert "Online access is disabled" in controller.status and not controller.busy
+
+
+def test_test_connection_reaches_the_backend(blender, controller, server):
+    bpy = blender.bpy
+    configure(blender, server.endpoint)
+    assert bpy.ops.distill3d.test_connection() == {"FINISHED"}
+    assert controller.wait_for_connection(30.0).value == "connected"
+    assert "Connected to distill3d" in controller.connection_text and server.endpoint in controller.connection_text
+
+
+# ----------------------------------------------------------------------------- real generations
+
+
+def test_generate_updates_one_preview_in_place_and_imports_the_textured_result(blender, controller, backend):
+    bpy = blender.bpy
+    scene = bpy.context.scene
+    scene.cursor.location = (1.0, -2.0, 0.5)
+    configure(blender, backend.endpoint)
+    small_job(scene.distill3d)
+    assert bpy.ops.distill3d.generate() == {"FINISHED"}
+    assert controller.busy and not bpy.ops.distill3d.generate.poll()  # Generate turns into Cancel
+    seen_objects, seen_meshes, most_at_once = set(), set(), 0
+
+    def watch_previews():
+        nonlocal most_at_once
+        previews = [o for o in scene.objects if o.get("distill3d_preview")]
+        most_at_once = max(most_at_once, len(previews))
+        for o in previews:
+            seen_objects.add(o.as_pointer())
+            seen_meshes.add(o.data.as_pointer())
+
+    assert pump_until(controller, lambda: not controller.busy, JOB_TIMEOUT_S, each=watch_previews)
+    job = controller.job
+    assert job.state == "done", job.message
+    # previews: several updates, always the same single object and mesh datablock, gone at the end
+    assert controller.preview_updates >= 2
+    assert most_at_once == 1 and len(seen_objects) == 1 and len(seen_meshes) == 1
+    assert not [o for o in scene.objects if o.get("distill3d_preview")]
+    # the result: named after the prompt, at the cursor, exactly the backend's mesh
+    obj = bpy.data.objects[controller.result_object_name]
+    assert obj.name.startswith(PROMPT) and tuple(obj.location) == pytest.approx((1.0, -2.0, 0.5))
+    stored = backend.stored_mesh(job.job_id)
+    vertices, faces = mesh_arrays_of(obj)
+    np.testing.assert_array_equal(vertices, stored["vertices"])
+    np.testing.assert_array_equal(faces, stored["faces"])
+    uv = np.empty(len(obj.data.loops) * 2, np.float32)
+    obj.data.uv_layers.active.uv.foreach_get("vector", uv)
+    np.testing.assert_array_equal(uv.reshape(-1, 2), stored["uvs"][stored["faces"].ravel()])
+    assert all(p.use_smooth for p in obj.data.polygons)
+    # material: Principled BSDF fed by the packed baked texture
+    material = obj.data.materials[0]
+    bsdf = next(n for n in material.node_tree.nodes if n.type == "BSDF_PRINCIPLED")
+    link = bsdf.inputs["Base Color"].links[0]
+    image = link.from_node.image
+    assert image.packed_file is not None and tuple(image.size) == (64, 64)
+    np.testing.assert_array_equal(blender.submodule("scene_import").image_pixels_rgba(image), stored["texture"])
+    # the job's settings ride along for regeneration
+    saved = json.loads(obj["distill3d_job"])
+    assert saved == job.config and saved["seed"] == 7 and saved["iters"] == 6
+    assert obj["distill3d_job_id"] == job.job_id
+    assert "Done" in controller.status and not controller.status_is_error
+
+
+def test_scene_cameras_become_the_backends_rig_and_cancel_stops_the_job(blender, controller, backend):
+    bpy = blender.bpy
+    scene = bpy.context.scene
+    scene.render.resolution_x, scene.render.resolution_y = 1280, 720
+    rig = bpy.data.collections.new("rig")
+    scene.collection.children.link(rig)
+    cameras = []
+    for i, (loc, rot, lens, fit) in enumerate(
+        [((0, -3, 1), (1.25, 0, 0), 35.0, "AUTO"), ((3, 0, 0.5), (1.4, 0, 1.57), 50.0, "VERTICAL"), ((0, 4, 2), (1.1, 0, 3.1), 28.0, "HORIZONTAL")]
+    ):
+        data = bpy.data.cameras.new(f"cam{i}")
+        data.lens, data.sensor_fit = lens, fit
+        obj = bpy.data.objects.new(f"cam{i}", data)
+        obj.location, obj.rotation_euler = loc, rot
+        (rig if i < 2 else scene.collection).objects.link(obj)
+        cameras.append(obj)
+    bpy.context.view_layer.update()
+    configure(blender, backend.endpoint)
+    settings = scene.distill3d
+    small_job(settings, iters=5000, preview_every=0)
+    settings.camera_mode, settings.camera_collection = "SCENE", rig
+    assert settings.camera_count(bpy.context) == 2  # the panel's count: only the collection's cameras
+    assert bpy.ops.distill3d.generate() == {"FINISHED"}
+    assert pump_until(controller, lambda: controller.job.step >= 1 or controller.job.finished, JOB_TIMEOUT_S)
+    job = controller.job
+    assert job.state == "running", job.message
+    on_disk = backend.job_record(job.job_id)["config"]["cameras"]
+    for received in (job.accepted_config["cameras"], on_disk):
+        assert received["kind"] == "rig" and len(received["cameras"]) == 2
+        for cam, entry in zip(cameras[:2], received["cameras"]):
+            np.testing.assert_allclose(np.asarray(entry["matrix"]).reshape(4, 4), np.array(cam.matrix_world), atol=1e-6)
+            frame = cam.data.view_frame(scene=scene)
+            assert entry["fov"] == pytest.approx(math.degrees(2 * math.atan(max(v.y for v in frame) / -frame[0].z)), abs=1e-4)
+    assert bpy.ops.distill3d.cancel() == {"FINISHED"}
+    assert pump_until(controller, lambda: not controller.busy, 60.0)
+    assert job.state == "cancelled" and job.step < 5000
+    assert "Cancelled" in controller.status and not controller.result_object_name
+    assert addon_support.wait_for(lambda: backend.job_record(job.job_id)["state"] == "cancelled", 30.0)
+    for obj in cameras:
+        bpy.data.objects.remove(obj)
+    bpy.data.collections.remove(rig)
+
+
+def test_dropped_connection_mid_job_is_reported_and_the_result_fetched_when_back(blender, controller, backend):
+    bpy = blender.bpy
+    scene = bpy.context.scene
+    relay = TcpRelay(int(backend.endpoint.rsplit(":", 1)[1]))
+    try:
+        configure(blender, relay.endpoint, heartbeat=0.2, lost_after=1.0)
+        small_job(scene.distill3d, iters=6, preview_every=0)
+        assert bpy.ops.distill3d.generate() == {"FINISHED"}
+        assert pump_until(controller, lambda: controller.job.job_id is not None or controller.job.finished, JOB_TIMEOUT_S)
+        job = controller.job
+        relay.drop()  # the network goes away while the job runs on
+        assert pump_until(controller, lambda: controller.connection.value == "lost", 30.0)
+        assert controller.status_is_error and "lost" in controller.status and controller.busy
+        assert addon_support.wait_for(lambda: backend.job_record(job.job_id)["state"] == "done", JOB_TIMEOUT_S, 0.2, tick=controller.pump)
+        assert controller.busy  # the result was announced to nobody
+        relay.restore()
+        assert pump_until(controller, lambda: not controller.busy, 60.0)
+        assert job.state == "done", job.message
+        assert relay.connections >= 2
+        obj = bpy.data.objects[controller.result_object_name]
+        stored = backend.stored_mesh(job.job_id)
+        assert len(obj.data.vertices) == len(stored["vertices"]) and len(obj.data.polygons) == len(stored["faces"])
+        assert "Done" in controller.status
+    finally:
+        relay.close()
