@@ -1,9 +1,11 @@
 """The service with the real trainer (reference prior, a few iterations at 16 px) over loopback.
 
-Default run: submit -> accepted -> progress -> preview -> result, cancel mid-run, two clients
-at once, fetch after a restart, resume after cancel. Marked slow: a server process killed
-with SIGKILL mid-job (interrupted after restart, resumed from its checkpoint) and a clean
-SIGTERM shutdown.
+Default run (kept small: a job costs tens of seconds on a busy 2-core machine):
+submit -> accepted -> progress -> preview -> result, fetched again after a server restart;
+cancel mid-run (then resume and cancel again). Marked slow: resume after cancel to a result,
+two clients at once, the GLB fallback of fetch, a client that never reads, a server process
+killed with SIGKILL mid-job (interrupted after restart, resumed from its checkpoint) and a
+clean SIGTERM shutdown.
 """
 
 from __future__ import annotations
@@ -53,43 +55,53 @@ def server(tmp_path):
     running.stop()
 
 
-def test_submit_streams_progress_previews_and_a_textured_result(server, tmp_path):
-    with Client(server.endpoint, name="artist", timeout=REPLY_TIMEOUT) as c:
-        accepted = c.request(Kind.SUBMIT, {"config": SMALL_JOB})
-        assert accepted.kind == Kind.ACCEPTED and accepted.header["state"] == "queued"
-        assert accepted.header["config"]["iters"] == 6  # the validated config, defaults filled in
-        job = accepted.job_id
-        kinds, steps = [], []
-        result = None
-        for msg in c.events(job, JOB_TIMEOUT):
-            kinds.append(msg.kind)
-            if msg.kind == Kind.PROGRESS:
-                steps.append(msg.header["step"])
-                assert msg.header["total"] == 6 and msg.header["elapsed_s"] >= 0
-            if msg.kind == Kind.PREVIEW:
-                assert "vertices" in msg.arrays or "image" in msg.arrays
-                if "image" in msg.arrays:
-                    assert msg.arrays["image"].ndim == 3 and msg.arrays["image"].shape[2] == 3
-            result = msg
-        assert result.kind == Kind.RESULT, result.header
-        assert Kind.PROGRESS in kinds and Kind.PREVIEW in kinds
-        assert kinds.index(Kind.PROGRESS) < kinds.index(Kind.RESULT)
-        assert steps == sorted(steps) and steps[-1] == 6
-        _check_textured_mesh(result)
-        assert result.header["summary"]["steps"] == 6
-        # everything is on disk, and the state says done
-        job_dir = tmp_path / "jobs" / job
-        for name in ("result.glb", "texture.png", "summary.json", "mesh.npz", "job.json"):
-            assert (job_dir / name).is_file(), name
-        assert json.loads((job_dir / "job.json").read_text())["state"] == "done"
-        assert set(result.header["files"]) >= {"result.glb", "texture.png", "summary.json"}
-        # fetch returns the same mesh later
-        fetched = c.fetch(job)
-        assert fetched.header["info"]["state"] == "done"
-        for name in ("vertices", "faces", "uvs", "texture"):
-            np.testing.assert_array_equal(fetched.arrays[name], result.arrays[name])
-        assert c.status(job).header["info"]["state"] == "done"
-        assert c.ping().kind == Kind.PONG
+def test_submit_streams_progress_previews_and_a_textured_result_fetchable_after_restart(tmp_path):
+    running = RunningServer(tmp_path / "jobs", preview_interval_s=0.0)
+    try:
+        with Client(running.endpoint, name="artist", timeout=REPLY_TIMEOUT) as c:
+            accepted = c.request(Kind.SUBMIT, {"config": SMALL_JOB})
+            assert accepted.kind == Kind.ACCEPTED and accepted.header["state"] == "queued"
+            assert accepted.header["config"]["iters"] == 6  # the validated config, defaults filled in
+            job = accepted.job_id
+            kinds, steps = [], []
+            result = None
+            for msg in c.events(job, JOB_TIMEOUT):
+                kinds.append(msg.kind)
+                if msg.kind == Kind.PROGRESS:
+                    steps.append(msg.header["step"])
+                    assert msg.header["total"] == 6 and msg.header["elapsed_s"] >= 0
+                if msg.kind == Kind.PREVIEW:
+                    assert "vertices" in msg.arrays or "image" in msg.arrays
+                    if "image" in msg.arrays:
+                        assert msg.arrays["image"].ndim == 3 and msg.arrays["image"].shape[2] == 3
+                result = msg
+            assert result.kind == Kind.RESULT, result.header
+            assert Kind.PROGRESS in kinds and Kind.PREVIEW in kinds
+            assert kinds.index(Kind.PROGRESS) < kinds.index(Kind.RESULT)
+            assert steps == sorted(steps) and steps[-1] == 6
+            _check_textured_mesh(result)
+            assert result.header["summary"]["steps"] == 6
+            # everything is on disk, and the state says done
+            job_dir = tmp_path / "jobs" / job
+            for name in ("result.glb", "texture.png", "summary.json", "mesh.npz", "job.json"):
+                assert (job_dir / name).is_file(), name
+            assert json.loads((job_dir / "job.json").read_text())["state"] == "done"
+            assert set(result.header["files"]) >= {"result.glb", "texture.png", "summary.json"}
+            assert c.status(job).header["info"]["state"] == "done"
+    finally:
+        running.stop()
+    # a new server on the same folder returns the same result
+    again = RunningServer(tmp_path / "jobs")
+    try:
+        with Client(again.endpoint, timeout=REPLY_TIMEOUT) as c:
+            fetched = c.fetch(job)
+            assert fetched.header["info"]["state"] == "done" and fetched.header["summary"]["steps"] == 6
+            for name in ("vertices", "faces", "uvs", "texture"):
+                np.testing.assert_array_equal(fetched.arrays[name], result.arrays[name])
+            assert c.list_jobs() == []  # another client's job: not listed by default...
+            assert [j["job"] for j in c.list_jobs(all_clients=True)] == [job]  # ...but with all
+    finally:
+        again.stop()
 
 
 def test_cancel_stops_within_an_iteration(server):
@@ -120,6 +132,7 @@ def test_cancel_stops_within_an_iteration(server):
         assert c.cancel(job, timeout=60).kind == Kind.CANCELLED  # queued or running: either way it stops
 
 
+@pytest.mark.slow
 def test_resume_after_cancel_reaches_a_result(server):
     with Client(server.endpoint, timeout=REPLY_TIMEOUT) as c:
         job = c.submit(_long_job(12, checkpoint_every=3))
@@ -140,6 +153,7 @@ def test_resume_after_cancel_reaches_a_result(server):
         _check_textured_mesh(final)
 
 
+@pytest.mark.slow
 def test_two_clients_each_see_their_own_jobs(server):
     with Client(server.endpoint, name="alice", timeout=REPLY_TIMEOUT) as alice, \
             Client(server.endpoint, name="bob", timeout=REPLY_TIMEOUT) as bob:
@@ -159,28 +173,7 @@ def test_two_clients_each_see_their_own_jobs(server):
                 assert msg.job_id != other
 
 
-def test_fetch_after_restart(tmp_path):
-    first = RunningServer(tmp_path / "jobs")
-    try:
-        with Client(first.endpoint, timeout=REPLY_TIMEOUT) as c:
-            job = c.submit(SMALL_JOB)
-            result = c.wait(job, JOB_TIMEOUT)
-            assert result.kind == Kind.RESULT
-    finally:
-        first.stop()
-    second = RunningServer(tmp_path / "jobs")
-    try:
-        with Client(second.endpoint, timeout=REPLY_TIMEOUT) as c:
-            fetched = c.fetch(job)
-            assert fetched.header["info"]["state"] == "done"
-            assert fetched.header["summary"]["steps"] == 6
-            _check_textured_mesh(fetched)
-            np.testing.assert_array_equal(fetched.arrays["faces"], result.arrays["faces"])
-            np.testing.assert_array_equal(fetched.arrays["texture"], result.arrays["texture"])
-    finally:
-        second.stop()
-
-
+@pytest.mark.slow
 def test_fetch_falls_back_to_the_glb(tmp_path):
     running = RunningServer(tmp_path / "jobs")
     try:
@@ -197,6 +190,7 @@ def test_fetch_falls_back_to_the_glb(tmp_path):
         running.stop()
 
 
+@pytest.mark.slow
 def test_a_client_that_never_reads_does_not_stall_training(tmp_path):
     running = RunningServer(tmp_path / "jobs", send_hwm=2, preview_interval_s=0.0, progress_interval_s=0.0)
     lazy = zmq.Context.instance().socket(zmq.DEALER)

@@ -45,6 +45,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--preview-interval", type=float, default=0.25, help="minimum seconds between previews of one job")
     p.add_argument("--progress-interval", type=float, default=0.05, help="minimum seconds between progress messages of one job")
     p.add_argument("--shutdown-timeout", type=float, default=60.0, help="seconds to wait for running jobs to checkpoint on stop")
+    p.add_argument("--keep-priors", type=int, default=1, help="loaded priors kept between jobs (0 = reload per job and free GPU memory)")
     p.add_argument("--log-json", action="store_true", help="log one JSON object per line")
     p.set_defaults(func=run)
 
@@ -64,7 +65,7 @@ def run(args: argparse.Namespace) -> int:
         bind=args.bind, jobs_dir=args.jobs_dir, workers=args.workers, keys_dir=args.keys_dir,
         require_keys=args.require_keys, checkpoint_every=args.checkpoint_every, max_queue=args.max_queue,
         preview_interval_s=args.preview_interval, progress_interval_s=args.progress_interval,
-        shutdown_timeout_s=args.shutdown_timeout,
+        shutdown_timeout_s=args.shutdown_timeout, keep_priors=args.keep_priors,
     )
     try:
         server = Server(config)

@@ -41,7 +41,7 @@ from .. import __version__
 from ..config import ConfigError, GenerateConfig
 from .auth import AuthError, ServerKeys, is_loopback, load_server_keys, secure_socket, start_authenticator
 from .jobs import FINAL_STATES, RESUMABLE_STATES, JobRecord, JobStore
-from .worker import Event, EventBus, JobWorker
+from .worker import Event, EventBus, JobWorker, PriorPool
 
 log = logging.getLogger("distill3d.server")
 
@@ -72,6 +72,7 @@ class ServerConfig:
     send_hwm: int = 64  # messages queued per client before progress/previews are dropped
     critical_retry_s: float = 30.0  # how long results/errors wait for a congested client
     shutdown_timeout_s: float = 60.0  # wait this long for running jobs to checkpoint on stop
+    keep_priors: int = 1  # loaded priors kept between jobs (0 = load per job, frees GPU memory between jobs)
 
     def validate(self) -> "ServerConfig":
         if not isinstance(self.bind, str) or "://" not in self.bind:
@@ -79,6 +80,7 @@ class ServerConfig:
         checks = {
             "workers": (self.workers, 0, 64), "checkpoint_every": (self.checkpoint_every, 0, 10**9),
             "max_queue": (self.max_queue, 1, 100_000), "send_hwm": (self.send_hwm, 1, 1_000_000),
+            "keep_priors": (self.keep_priors, 0, 16),
         }
         for name, (value, lo, hi) in checks.items():
             if isinstance(value, bool) or not isinstance(value, int) or not lo <= value <= hi:
@@ -128,6 +130,7 @@ class Server:
         self.gpus = _gpu_count()
         self.workers = config.workers or max(self.gpus, 1)
         self.bus = EventBus()
+        self.priors = PriorPool(config.keep_priors)
         self.context = zmq.Context()
         self.socket: Optional[zmq.Socket] = None
         self.endpoint: Optional[str] = None
@@ -427,7 +430,7 @@ class Server:
             if config.checkpoint_every == 0 and self.config.checkpoint_every:
                 config.checkpoint_every = self.config.checkpoint_every
             slot = len(self._running)
-            worker = JobWorker(job_id, config, self.store, self.bus, resume=rec.resume, gpu_slot=slot)
+            worker = JobWorker(job_id, config, self.store, self.bus, resume=rec.resume, gpu_slot=slot, priors=self.priors)
             rec.state, rec.total, rec.message = "running", config.iters, None
             self.store.save(rec)  # "running" is on disk before the first step: a crash reads as interrupted
             self._running[job_id] = RunningJob(rec, worker)
@@ -471,6 +474,9 @@ class Server:
                 self._finish_failed(rec, f"the result mesh is not valid: {exc.message}")
                 return
             self._broadcast(rec.job_id, frames, critical=True)
+            for envelope, req in self._cancel_waiters.pop(rec.job_id, []):  # finished before the cancel took effect
+                self._send(envelope, error_frames("bad_state", f"job {rec.job_id} finished before it could be cancelled",
+                                                  job_id=rec.job_id, req=req), critical=True)
         elif event.kind == "cancelled":
             step = event.data.get("step")
             rec.checkpoint_step = step
@@ -501,6 +507,8 @@ class Server:
         self.store.save(rec)
         log.warning("job=%s state=interrupted step=%s", rec.job_id, rec.step)
         self._broadcast(rec.job_id, error_frames("shutdown", rec.message, job_id=rec.job_id), critical=True)
+        for envelope, req in self._cancel_waiters.pop(rec.job_id, []):
+            self._send(envelope, error_frames("shutdown", rec.message, job_id=rec.job_id, req=req), critical=True)
 
     def _announce_cancelled(self, rec: JobRecord, step: Optional[int], waiters: List[Tuple[Envelope, Optional[str]]]) -> None:
         plain = encode(Kind.CANCELLED, {"step": step}, job_id=rec.job_id)
@@ -576,5 +584,6 @@ class Server:
             self._auth.stop()
             self._auth = None
         self.bus.close()
+        self.priors.clear()
         self.context.term()
         log.info("stopped")

@@ -16,6 +16,7 @@ import queue
 import socket
 import threading
 import time
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any, Dict, Optional, Tuple
 
@@ -95,6 +96,44 @@ class EventBus:
         self._wake_send.close()
 
 
+class PriorPool:
+    """Keeps loaded priors between jobs (loading Stable Diffusion takes tens of seconds).
+
+    A prior is leased to one job at a time: a job takes an idle prior with the same key
+    (prior kind, model, render resolution, device) or builds a new one, and gives it back
+    when it ends normally or is cancelled; after a failure it is dropped. At most
+    ``max_idle`` idle priors are kept (least recently used first out); 0 disables reuse.
+    """
+
+    def __init__(self, max_idle: int = 1) -> None:
+        self.max_idle = max_idle
+        self._idle: "OrderedDict[tuple, Any]" = OrderedDict()
+        self._lock = threading.Lock()
+
+    @staticmethod
+    def key(config: Any, device: Any) -> tuple:
+        return (config.prior, config.model, config.resolution, str(device))
+
+    def lease(self, config: Any, device: Any) -> Optional[Any]:
+        """An idle prior for this config and device, or None (build one)."""
+        with self._lock:
+            return self._idle.pop(self.key(config, device), None)
+
+    def give_back(self, config: Any, device: Any, prior: Any) -> None:
+        if prior is None or self.max_idle <= 0:
+            return
+        key = self.key(config, device)
+        with self._lock:
+            self._idle[key] = prior
+            self._idle.move_to_end(key)
+            while len(self._idle) > self.max_idle:
+                self._idle.popitem(last=False)
+
+    def clear(self) -> None:
+        with self._lock:
+            self._idle.clear()
+
+
 def _finite_or_none(value: Any) -> Optional[float]:
     try:
         v = float(value)
@@ -106,7 +145,8 @@ def _finite_or_none(value: Any) -> Optional[float]:
 class JobWorker(threading.Thread):
     """Runs one job; ``cancel`` stops it at the next iteration (the trainer checkpoints first)."""
 
-    def __init__(self, job_id: str, config: Any, store: JobStore, bus: EventBus, resume: bool = False, gpu_slot: int = 0) -> None:
+    def __init__(self, job_id: str, config: Any, store: JobStore, bus: EventBus, resume: bool = False, gpu_slot: int = 0,
+                 priors: Optional[PriorPool] = None) -> None:
         super().__init__(name=f"job-{job_id}", daemon=True)
         self.job_id = job_id
         self.config = config
@@ -114,6 +154,7 @@ class JobWorker(threading.Thread):
         self.bus = bus
         self.resume = resume
         self.gpu_slot = gpu_slot
+        self.priors = priors
         self.cancel = threading.Event()
 
     # ------------------------------------------------------------------ trainer callbacks
@@ -141,12 +182,15 @@ class JobWorker(threading.Thread):
 
     # ------------------------------------------------------------------ the run
     def run(self) -> None:
-        from ..trainer import Cancelled, TrainerCallbacks, generate
+        from ..trainer import Cancelled, TrainerCallbacks, generate, make_prior, resolve_device
 
         started = time.perf_counter()
         self.bus.post(Event("started", self.job_id))
+        prior = device = None
         try:
-            self._select_gpu()
+            device = self._select_gpu(resolve_device(self.config.device))
+            if self.priors is not None:
+                prior = self.priors.lease(self.config, device) or make_prior(self.config, device)
             callbacks = TrainerCallbacks(on_progress=self._on_progress, on_preview=self._on_preview)
             result = generate(
                 self.config,
@@ -155,25 +199,35 @@ class JobWorker(threading.Thread):
                 cancel=self.cancel,
                 checkpoint_dir=self.store.checkpoint_dir(self.job_id),
                 resume=self.resume,
+                prior=prior,
             )
             arrays = arrays_from_mesh(result.mesh)
             self.store.write_mesh(self.job_id, arrays)  # everything on disk before it is announced
             summary = json_safe(result.summary)
             del result
             self.bus.post(Event("done", self.job_id, {"arrays": arrays, "summary": summary, "elapsed_s": time.perf_counter() - started}))
+            if self.priors is not None:
+                self.priors.give_back(self.config, device, prior)
         except Cancelled as exc:
+            if self.priors is not None:
+                self.priors.give_back(self.config, device, prior)
             self.bus.post(Event("cancelled", self.job_id, {"step": exc.step}))
         except Exception as exc:
             log.exception("job=%s failed", self.job_id)
             self.bus.post(Event("failed", self.job_id, {"message": f"{type(exc).__name__}: {exc}"[:4000]}))
         finally:
+            prior = None
             self._free_memory()
 
-    def _select_gpu(self) -> None:
+    def _select_gpu(self, device: Any) -> Any:
+        """With several GPUs, worker slot i trains on GPU i (mod count); returns the exact device."""
         import torch
 
-        if torch.cuda.is_available() and torch.cuda.device_count() > 1:
+        if device.type != "cuda":
+            return device
+        if torch.cuda.device_count() > 1:
             torch.cuda.set_device(self.gpu_slot % torch.cuda.device_count())
+        return torch.device("cuda", torch.cuda.current_device())
 
     @staticmethod
     def _free_memory() -> None:
