@@ -257,6 +257,19 @@ def test_turntable_returns_uint8_views_starting_at_the_front():
     assert images[0][0, 0].min() == 255  # white background in the corner
 
 
+def test_normals_can_be_left_out_of_unshaded_renders():
+    field = make_field("dense", resolution=8)
+    cams = orbit_cameras([0.0], 10.0, 3.0, 40.0)
+    renderer = VolumeRenderer(field, Background(), samples_per_ray=8, compute_normals=False)
+    with torch.no_grad():
+        plain = renderer.render(cams, 6)
+        shaded = renderer.render(cams, 6, shading="diffuse", light=cams.positions)
+        full = VolumeRenderer(field, Background(), samples_per_ray=8).render(cams, 6)
+    assert "normal" not in plain and "orientation_loss" not in plain
+    assert "normal" in shaded and "orientation_loss" in shaded
+    torch.testing.assert_close(plain["rgb"], full["rgb"])
+
+
 def test_chunking_does_not_change_the_result():
     field = make_field("dense", resolution=16)
     cams = orbit_cameras([0.0, 90.0], 10.0, 3.0, 40.0)

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import torch
 
 from .base import FieldConfig, FieldError, RadianceField, check_number
-from .interp import CORNERS, corner_weights, gather_interpolate
+from .interp import corner_weights, gather_interpolate
 
 PRIMES = (1, 2654435761, 805459861)
 
@@ -49,6 +49,8 @@ class HashEncoding(torch.nn.Module):
         self.register_buffer("sizes", torch.tensor(sizes, dtype=torch.long), persistent=False)
         self.register_buffer("hashed", torch.tensor(hashed, dtype=torch.bool), persistent=False)
         self.register_buffer("primes", torch.tensor(PRIMES, dtype=torch.long), persistent=False)
+        self.dense_levels = sum(1 for h in hashed if not h)  # resolutions grow, so dense levels come first
+        self.hash_mask = table_rows - 1
         self.table = torch.nn.Parameter(torch.empty(features_per_level, total).uniform_(-1e-4, 1e-4))  # channels-first
 
     @property
@@ -61,12 +63,18 @@ class HashEncoding(torch.nn.Module):
         pos = x01.clamp(0.0, 1.0)[:, None, :] * res[None, :, None]  # [N, L, 3]
         lower = torch.minimum(pos.detach().floor(), (res - 1)[None, :, None])
         frac = pos - lower
-        corners = lower.long()[:, :, None, :] + CORNERS.to(x01.device)[None, None]  # [N, L, 8, 3]
-        side = (self.res + 1)[None, :, None]
-        dense_index = corners[..., 0] + side * (corners[..., 1] + side * corners[..., 2])
-        h = corners * self.primes
-        hash_index = (h[..., 0] ^ h[..., 1] ^ h[..., 2]) % self.sizes[None, :, None]
-        index = torch.where(self.hashed[None, :, None], hash_index, dense_index) + self.offsets[None, :, None]
+        lo = lower.long()
+        nodes = torch.stack([lo, lo + 1], dim=-1)  # [N, L, 3 axes, 2 (lower, upper)]
+        parts = []
+        d = self.dense_levels
+        if d > 0:  # coarse levels: row-major node index
+            side = (self.res[:d] + 1)[None, :, None]
+            a = nodes[:, :d] * torch.stack([torch.ones_like(side), side, side * side], dim=2)
+            parts.append(a[:, :, 2, :, None, None] + a[:, :, 1, None, :, None] + a[:, :, 0, None, None, :])
+        if d < self.levels:  # fine levels: spatial hash
+            h = nodes[:, d:] * self.primes[None, None, :, None]
+            parts.append((h[:, :, 2, :, None, None] ^ h[:, :, 1, None, :, None] ^ h[:, :, 0, None, None, :]) & self.hash_mask)
+        index = torch.cat(parts, dim=1).reshape(n, self.levels, 8) + self.offsets[None, :, None]  # corners in CORNERS order
         weights = corner_weights(frac)  # [N, L, 8]
         out = gather_interpolate(self.table, index.view(n * self.levels, 8), weights.view(n * self.levels, 8))
         return out.reshape(n, self.output_dim)

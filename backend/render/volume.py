@@ -42,6 +42,10 @@ Outputs of :meth:`VolumeRenderer.render` (``B`` cameras, ``H = W = resolution``)
   ``opacity_entropy`` (scalar): mean binary entropy of the opacity (pushes it to 0 or 1);
 * ``light_positions`` [B, 3] (or None), ``shading`` (list of per-view modes), ``num_samples``
   (how many samples the field evaluated).
+
+Normals cost little for the dense grid (analytic) but six extra field evaluations per sample for
+the hash grid (finite differences); with ``compute_normals=False`` they are computed only when a
+view is shaded, and renders without them have no ``normal`` or ``orientation_loss`` entry.
 """
 
 from __future__ import annotations
@@ -87,6 +91,7 @@ class RendererConfig:
 
     samples_per_ray: int = 48
     chunk_rays: int = 8192  # rays per chunk (bounds the temporaries of one field query)
+    compute_normals: bool = True  # False: only for shaded views; renders without them omit normal/orientation_loss
     estimator: str = "auto"  # auto = occgrid on CUDA, stratified elsewhere
     near_plane: float = 0.0  # minimum distance from the camera along a ray
     # occupancy grid (CUDA marching; on the CPU, empty-space skipping)
@@ -109,6 +114,8 @@ class RendererConfig:
     def validate(self) -> "RendererConfig":
         self.samples_per_ray = _num("samples_per_ray", self.samples_per_ray, 1, 4096, integer=True)
         self.chunk_rays = _num("chunk_rays", self.chunk_rays, 1, 1 << 24, integer=True)
+        if not isinstance(self.compute_normals, bool):
+            raise RenderError(f"compute_normals must be true or false, got {self.compute_normals!r}")
         if self.estimator not in ESTIMATORS:
             raise RenderError(f"estimator must be one of {', '.join(ESTIMATORS)}; got {self.estimator!r}")
         self.near_plane = _num("near_plane", self.near_plane, 0.0, 1e4)
@@ -332,11 +339,12 @@ class VolumeRenderer:
         n_rays = origins.shape[0]
         view_of_ray = torch.arange(n_views, device=device).repeat_interleave(hw)
         code = torch.tensor([SHADINGS.index(m) for m in modes], device=device)[view_of_ray]
-        ray_light = light[view_of_ray] if light is not None else None
+        ray_light = light[view_of_ray] if light is not None and shaded else None
         near, far, hit = ray_box_intersection(origins, dirs, self.field.bound, self.config.near_plane)
 
+        normals = self.config.compute_normals or shaded
         if self.uses_occupancy_grid(device):
-            acc, num_samples = self._render_packed(origins, dirs, near, far, hit, code, ray_light, jitter, generator)
+            acc, num_samples = self._render_packed(origins, dirs, near, far, hit, code, ray_light, jitter, generator, normals)
             rgb_acc, opacity, depth_acc, normal_acc, orient = acc
         else:
             rgb_acc, opacity, depth_acc, normal_acc, orient = (
@@ -346,7 +354,7 @@ class VolumeRenderer:
             idx = hit.nonzero()[:, 0]
             num_samples = 0
             if idx.numel() > 0:
-                parts, num_samples = self._render_stratified(origins[idx], dirs[idx], near[idx], far[idx], code[idx], None if ray_light is None else ray_light[idx], jitter, generator)
+                parts, num_samples = self._render_stratified(origins[idx], dirs[idx], near[idx], far[idx], code[idx], None if ray_light is None else ray_light[idx], jitter, generator, normals)
                 rgb_acc, opacity, depth_acc, normal_acc, orient = (
                     full.index_put((idx,), part) for full, part in zip((rgb_acc, opacity, depth_acc, normal_acc, orient), parts)
                 )
@@ -360,18 +368,20 @@ class VolumeRenderer:
             return v.reshape(n_views, resolution, resolution, -1).permute(0, 3, 1, 2).contiguous()
 
         op = opacity.clamp(1e-5, 1.0 - 1e-5)
-        return {
+        out = {
             "rgb": image(rgb),
             "opacity": image(opacity[:, None]),
             "depth": image(depth[:, None]),
-            "normal": image(normal_acc),
-            "orientation_loss": orient.mean(),
             "sparsity_loss": torch.sqrt(opacity * opacity + 0.01).mean(),
             "opacity_entropy": -(op * torch.log(op) + (1 - op) * torch.log(1 - op)).mean(),
             "light_positions": light,
             "shading": modes,
             "num_samples": num_samples,
         }
+        if normals:
+            out["normal"] = image(normal_acc)
+            out["orientation_loss"] = orient.mean()
+        return out
 
     def _shade(self, albedo: torch.Tensor, normals: torch.Tensor, points: torch.Tensor, code: torch.Tensor, light: Optional[torch.Tensor]) -> torch.Tensor:
         """Per-sample colour: albedo, or (white) albedo lit by ambient + Lambertian diffuse."""
@@ -391,7 +401,7 @@ class VolumeRenderer:
         cell = ((points + b) * (res / (2.0 * b))).long().clamp_(0, res - 1)
         return (cell[:, 0] * res + cell[:, 1]) * res + cell[:, 2]
 
-    def _render_stratified(self, origins, dirs, near, far, code, light, jitter, generator):
+    def _render_stratified(self, origins, dirs, near, far, code, light, jitter, generator, with_normals):
         """Batched [rays, samples] rendering of rays that cross the box, chunk by chunk.
 
         Transmittance and weights come from nerfacc's batched ``render_weight_from_density`` on
@@ -422,22 +432,27 @@ class VolumeRenderer:
                 keep = occupied[self._cell_index(points)].nonzero()[:, 0]
                 pts, ray_of = points[keep], keep // s
             evaluated += pts.shape[0]
-            q = self.field.query(pts, with_normals=True)
+            q = self.field.query(pts, with_normals=with_normals)
             rgb = self._shade(q.albedo, q.normals, pts, c[ray_of], None if lt is None else lt[ray_of])
             sigma = q.density if keep is None else q.density.new_zeros(n * s).index_put((keep,), q.density)
             weights, _, _ = render_weight_from_density(t_starts, t_ends, sigma.view(n, s))
             w = weights.reshape(-1) if keep is None else weights.reshape(-1)[keep]
-            facing = (q.normals * d[ray_of]).sum(-1).clamp_min(0.0)
+            if with_normals:
+                facing = (q.normals * d[ray_of]).sum(-1).clamp_min(0.0)
+                normal = accumulate_along_rays(w, q.normals, ray_of, n)
+                orient = accumulate_along_rays(w.detach(), (facing * facing)[:, None], ray_of, n)[:, 0]
+            else:
+                normal, orient = rgb.new_zeros(n, 3), rgb.new_zeros(n)
             outputs.append((
                 accumulate_along_rays(w, rgb, ray_of, n),
                 weights.sum(-1),
                 (weights * 0.5 * (t_starts + t_ends)).sum(-1),
-                accumulate_along_rays(w, q.normals, ray_of, n),
-                accumulate_along_rays(w.detach(), (facing * facing)[:, None], ray_of, n)[:, 0],
+                normal,
+                orient,
             ))
         return tuple(torch.cat(parts) for parts in zip(*outputs)), evaluated
 
-    def _render_packed(self, origins, dirs, near, far, hit, code, light, jitter, generator):
+    def _render_packed(self, origins, dirs, near, far, hit, code, light, jitter, generator, with_normals):
         """Occupancy-grid marching and packed rendering (CUDA), chunk by chunk."""
         grid = self.occupancy_grid()
         step = self.render_step_size
@@ -455,6 +470,7 @@ class VolumeRenderer:
             n1 = torch.where(h, n1, n0)  # missed rays: an empty interval
 
             def sigma_fn(ts, te, ray_indices, o=o, d=d):
+                ray_indices = ray_indices.long()
                 pts = o[ray_indices] + d[ray_indices] * (0.5 * (ts + te))[:, None]
                 return self.field.density(pts)
 
@@ -469,24 +485,24 @@ class VolumeRenderer:
 
             def rgb_sigma_fn(ts, te, ri, o=o, d=d, cd=cd, lt=lt, stash=stash):
                 pts = o[ri] + d[ri] * (0.5 * (ts + te))[:, None]
-                q = self.field.query(pts, with_normals=True)
+                q = self.field.query(pts, with_normals=with_normals)
                 stash["normals"] = q.normals
                 rgb = self._shade(q.albedo, q.normals, pts, cd[ri], None if lt is None else lt[ri])
                 return rgb, q.density
 
             colors, opacities, _, extras = rendering(t_starts, t_ends, ray_indices=ray_indices, n_rays=n, rgb_sigma_fn=rgb_sigma_fn)
             w = extras["weights"]
+            depth = torch.zeros(n, device=device)
+            normal = torch.zeros(n, 3, device=device)
+            orient = torch.zeros(n, device=device)
             if t_starts.numel() > 0:
-                normals = stash["normals"]
-                facing = (normals * d[ray_indices]).sum(-1).clamp_min(0.0)
                 t_mid = 0.5 * (t_starts + t_ends)
                 depth = accumulate_along_rays(w, t_mid[:, None], ray_indices, n)[:, 0]
-                normal = accumulate_along_rays(w, normals, ray_indices, n)
-                orient = accumulate_along_rays(w.detach(), (facing * facing)[:, None], ray_indices, n)[:, 0]
-            else:
-                depth = torch.zeros(n, device=device)
-                normal = torch.zeros(n, 3, device=device)
-                orient = torch.zeros(n, device=device)
+                if with_normals:
+                    normals = stash["normals"]
+                    facing = (normals * d[ray_indices]).sum(-1).clamp_min(0.0)
+                    normal = accumulate_along_rays(w, normals, ray_indices, n)
+                    orient = accumulate_along_rays(w.detach(), (facing * facing)[:, None], ray_indices, n)[:, 0]
             outputs.append((colors, opacities[:, 0], depth, normal, orient))
         return tuple(torch.cat(parts) for parts in zip(*outputs)), num_samples
 
