@@ -151,6 +151,8 @@ def test_unwrap_splits_vertices_and_keeps_faces():
     np.testing.assert_array_equal(layout.vertex_map[fs], f)  # same faces, same order, same winding
     np.testing.assert_allclose(vs, v[layout.vertex_map])
     assert uvs.min() >= 0.0 and uvs.max() <= 1.0
+    same = unwrap(Mesh(v, f), resolution=256, padding=2)  # a Mesh works too, deterministically
+    np.testing.assert_array_equal(same.uvs, uvs)
     # charts do not overlap: the rasterised UV area equals the sum of triangle UV areas
     tri = uvs[fs]
     area = 0.5 * np.abs(np.cross(tri[:, 1] - tri[:, 0], tri[:, 2] - tri[:, 0])).sum()

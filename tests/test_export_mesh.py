@@ -143,6 +143,13 @@ def test_auto_threshold_is_half_the_interior_density():
     np.testing.assert_allclose(mesh_a.vertices, mesh_b.vertices, atol=1e-4)
 
 
+def test_auto_threshold_ignores_a_thin_fog():
+    """A plateau of 20 inside r = 0.4 plus density 0.3 everywhere else: the surface stays at r = 0.4."""
+    solid = sphere_density(0.4, scale=20.0)
+    mesh = extract_mesh(lambda p: solid(p) + 0.3, 1.0, 48)
+    assert np.linalg.norm(mesh.vertices, axis=1).mean() == pytest.approx(0.4, abs=0.005)
+
+
 def test_numpy_and_torch_field_functions_agree():
     torch_fn = sphere_density(0.45)
     numpy_fn = numpy_field(lambda p: 50.0 * expit((0.45 - np.linalg.norm(p, axis=1)) / 0.01))

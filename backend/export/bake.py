@@ -41,7 +41,8 @@ class BakeResult:
     texture: np.ndarray  # uint8 [S, S, 4]
     covered: np.ndarray  # bool [S, S]: texel centre inside a triangle of the layout
     sampled: np.ndarray  # bool [S, S]: texel got a field value (covered or in the border)
-    timings: dict[str, float] = field(default_factory=dict)  # seconds: rasterise, query, dilate
+    timings: dict[str, float] = field(default_factory=dict)  # wall seconds: rasterise, query, dilate
+    cpu_timings: dict[str, float] = field(default_factory=dict)  # process CPU seconds, same steps
 
 
 def uv_to_pixel(uvs: torch.Tensor, size: int) -> torch.Tensor:
@@ -63,11 +64,13 @@ def rasterize_uv(
 
 def _box3(x: torch.Tensor) -> torch.Tensor:
     """Sum over each texel's 3x3 neighbourhood (zero outside) of an [H, W, C] tensor."""
-    h, w = x.shape[:2]
-    p = x.new_zeros((h + 2, w + 2) + tuple(x.shape[2:]))
-    p[1:-1, 1:-1] = x
-    rows = p[:, :-2] + p[:, 1:-1] + p[:, 2:]
-    return rows[:-2] + rows[1:-1] + rows[2:]
+    rows = x.clone()
+    rows[:, 1:] += x[:, :-1]
+    rows[:, :-1] += x[:, 1:]
+    out = rows.clone()
+    out[1:] += rows[:-1]
+    out[:-1] += rows[1:]
+    return out
 
 
 def _upsample2(x: torch.Tensor) -> torch.Tensor:
@@ -93,16 +96,15 @@ def dilate(color: torch.Tensor, mask: torch.Tensor, iterations: int) -> tuple[to
     Each empty texel with a filled 8-neighbour takes the mean of its filled neighbours.
     """
     m = mask.to(color.dtype)[..., None]
-    c = color * m
+    acc = torch.cat([color * m, m], dim=2)  # premultiplied colour and weight
     for _ in range(iterations):
-        sums = _box3(torch.cat([c, m], dim=2))
+        sums = _box3(acc)
         weight = sums[..., -1:]
-        grow = (m == 0) & (weight > 0)
+        grow = (acc[..., -1:] == 0) & (weight > 0)
         if not bool(grow.any()):
             break
-        c = torch.where(grow, sums[..., :-1] / weight.clamp_min(1e-12), c)
-        m = torch.where(grow, torch.ones_like(m), m)
-    return c, m[..., 0] > 0
+        acc = torch.where(grow, sums / weight.clamp_min(1e-12), acc)  # grown texels get weight 1
+    return acc[..., :-1].contiguous(), acc[..., -1] > 0
 
 
 def push_pull(color: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -154,8 +156,9 @@ def bake_texture_details(
         raise ExportError(f"border must lie in [0, 8] texels, got {border!r}")
     dev = resolve_device(device)
     timings: dict[str, float] = {}
+    cpu_timings: dict[str, float] = {}
+    clock = _Clock(timings, cpu_timings)
 
-    t = time.perf_counter()
     raster = rasterize_uv(uv, f, size, border=border, device=dev, budget=budget)
     sampled = raster.reached.reshape(-1)
     idx = torch.nonzero(sampled).squeeze(1)
@@ -165,15 +168,14 @@ def bake_texture_details(
     ft = torch.as_tensor(f.astype(np.int64), device=dev)
     points = (vt[ft[face_of]] * bary[:, :, None]).sum(dim=1)
     _sync(dev)
-    timings["rasterise"] = time.perf_counter() - t
+    clock.lap("rasterise")
     if len(idx) == 0:
         raise ExportError("the UV layout covers no texel; check the UVs lie in [0, 1]")
 
-    t = time.perf_counter()
     colors = query_field(albedo_fn, points, 3, "albedo_fn", chunk=chunk, device=dev)
-    timings["query"] = time.perf_counter() - t
+    _sync(dev)
+    clock.lap("query")
 
-    t = time.perf_counter()
     image = torch.zeros((size * size, 3), dtype=torch.float32, device=dev)
     image[idx] = torch.as_tensor(colors, device=dev).clamp(0.0, 1.0)
     image = image.view(size, size, 3)
@@ -184,7 +186,7 @@ def bake_texture_details(
         image = push_pull(image, mask)
     rgb = (image.clamp(0.0, 1.0) * 255.0 + 0.5).to(torch.uint8).cpu().numpy()
     _sync(dev)
-    timings["dilate"] = time.perf_counter() - t
+    clock.lap("dilate")
 
     texture = np.empty((size, size, 4), dtype=np.uint8)
     texture[..., :3] = rgb
@@ -198,6 +200,7 @@ def bake_texture_details(
         covered=raster.inside.cpu().numpy(),
         sampled=raster.reached.cpu().numpy(),
         timings=timings,
+        cpu_timings=cpu_timings,
     )
 
 
@@ -231,6 +234,20 @@ def vertex_colors(mesh: Mesh, albedo_fn: FieldFn, chunk: int = DEFAULT_CHUNK, de
     colors[:, :3] = (np.clip(rgb, 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)
     colors[:, 3] = 255
     return Mesh(mesh.vertices.copy(), mesh.faces.copy(), colors)
+
+
+class _Clock:
+    """Wall and process-CPU time of consecutive steps."""
+
+    def __init__(self, wall: dict[str, float], cpu: dict[str, float]) -> None:
+        self.wall, self.cpu = wall, cpu
+        self.t_wall, self.t_cpu = time.perf_counter(), time.process_time()
+
+    def lap(self, name: str) -> None:
+        now_wall, now_cpu = time.perf_counter(), time.process_time()
+        self.wall[name] = now_wall - self.t_wall
+        self.cpu[name] = now_cpu - self.t_cpu
+        self.t_wall, self.t_cpu = now_wall, now_cpu
 
 
 def _sync(device: torch.device) -> None:

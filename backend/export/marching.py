@@ -6,12 +6,15 @@ and runs ``mcubes.marching_cubes``. The grid is padded by one sample of zero den
 every side, so the surface is closed even where the object touches the bounds (those
 vertices are clamped onto the boundary).
 
-Automatic threshold (``threshold=None``), see :func:`auto_threshold`: take the samples
-whose density exceeds ``AUTO_FLOOR`` times the grid maximum (the "occupied" samples);
-their ``AUTO_PERCENTILE``-th percentile is the field's interior density scale ``D``
-(robust to a few very dense voxels); the iso-level is ``AUTO_FRACTION * D``. For a solid
-whose density rises from 0 outside to a plateau ``D`` inside, this puts the surface in the
-middle of the transition, where the rendered surface lies.
+Automatic threshold (``threshold=None``), see :func:`auto_threshold`: the field's
+interior density scale ``D`` is the density-weighted median of the grid's densities
+(the level such that half of the total density "mass" sits in samples at least that
+dense); the iso-level is ``AUTO_FRACTION * D`` (one half). For a solid whose density
+rises from ~0 outside to a plateau ``D`` inside, this puts the surface in the middle of
+the transition, where the rendered surface lies; weighting by density makes the rule
+blind to a thin fog spread over the empty volume (plain percentiles are not: a fog over
+90% of the volume would set them). It depends only on the shape of the field, not its
+scale (a field scaled by k gives the same mesh).
 
 PyMCubes orients its triangles so that, for values that are higher inside the surface (as
 density is), they are counter-clockwise seen from outside: the project's convention as it
@@ -33,8 +36,6 @@ from .mesh import ExportError, Mesh
 
 log = logging.getLogger(__name__)
 
-AUTO_FLOOR = 1e-3
-AUTO_PERCENTILE = 90.0
 AUTO_FRACTION = 0.5
 MIN_RESOLUTION = 8
 MAX_RESOLUTION = 1024
@@ -69,12 +70,14 @@ def density_grid(
 
 def auto_threshold(grid: np.ndarray) -> float:
     """The automatic iso-level of a density grid (rule in the module docstring)."""
-    top = float(grid.max())
+    values = np.asarray(grid, dtype=np.float64).ravel()
+    top = float(values.max())
     if not np.isfinite(top) or top <= 0.0:
         raise ExportError("field is empty (density is zero everywhere); train longer or lower the threshold")
-    occupied = grid[grid > AUTO_FLOOR * top]
-    scale = float(np.percentile(occupied, AUTO_PERCENTILE))
-    return AUTO_FRACTION * scale
+    values = np.sort(values[values > 0.0])
+    mass = np.cumsum(values)
+    median = values[int(np.searchsorted(mass, 0.5 * mass[-1]))]
+    return AUTO_FRACTION * float(median)
 
 
 def extract_mesh(

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import numpy as np
 import xatlas
 
-from .mesh import ExportError
+from .mesh import ExportError, Mesh
 
 log = logging.getLogger(__name__)
 
@@ -115,24 +115,32 @@ class UVLayout:
     vertex_map: np.ndarray  # int64 [V'], input vertex of each output vertex
     charts: int
     utilization: float  # share of the atlas covered by charts
-    seconds: float
+    seconds: float  # wall time
+    cpu_seconds: float = 0.0  # process CPU time (xatlas runs its own worker threads)
 
     def __iter__(self):  # (vertices, faces, uvs) = unwrap(...)
         return iter((self.vertices, self.faces, self.uvs))
 
 
 def unwrap(
-    vertices: np.ndarray,
-    faces: np.ndarray,
+    vertices: "np.ndarray | Mesh",
+    faces: np.ndarray | None = None,
     resolution: int | None = None,
     padding: int | None = None,
     options: UnwrapOptions | None = None,
 ) -> UVLayout:
     """Unwrap a triangle mesh with xatlas into one square atlas.
 
+    Call as ``unwrap(mesh, ...)`` with a :class:`Mesh` or ``unwrap(vertices, faces, ...)``.
     ``resolution`` and ``padding`` override the same fields of ``options``. The returned
     :class:`UVLayout` unpacks as ``vertices, faces, uvs``.
     """
+    if isinstance(vertices, Mesh):
+        if faces is not None:
+            raise ExportError("unwrap: pass either a Mesh or vertices and faces, not both")
+        vertices, faces = vertices.vertices, vertices.faces
+    if faces is None:
+        raise ExportError("unwrap needs faces (or a Mesh)")
     opts = UnwrapOptions() if options is None else UnwrapOptions(**vars(options))
     if resolution is not None:
         opts.resolution = resolution
@@ -147,7 +155,7 @@ def unwrap(
         raise ExportError(f"unwrap needs faces [F, 3] with F > 0, got {list(f.shape)}")
     if f.min() < 0 or f.max() >= len(v):
         raise ExportError("unwrap: face indices out of range")
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     atlas = xatlas.Atlas()
     atlas.add_mesh(v, np.ascontiguousarray(f, dtype=np.uint32))
     tri = v.astype(np.float64)[f]
@@ -158,7 +166,7 @@ def unwrap(
             f"xatlas packed the charts into {atlas.atlas_count} atlases; lower the padding or raise the resolution"
         )
     vmap, indices, uvs = atlas.get_mesh(0)
-    seconds = time.perf_counter() - t0
+    seconds, cpu_seconds = time.perf_counter() - t0, time.process_time() - c0
     # xatlas' UVs are atlas pixel coordinates divided by width and height, with v
     # growing with the atlas row; any consistent flip would do for baking, but we keep
     # the layout upright in the texture: v_ours = 1 - v_xatlas.
@@ -173,6 +181,7 @@ def unwrap(
         charts=int(atlas.chart_count),
         utilization=float(atlas.utilization),
         seconds=seconds,
+        cpu_seconds=cpu_seconds,
     )
     log.info(
         "unwrap: %d faces -> %d charts, %d vertices (from %d), atlas %dx%d, utilisation %.2f, %.2fs",
