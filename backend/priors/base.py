@@ -76,6 +76,8 @@ class Prior(abc.ABC):
     latent_size: int = 64
     #: True when x0 is pixels (encode/decode are affine)
     pixel_space: bool = True
+    #: the plain background the prior's images have (renders must match it); None = learn one
+    background_color: Optional[tuple[float, float, float]] = None
 
     def __init__(self, device: torch.device | str = "cpu") -> None:
         self.device = torch.device(device)
