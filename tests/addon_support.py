@@ -97,6 +97,13 @@ def backend_missing_reason() -> Optional[str]:
     return None
 
 
+def require_server() -> None:
+    try:
+        importlib.import_module("distill3d.server.service")
+    except ImportError as exc:
+        pytest.skip(f"the backend service cannot be imported yet: {exc}")
+
+
 def require_backend() -> None:
     reason = backend_missing_reason()
     if reason is not None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 import time
 
 import addon_support
@@ -32,6 +33,7 @@ def blender(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
+    addon_support.require_server()
     backend = BackendServer(tmp_path_factory.mktemp("backend") / "jobs").start()
     yield backend
     backend.stop()
@@ -200,6 +202,28 @@ def test_test_connection_reaches_the_backend(blender, controller, server):
     assert "Connected to distill3d" in controller.connection_text and server.endpoint in controller.connection_text
 
 
+def test_local_backend_starts_on_demand_and_stops_on_unregister(blender, controller, tmp_path):
+    addon_support.require_server()
+    bpy = blender.bpy
+    configure(blender, addon_support.free_endpoint())
+    prefs = blender.preferences
+    prefs.start_local_backend, prefs.python_path, prefs.jobs_dir = True, sys.executable, str(tmp_path / "jobs")
+    try:
+        assert bpy.ops.distill3d.test_connection() == {"FINISHED"}
+        jobs = blender.submodule("jobs")
+        backend = jobs.local_backend()
+        assert backend is not None and backend.running
+        assert backend.command[1:5] == ["-m", "distill3d", "serve", "--bind"] and prefs.endpoint in backend.command
+        assert controller.wait_for_connection(120.0).value == "connected", backend.log_tail()
+        process = backend.process
+        blender.disable()  # unregister stops the process it started
+        assert process.poll() is not None and jobs.local_backend() is None
+    finally:
+        if blender.module_name not in bpy.context.preferences.addons:
+            blender.enable()
+        blender.preferences.start_local_backend = False
+
+
 # ----------------------------------------------------------------------------- real generations
 
 
@@ -302,7 +326,7 @@ def test_dropped_connection_mid_job_is_reported_and_the_result_fetched_when_back
     relay = TcpRelay(int(backend.endpoint.rsplit(":", 1)[1]))
     try:
         configure(blender, relay.endpoint, heartbeat=0.2, lost_after=1.0)
-        small_job(scene.distill3d, iters=6, preview_every=0)
+        small_job(scene.distill3d, iters=3, preview_every=0)
         assert bpy.ops.distill3d.generate() == {"FINISHED"}
         assert pump_until(controller, lambda: controller.job.job_id is not None or controller.job.finished, JOB_TIMEOUT_S)
         job = controller.job

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import logging
+import zlib
 
 import addon_support  # noqa: F401  (sets up paths before the add-on is imported)
 import numpy as np
@@ -13,7 +14,7 @@ import zmq
 from PIL import Image
 
 from blender_addon.client import BackendClient, ClientError, Connection, CurveKeys, check_endpoint, is_loopback_endpoint
-from blender_addon.png import encode_png_rgba
+from blender_addon.png import encode_png_rgba, parallel_zlib
 from distill3d_protocol import PROTOCOL_VERSION, Kind, encode
 
 
@@ -68,6 +69,15 @@ def test_png_encoder_round_trips_exactly(kind):
     np.testing.assert_array_equal(decoded, rgba)
     if kind == "smooth":
         assert len(data) < rgba.nbytes / 4  # the Up filter makes gradients compress well
+
+
+def test_parallel_deflate_makes_one_valid_zlib_stream():
+    data = np.random.default_rng(1).integers(0, 4, 5_000_003, dtype=np.uint8).tobytes()  # several 1 MiB chunks
+    for threads in (1, 3):
+        assert zlib.decompress(parallel_zlib(data, 1, threads)) == data  # zlib checks the adler32 too
+    rgba = np.random.default_rng(2).integers(0, 8, (1100, 700, 4), dtype=np.uint8)
+    decoded = np.asarray(Image.open(io.BytesIO(encode_png_rgba(rgba, threads=4))).convert("RGBA"))
+    np.testing.assert_array_equal(decoded, rgba)
 
 
 def test_png_encoder_rejects_wrong_arrays():

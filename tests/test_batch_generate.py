@@ -1,0 +1,79 @@
+"""scripts/batch_generate.py run as a user would (a separate `python` process with bpy):
+files per prompt, the scene's cameras as the rig, and a non-zero exit when it fails."""
+
+from __future__ import annotations
+
+import json
+
+import addon_support
+import numpy as np
+import pytest
+from addon_support import JOB_TIMEOUT_S, ROOT, free_endpoint, run_python
+
+pytestmark = pytest.mark.bpy
+
+SCRIPT = ROOT / "scripts" / "batch_generate.py"
+SMALL = ["--iters", "3", "--resolution", "16", "--batch-size", "1", "--mc-resolution", "32", "--texture-size", "64"]
+
+
+def test_batch_exits_non_zero_and_says_why_when_the_backend_is_unreachable(tmp_path):
+    endpoint = free_endpoint()
+    proc = run_python([SCRIPT, "--", "--prompt", "a mug", "--out", tmp_path, "--endpoint", endpoint, "--connect-timeout", "0.5", *SMALL], 120)
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    (entry,) = json.loads((tmp_path / "batch_summary.json").read_text())
+    assert entry["state"] == "failed" and "not reachable" in entry["error"] and endpoint in entry["error"]
+    assert not list(tmp_path.glob("*.blend")) and not list(tmp_path.glob("*.glb"))
+
+
+def test_batch_usage_errors_exit_with_code_2(tmp_path):
+    proc = run_python([SCRIPT, "--", "--out", tmp_path], 60)
+    assert proc.returncode == 2 and "no prompts" in proc.stderr
+
+
+def _scene_with_cameras(path):
+    bpy = addon_support.fresh_blender()
+    rig = bpy.data.collections.new("rig")
+    bpy.context.scene.collection.children.link(rig)
+    matrices = []
+    for i, (loc, rot) in enumerate([((0, -3, 1), (1.25, 0, 0)), ((3, 0, 0.5), (1.4, 0, 1.57))]):
+        obj = bpy.data.objects.new(f"cam{i}", bpy.data.cameras.new(f"cam{i}"))
+        obj.location, obj.rotation_euler = loc, rot
+        rig.objects.link(obj)
+    bpy.context.view_layer.update()
+    matrices = [np.array(o.matrix_world) for o in sorted(rig.objects, key=lambda o: o.name)]
+    bpy.ops.wm.save_as_mainfile(filepath=str(path), copy=True)
+    return matrices
+
+
+@pytest.mark.slow  # starts its own backend and generates two assets
+def test_batch_writes_a_blend_and_a_glb_per_prompt_using_the_scene_cameras(tmp_path):
+    addon_support.require_backend()
+    import trimesh
+
+    scene_file = tmp_path / "scene.blend"
+    matrices = _scene_with_cameras(scene_file)
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("# two assets\na rubber duck\n\na mug\n", encoding="utf-8")
+    out = tmp_path / "out"
+    args = [SCRIPT, "--", "--prompts", prompts, "--out", out, "--scene", scene_file, "--scene-cameras", "--camera-collection", "rig"]
+    proc = run_python([*args, *SMALL, "--seed", "3", "--start-backend"], 2 * JOB_TIMEOUT_S)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    summary = json.loads((out / "batch_summary.json").read_text())
+    assert [e["prompt"] for e in summary] == ["a rubber duck", "a mug"]
+    import bpy
+
+    for entry in summary:
+        assert entry["state"] == "done" and entry["seed"] == 3
+        blend, glb = out / entry["blend"], out / entry["glb"]
+        assert blend.stat().st_size > 0 and glb.stat().st_size > 0
+        with bpy.data.libraries.load(str(blend)) as (data_from, _):
+            objects = set(data_from.objects)
+        others = {e["object"] for e in summary} - {entry["object"]}
+        assert entry["object"] in objects and {"cam0", "cam1"} <= objects and not (others & objects)
+        mesh = trimesh.load(glb, force="mesh", process=False)
+        assert len(mesh.faces) == entry["faces"] > 0
+        config = json.loads((out / "jobs" / entry["job_id"] / "job.json").read_text())["config"]
+        cams = config["cameras"]
+        assert cams["kind"] == "rig" and len(cams["cameras"]) == 2
+        for expected, cam in zip(matrices, cams["cameras"]):
+            np.testing.assert_allclose(np.asarray(cam["matrix"]).reshape(4, 4), expected, atol=1e-6)
