@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 from .fields import DEFAULT_CHUNK, FieldFn, query_field, resolve_device
-from .mesh import ExportError, Mesh, _check_faces, _check_vertices, check_texture_size
+from .mesh import ExportError, Mesh, check_faces, check_vertices, check_texture_size
 from .raster import DEFAULT_BUDGET, Raster, rasterize
 
 log = logging.getLogger(__name__)
@@ -145,8 +145,8 @@ def bake_texture_details(
 ) -> BakeResult:
     """:func:`bake_texture`, also returning coverage masks and the time of each step."""
     size = check_texture_size(size)
-    v = _check_vertices(vertices)
-    f = _check_faces(faces, len(v))
+    v = check_vertices(vertices)
+    f = check_faces(faces, len(v))
     uv = np.asarray(uvs, dtype=np.float32)
     if uv.shape != (len(v), 2) or not np.isfinite(uv).all():
         raise ExportError(f"uvs must be finite float [V, 2] with V={len(v)}, got shape {list(np.shape(uvs))}")

@@ -27,7 +27,7 @@ class ExportError(ValueError):
     """A mesh, texture or export option that cannot be used, or a field with no surface."""
 
 
-def _as_array(name: str, value, dtype, ndim_last: int | None) -> np.ndarray:
+def _as_array(name: str, value, ndim_last: int | None) -> np.ndarray:
     try:
         arr = np.asarray(value)
     except Exception as exc:  # pragma: no cover - exotic inputs
@@ -39,8 +39,8 @@ def _as_array(name: str, value, dtype, ndim_last: int | None) -> np.ndarray:
     return arr
 
 
-def _check_vertices(vertices) -> np.ndarray:
-    v = _as_array("vertices", vertices, np.float32, 3)
+def check_vertices(vertices) -> np.ndarray:
+    v = _as_array("vertices", vertices, 3)
     if not (np.issubdtype(v.dtype, np.floating) or np.issubdtype(v.dtype, np.integer)):
         raise ExportError(f"vertices must be floating point, got {v.dtype}")
     if len(v) == 0:
@@ -52,8 +52,8 @@ def _check_vertices(vertices) -> np.ndarray:
     return v
 
 
-def _check_faces(faces, n_vertices: int) -> np.ndarray:
-    f = _as_array("faces", faces, np.int32, 3)
+def check_faces(faces, n_vertices: int) -> np.ndarray:
+    f = _as_array("faces", faces, 3)
     if len(f) == 0:
         raise ExportError("mesh is empty: it has no faces")
     if not np.issubdtype(f.dtype, np.integer):
@@ -91,10 +91,10 @@ class Mesh:
     vertex_colors: Optional[np.ndarray] = None
 
     def __post_init__(self) -> None:
-        self.vertices = _check_vertices(self.vertices)
-        self.faces = _check_faces(self.faces, len(self.vertices))
+        self.vertices = check_vertices(self.vertices)
+        self.faces = check_faces(self.faces, len(self.vertices))
         if self.vertex_colors is not None:
-            c = _as_array("vertex_colors", self.vertex_colors, np.uint8, 4)
+            c = _as_array("vertex_colors", self.vertex_colors, 4)
             if len(c) != len(self.vertices):
                 raise ExportError(f"vertex_colors has {len(c)} rows but the mesh has {len(self.vertices)} vertices")
             if c.dtype != np.uint8:
@@ -134,9 +134,9 @@ class TexturedMesh:
     texture: np.ndarray
 
     def __post_init__(self) -> None:
-        self.vertices = _check_vertices(self.vertices)
-        self.faces = _check_faces(self.faces, len(self.vertices))
-        uv = _as_array("uvs", self.uvs, np.float32, 2)
+        self.vertices = check_vertices(self.vertices)
+        self.faces = check_faces(self.faces, len(self.vertices))
+        uv = _as_array("uvs", self.uvs, 2)
         if len(uv) != len(self.vertices):
             raise ExportError(f"uvs has {len(uv)} rows but the mesh has {len(self.vertices)} vertices")
         uv = np.ascontiguousarray(uv, dtype=np.float32)
