@@ -1,0 +1,228 @@
+"""Metrics of the reference-world benchmark (exact analogues of the paper's metrics).
+
+All image inputs are [N, 3, H, W] in [0, 1] composited on the reference background.
+
+* **Text-image agreement** (CLIP analogue): mean over views of p(object = prompt's object | view)
+  from the calibrated object classifier. 1 is perfect.
+* **IQ / IV** (seed 003, section 6, eq. 10) with p(y | x) the calibrated view classifier
+  p(azimuth bin | view, object) over 8 bins: IQ = E_c[H[p(y | g(theta, c))]] (mean entropy
+  of each view's prediction; lower = each view is recognisably some view), IV =
+  H[E_c[p(y | g(theta, c))]] (entropy of the mean prediction; higher = more distinct views).
+  Entropies in nats; with cameras uniform in azimuth the ground truth has IV near log 8 = 2.08
+  and a collapse (the same image from everywhere) has IV near 0.
+* **Reference FID** (FID analogue): the Frechet distance between Gaussians fitted to
+  features of the rendered views and of the object's reference collection, with the fixed
+  feature map "area-downsample to 8 x 8, flatten RGB" (192 values in [0, 1]):
+  |mu_a - mu_b|^2 + tr(S_a + S_b - 2 (S_a^1/2 S_b S_a^1/2)^1/2), covariances with 1/(n-1).
+* **Front-feature count**: on a turntable (views evenly spaced in azimuth), the number of
+  distinct azimuth arcs where the view classifier puts p(front bin) >= 0.5 (arcs closer than
+  30 degrees are merged, arcs narrower than 10 degrees dropped; an arc wider than 180 degrees
+  sees the front from opposite sides and counts ceil(width / 180)). 1 is right, 0 means the
+  front was erased (collapse), 2 or more is the Janus artifact (or a front everywhere).
+* **Chamfer distance** after the best rotation about the vertical (Z) axis:
+  CD(A, B) = (mean_a min_b |a - b| + mean_b min_a |b - a|) / 2 over points sampled on the
+  two surfaces (Euclidean, in scene units), minimised over rotations of A about Z by a
+  5-degree grid search refined by a bounded scalar search.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from ..priors.reference.classifiers import ReferenceClassifiers, entropy
+
+FID_FEATURE_SIZE = 8
+
+
+# ---------------------------------------------------------------------------- classifier metrics
+def inception_quality(probs: torch.Tensor) -> float:
+    """IQ = mean over views of the entropy of p(y | view) (nats). ``probs`` [N, C]."""
+    return float(entropy(probs.double()).mean())
+
+
+def inception_variety(probs: torch.Tensor) -> float:
+    """IV = entropy of the mean over views of p(y | view) (nats). ``probs`` [N, C]."""
+    return float(entropy(probs.double().mean(0)))
+
+
+def text_image_agreement(object_probs: torch.Tensor, object_index: int) -> float:
+    """Mean over views of p(object = ``object_index`` | view). ``object_probs`` [N, n_objects]."""
+    return float(object_probs[:, object_index].double().mean())
+
+
+def view_metrics(classifiers: ReferenceClassifiers, images: torch.Tensor, object_name: str) -> dict[str, float]:
+    """Agreement, IQ and IV of rendered views of a result meant to be ``object_name``."""
+    view_p = classifiers.view_probs(images, object_name)
+    obj_p = classifiers.object_probs(images)
+    return {
+        "agreement": text_image_agreement(obj_p, classifiers.object_index(object_name)),
+        "iq": inception_quality(view_p),
+        "iv": inception_variety(view_p),
+    }
+
+
+# ---------------------------------------------------------------------------- distribution distance
+def image_features(images: torch.Tensor, size: int = FID_FEATURE_SIZE) -> torch.Tensor:
+    """The fixed feature map of the reference FID: area-downsample to ``size`` px, flatten (float64)."""
+    x = F.adaptive_avg_pool2d(images.double(), size)
+    return x.reshape(x.shape[0], -1)
+
+
+def frechet_distance(feats_a: torch.Tensor, feats_b: torch.Tensor) -> float:
+    """Frechet distance between Gaussians fitted to two feature sets [N, D] (N >= 2 each)."""
+    a, b = feats_a.double(), feats_b.double()
+    if a.shape[0] < 2 or b.shape[0] < 2:
+        raise ValueError("the Frechet distance needs at least two samples on each side")
+    mu_a, mu_b = a.mean(0), b.mean(0)
+    cov_a, cov_b = torch.cov(a.T).reshape(a.shape[1], a.shape[1]), torch.cov(b.T).reshape(b.shape[1], b.shape[1])
+    evals, evecs = torch.linalg.eigh(cov_a)
+    sqrt_a = (evecs * evals.clamp_min(0).sqrt()) @ evecs.T
+    middle = sqrt_a @ cov_b @ sqrt_a
+    tr_sqrt = torch.linalg.eigvalsh((middle + middle.T) / 2).clamp_min(0).sqrt().sum()
+    return float((mu_a - mu_b).pow(2).sum() + torch.trace(cov_a) + torch.trace(cov_b) - 2 * tr_sqrt)
+
+
+def reference_fid(images: torch.Tensor, reference_images: torch.Tensor, size: int = FID_FEATURE_SIZE) -> float:
+    """Frechet distance between rendered views and a reference collection on 8x8 pixel features."""
+    return frechet_distance(image_features(images, size), image_features(reference_images, size))
+
+
+# ---------------------------------------------------------------------------- front features
+def front_arcs(front_probs: Sequence[float] | torch.Tensor, threshold: float = 0.5, merge_gap_deg: float = 30.0,
+               min_arc_deg: float = 10.0) -> list[tuple[float, float]]:
+    """Arcs (start, end) in degrees, relative to the first view, of a turntable (views evenly
+    spaced in azimuth) where p(front) >= threshold, taken circularly; arcs separated by at
+    most ``merge_gap_deg`` are merged and arcs narrower than ``min_arc_deg`` dropped."""
+    p = torch.as_tensor(front_probs, dtype=torch.float64).reshape(-1)
+    n = p.numel()
+    on = (p >= threshold).tolist()
+    if n == 0 or not any(on):
+        return []
+    step = 360.0 / n
+    if all(on):
+        return [(0.0, 360.0)]
+    offset = on.index(False)  # start the scan on an "off" view so no run wraps around the end
+    seq = on[offset:] + on[:offset]
+    runs: list[list[int]] = []  # [first view, one past the last view], in scan order
+    for i, v in enumerate(seq):
+        if v and (i == 0 or not seq[i - 1]):
+            runs.append([i, i + 1])
+        elif v:
+            runs[-1][1] = i + 1
+    merged = [runs[0]]
+    for r in runs[1:]:
+        if (r[0] - merged[-1][1]) * step <= merge_gap_deg:
+            merged[-1][1] = r[1]
+        else:
+            merged.append(r)
+    if len(merged) > 1 and (merged[0][0] + n - merged[-1][1]) * step <= merge_gap_deg:
+        first = merged.pop(0)
+        merged[-1][1] = first[1] + n
+    arcs = []
+    for start, end in merged:
+        width = (end - start) * step
+        if width >= min_arc_deg:
+            a0 = ((start + offset) * step) % 360.0
+            arcs.append((a0, a0 + width))
+    return arcs
+
+
+def front_feature_count(classifiers: ReferenceClassifiers, turntable_images: torch.Tensor, object_name: str, **arc_options) -> int:
+    """Number of distinct front features on a turntable of the result (see the module docstring).
+    ``turntable_images`` are views evenly spaced in azimuth (any start)."""
+    p_front = classifiers.view_probs(turntable_images, object_name)[:, 0]
+    return count_front_features(front_arcs(p_front, **arc_options))
+
+
+def count_front_features(arcs: Sequence[tuple[float, float]]) -> int:
+    """Each arc is one front feature, except that an arc wider than 180 degrees shows the front
+    from opposite sides and counts ceil(width / 180) (a front seen from everywhere counts 2)."""
+    return int(sum(max(1, math.ceil((b - a) / 180.0 - 1e-9)) for a, b in arcs))
+
+
+# ---------------------------------------------------------------------------- geometry
+def sample_surface(vertices: np.ndarray, faces: np.ndarray, n: int, seed: int = 0) -> np.ndarray:
+    """``n`` points [n, 3] uniformly distributed (by area) on a triangle mesh."""
+    v = np.asarray(vertices, dtype=np.float64)
+    f = np.asarray(faces, dtype=np.int64)
+    if len(f) == 0:
+        raise ValueError("cannot sample an empty mesh")
+    tri = v[f]
+    area = 0.5 * np.linalg.norm(np.cross(tri[:, 1] - tri[:, 0], tri[:, 2] - tri[:, 0]), axis=1)
+    if not area.sum() > 0:
+        raise ValueError("cannot sample a mesh of zero area")
+    rng = np.random.default_rng(seed)
+    idx = rng.choice(len(f), size=n, p=area / area.sum())
+    u, w = rng.random(n), rng.random(n)
+    flip = u + w > 1
+    u[flip], w[flip] = 1 - u[flip], 1 - w[flip]
+    t = tri[idx]
+    return t[:, 0] + u[:, None] * (t[:, 1] - t[:, 0]) + w[:, None] * (t[:, 2] - t[:, 0])
+
+
+def rotate_z(points: np.ndarray, angle_deg: float) -> np.ndarray:
+    """Points rotated by ``angle_deg`` about the vertical (Z) axis (counter-clockwise from above)."""
+    c, s = math.cos(math.radians(angle_deg)), math.sin(math.radians(angle_deg))
+    rot = np.array([[c, -s, 0.0], [s, c, 0.0], [0.0, 0.0, 1.0]])
+    return np.asarray(points, dtype=np.float64) @ rot.T
+
+
+def chamfer_distance(points_a: np.ndarray, points_b: np.ndarray) -> float:
+    """Symmetric Chamfer distance (mean nearest-neighbour distance both ways, halved)."""
+    from scipy.spatial import cKDTree
+
+    a, b = np.asarray(points_a, dtype=np.float64), np.asarray(points_b, dtype=np.float64)
+    return 0.5 * (float(cKDTree(b).query(a)[0].mean()) + float(cKDTree(a).query(b)[0].mean()))
+
+
+def chamfer_best_rotation(points_a: np.ndarray, points_b: np.ndarray, grid_deg: float = 5.0) -> tuple[float, float]:
+    """(min over theta of CD(rotate_z(A, theta), B), best theta in degrees in (-180, 180])."""
+    from scipy.optimize import minimize_scalar
+    from scipy.spatial import cKDTree
+
+    a, b = np.asarray(points_a, dtype=np.float64), np.asarray(points_b, dtype=np.float64)
+    tree_a, tree_b = cKDTree(a), cKDTree(b)
+
+    def cd(theta: float) -> float:
+        # A rotated by theta vs B  ==  A vs B rotated by -theta for the B -> A direction
+        d_ab = tree_b.query(rotate_z(a, theta))[0].mean()
+        d_ba = tree_a.query(rotate_z(b, -theta))[0].mean()
+        return 0.5 * float(d_ab + d_ba)
+
+    angles = np.arange(-180.0, 180.0, grid_deg)
+    values = [cd(t) for t in angles]
+    best = float(angles[int(np.argmin(values))])
+    res = minimize_scalar(cd, bounds=(best - grid_deg, best + grid_deg), method="bounded", options={"xatol": 0.05})
+    theta, value = (float(res.x), float(res.fun)) if res.fun < min(values) else (best, float(min(values)))
+    theta = (theta + 180.0) % 360.0 - 180.0
+    return value, theta
+
+
+def chamfer_distance_best_rotation(
+    vertices_a: np.ndarray, faces_a: np.ndarray, vertices_b: np.ndarray, faces_b: np.ndarray,
+    num_points: int = 5000, grid_deg: float = 5.0, seed: int = 0,
+) -> tuple[float, float]:
+    """Chamfer distance between two meshes after rotating the first about Z to fit the second
+    best; returns (distance, angle in degrees). Points are sampled uniformly by area."""
+    pa = sample_surface(vertices_a, faces_a, num_points, seed)
+    pb = sample_surface(vertices_b, faces_b, num_points, seed + 1)
+    return chamfer_best_rotation(pa, pb, grid_deg)
+
+
+def reference_metrics(
+    classifiers: ReferenceClassifiers, object_name: str, views: torch.Tensor, turntable_views: Optional[torch.Tensor] = None,
+    reference_images: Optional[torch.Tensor] = None,
+) -> dict[str, float]:
+    """Every image metric at once: agreement, IQ, IV, and (when given) front-feature count on
+    a turntable and the reference FID against a collection."""
+    out: dict[str, float] = view_metrics(classifiers, views, object_name)
+    if turntable_views is not None:
+        out["front_features"] = float(front_feature_count(classifiers, turntable_views, object_name))
+    if reference_images is not None:
+        out["fid"] = reference_fid(views, reference_images)
+    return out
