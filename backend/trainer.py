@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import shutil
 import threading
 import time
 from dataclasses import dataclass, field
@@ -180,6 +181,9 @@ class Trainer:
         self.step = 0
         self.timings = {"render": 0.0, "prior": 0.0, "backward": 0.0, "update": 0.0, "preview": 0.0}
         self.last_losses: dict[str, float] = {}
+        #: also keep every checkpoint as checkpoint-<step>.pt (and one at the starting step), for
+        #: `distill3d variance --run` (variance against iteration)
+        self.keep_checkpoints = False
 
     # ------------------------------------------------------------------ checkpoints
     def state_dict(self) -> dict[str, Any]:
@@ -213,6 +217,9 @@ class Trainer:
         torch.save(self.state_dict(), tmp)
         final = directory / CHECKPOINT_NAME
         tmp.replace(final)  # atomic: a crash never leaves a half-written checkpoint
+        if self.keep_checkpoints:
+            numbered = directory / f"checkpoint-{self.step:06d}.pt"
+            shutil.copyfile(final, numbered)
         return final
 
     def load_checkpoint(self, directory: Path) -> bool:
@@ -336,6 +343,8 @@ class Trainer:
         start = time.perf_counter()
         start_step = self.step
         self.field.train()
+        if self.keep_checkpoints and checkpoint_dir is not None and self.step < cfg.iters:
+            self.save_checkpoint(checkpoint_dir)  # the field the run starts from
         while self.step < cfg.iters:
             if cancel is not None and cancel.is_set():
                 if checkpoint_dir is not None:
@@ -374,6 +383,7 @@ def generate(
     checkpoint_dir: Optional[Path | str] = None,
     resume: bool = False,
     prior: Optional[Prior] = None,
+    keep_checkpoints: bool = False,
 ) -> GenerationResult:
     """Run a job end to end and write result.glb, preview.png and summary.json into ``out_dir``
     (plus texture.png when textured). Raises :class:`Cancelled` if cancelled."""
@@ -383,6 +393,7 @@ def generate(
     out_dir.mkdir(parents=True, exist_ok=True)
     wall0 = time.perf_counter()
     trainer = Trainer(config, callbacks, prior=prior)
+    trainer.keep_checkpoints = keep_checkpoints
     setup_s = time.perf_counter() - wall0
     train = trainer.run(cancel=cancel, checkpoint_dir=Path(checkpoint_dir) if checkpoint_dir else None, resume=resume)
     t0 = time.perf_counter()

@@ -88,8 +88,8 @@ class MixturePrior(Prior):
         return (pi @ self.ref_depth.flatten(1)).view(x.shape[0], 1, *x.shape[-2:])
 
 
-def make_batch(prior: MixturePrior, n: int, t: int | torch.Tensor, seed: int, x0: torch.Tensor | None = None) -> DistillBatch:
-    """n draws of eps at one fixed x0 (a perturbed reference) and timestep(s) t."""
+def make_batch(prior: Prior, n: int, t: int | torch.Tensor, seed: int, x0: torch.Tensor | None = None, render: dict | None = None, prompt: str = "mixture") -> DistillBatch:
+    """n draws of eps at one fixed x0 (default: a perturbed reference) and timestep(s) t."""
     g = torch.Generator().manual_seed(seed)
     size = prior.image_size
     if x0 is None:
@@ -97,13 +97,15 @@ def make_batch(prior: MixturePrior, n: int, t: int | torch.Tensor, seed: int, x0
     x0 = x0.expand(n, -1, -1, -1).clone()
     t = torch.full((n,), t, dtype=torch.long) if isinstance(t, int) else t
     eps = torch.randn(x0.shape, generator=g)
-    yy, xx = torch.meshgrid(torch.linspace(-1, 1, size), torch.linspace(-1, 1, size), indexing="ij")
-    opacity = ((xx**2 + yy**2) < 0.8).float()[None, None].expand(n, 1, -1, -1)
-    depth = (prior.ref_depth[1] + 0.1 * xx).expand(n, 1, -1, -1)
+    if render is None:
+        yy, xx = torch.meshgrid(torch.linspace(-1, 1, size), torch.linspace(-1, 1, size), indexing="ij")
+        opacity = ((xx**2 + yy**2) < 0.8).float()[None, None].expand(n, 1, -1, -1)
+        depth = (prior.ref_depth[1] + 0.1 * xx).expand(n, 1, -1, -1)
+        render = {"depth": depth, "opacity": opacity, "rgb": prior.decode(x0)}
     cams = CameraDistribution().sample(n, torch.Generator().manual_seed(seed + 1))
     return DistillBatch(
-        x0=x0, t=t, eps=eps, x_t=prior.add_noise(x0, eps, t), prompt=prior.embed_prompt("mixture"), cameras=cams,
-        guidance_scale=1.0, render={"depth": depth, "opacity": opacity, "rgb": prior.decode(x0)},
+        x0=x0, t=t, eps=eps, x_t=prior.add_noise(x0, eps, t), prompt=prior.embed_prompt(prompt), cameras=cams,
+        guidance_scale=1.0, render=render,
     )
 
 
@@ -346,3 +348,33 @@ def test_make_ssd_follows_the_config(prior):
 
     with pytest.raises(SSDError, match="depth estimator"):
         make_ssd(NoDepth(), cfg)
+
+
+@pytest.fixture(scope="module")
+def reference_prior():
+    reference = pytest.importorskip("distill3d.priors.reference")
+    return reference.ReferencePrior(objects=["rubber_duck"], resolution=16, num_views=24)  # cached in the user cache
+
+
+@pytest.mark.parametrize("depth_on", ["x_t", "x0_hat"])
+@pytest.mark.parametrize("t", [150, 500, 850])
+def test_depth_baseline_control_variate_has_mean_zero_on_the_reference_prior(reference_prior, depth_on, t):
+    """The production baseline on the exact reference world: render = a blend of two reference
+    views (so the posterior, hence phi, moves with eps), rendered depth and alpha of the first."""
+    prior = reference_prior
+    coll = prior.collection("rubber_duck")
+    x0 = (0.5 * coll.images[0] + 0.5 * coll.images[1]) * 2 - 1
+    n = 1500
+    render = {"depth": coll.depth[:1].expand(n, -1, -1, -1), "opacity": coll.alpha[:1].expand(n, -1, -1, -1)}
+    batch = make_batch(prior, n, t, seed=t, x0=x0, render=render, prompt="a rubber duck")
+    baseline = DepthCorrelationBaseline(depth_on)
+    value = baseline.value_and_grad(batch.x_t, batch.t, batch, prior)
+    _, s = prior.sigmas(batch.t)
+    cv = control_variate(batch.eps, value.phi, value.grad, s)
+    other = make_batch(prior, n, t, seed=t + 1, x0=x0, render=render, prompt="a rubber duck")
+    ref = baseline.value_and_grad(other.x_t, other.t, other, prior)
+    u = (s[:1] * ref.grad).mean(0).flatten()
+    dirs = torch.cat([u[None] / u.norm().clamp_min(1e-12), random_directions(cv[0].numel())])
+    ok, zs = projections_within_interval(cv, dirs, Z_CRIT)
+    assert ok, f"CV mean not zero on the reference prior ({depth_on}, t={t}): z = {zs.tolist()}"
+    assert float(value.phi.std()) > 0  # phi really varies with eps here

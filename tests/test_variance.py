@@ -75,7 +75,7 @@ def test_ssd_is_unbiased_and_its_variance_matches_the_quadratic_in_mu(report):
     lo, hi = ssd.mean_diff_along_sds_ci
     assert lo <= 0 <= hi
     assert ssd.ratio_ci[0] <= ssd.ratio <= ssd.ratio_ci[1]
-    # V(g_sds + mu g_cv) = V_ss + 2 mu C + mu^2 V_cc, with C recovered by polarisation
+    # V(g_sds + mu g_cv) = V_ss + 2 mu C + mu^2 V_cc, with C = tr Cov(g_sds, g_cv) from the cross moments
     mu = report.ssd["mu"][0]
     v_cc = report.ssd["cv_variance"]
     rho = report.ssd["correlation"]
@@ -158,3 +158,32 @@ def test_config_validation():
         VarianceConfig(t_range=(0.9, 0.1)).validate()
     cfg = VarianceConfig(methods="ssd,vsd").validate()
     assert cfg.methods == ("sds", "ssd", "vsd")
+
+
+@pytest.mark.slow  # builds the full reference prior three times; ~15 s of CPU
+def test_variance_command_on_a_reference_run(tmp_path, capsys):
+    """End to end in the reference world: a short SDS run keeping numbered checkpoints, then
+    `distill3d variance --run` measures each and plots variance against iteration."""
+    pytest.importorskip("distill3d.priors.reference")
+    import json
+
+    from distill3d.cli import main
+
+    cfg = GenerateConfig(prompt="a rubber duck", method="sds", resolution=8, grid_resolution=12, samples_per_ray=8, batch_size=1, iters=2,
+                         preview_every=0, checkpoint_every=1, seed=0)
+    tr = Trainer(cfg)
+    tr.keep_checkpoints = True
+    tr.run(checkpoint_dir=tmp_path / "run")
+    names = sorted(p.name for p in (tmp_path / "run").iterdir())
+    assert names == ["checkpoint-000000.pt", "checkpoint-000001.pt", "checkpoint-000002.pt", "checkpoint.pt"]
+    out = tmp_path / "out"
+    code = main(["variance", "--run", str(tmp_path / "run"), "--samples", "16", "--groups", "4", "--pilot", "4",
+                 "--methods", "sds,ssd", "--out", str(out), "--no-progress"])
+    assert code == 0
+    data = json.loads((out / "variance.json").read_text())
+    assert [r["step"] for r in data] == [0, 1, 2]
+    assert all(set(r["estimators"]) == {"sds", "ssd"} for r in data)
+    assert (out / "variance.png").stat().st_size > 10_000
+    text = capsys.readouterr().out
+    assert "ratio to SDS" in text and "step 2" in text
+    assert main(["variance", "--checkpoint", str(tmp_path / "nowhere"), "--out", str(out)]) == 2

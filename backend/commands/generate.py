@@ -54,6 +54,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--set", action="append", default=[], metavar="KEY=JSON", help="any other GenerateConfig field, e.g. --set lambda_orient=0.1")
     p.add_argument("--checkpoint-dir", type=Path, default=None, help="save checkpoints here (and resume with --resume)")
     p.add_argument("--resume", action="store_true")
+    p.add_argument("--keep-checkpoints", action="store_true", help="with --checkpoint-dir: also keep every checkpoint as checkpoint-<step>.pt (for `distill3d variance --run`)")
     p.add_argument("--out", type=Path, default=Path("out/generate"), help="output folder")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=run)
@@ -98,7 +99,8 @@ def run(args: argparse.Namespace) -> int:
         bar.refresh()
 
     try:
-        result = generate(config, args.out, TrainerCallbacks(on_progress=on_progress), checkpoint_dir=args.checkpoint_dir, resume=args.resume)
+        result = generate(config, args.out, TrainerCallbacks(on_progress=on_progress), checkpoint_dir=args.checkpoint_dir, resume=args.resume,
+                          keep_checkpoints=args.keep_checkpoints)
     except (PriorError, ConfigError) as exc:
         bar.close()
         print(f"distill3d generate: error: {exc}", file=sys.stderr)

@@ -138,11 +138,15 @@ def weighted_pearson(a: torch.Tensor, b: torch.Tensor, weights: torch.Tensor, ep
 class DepthCorrelationBaseline(Baseline):
     """phi = 1 - Pearson(rendered depth, prior.depth(x)) over the rendered silhouette.
 
-    * ``depth_on="x_t"``: the prior's depth estimator is applied to x_t (with its timestep,
-      so a noise-aware estimator such as the reference world's posterior-mean depth is exact).
-    * ``depth_on="x0_hat"``: to the one-step denoised x0_hat = (x_t - s_t eps_pre(x_t)) / a_t;
-      phi then depends on x_t through the prior's noise prediction too, and grad_x phi
-      back-propagates through it (Stein's identity needs the full derivative).
+    * ``depth_on="x_t"``: ``prior.depth(x_t, t, prompt)``, the prior's own estimate of the
+      depth of the image behind x_t. In the reference world that is the exact posterior-mean
+      depth given x_t; for Stable Diffusion the prior decodes its (unguided) one-step denoised
+      latent and runs DPT on it, with the gradient through the UNet, the VAE decoder and DPT.
+    * ``depth_on="x0_hat"``: the one-step denoised x0_hat = (x_t - s_t eps_pre(x_t)) / a_t with
+      the *guided* prediction the step uses, then ``prior.depth(x0_hat)`` (clean-image depth;
+      for SD: decode + DPT). phi then depends on x_t through the prior's noise prediction,
+      and grad_x phi back-propagates through it (Stein's identity needs the full derivative);
+      SSD reuses that prediction for its SDS term, so no extra forward pass is spent.
 
     Pixels are weighted by the rendered opacity plus ``background_weight`` (so an empty
     render still gives a defined, if uninformative, phi). The rendered depth and opacity are

@@ -223,11 +223,11 @@ class _Stream:
 
     @staticmethod
     def unit_stats(reps: torch.Tensor) -> tuple[torch.Tensor, float]:
-        """Unit mean [dim] and the within-unit sample variance (trace) of R replicates."""
-        reps = reps.double()
-        mean = reps.mean(dim=0)
-        within = float((reps - mean).pow(2).sum() / (reps.shape[0] - 1)) if reps.shape[0] > 1 else 0.0
-        return mean, within
+        """Unit mean [dim] (float64) and the within-unit sample variance (trace) of R replicates
+        (computed in float32 about the float32 mean: a sum of squares of centred values)."""
+        mean32 = reps.mean(dim=0)
+        within = float((reps - mean32).pow(2).sum(dtype=torch.float64) / (reps.shape[0] - 1)) if reps.shape[0] > 1 else 0.0
+        return mean32.double(), within
 
     def add(self, mean: torch.Tensor, within: float) -> None:
         sq = float(mean.pow(2).sum())
@@ -264,6 +264,28 @@ class _Stream:
     def mean_noise(self) -> float:
         between = (self.s2 - float(self.s1.pow(2).sum()) / self.n) / (self.n - 1)
         return math.sqrt(max(between, 0.0) / self.n)
+
+
+class _Cross:
+    """Running cross moments of two streams a, b (for tr Cov(g_a, g_b)), same units as _Stream."""
+
+    def __init__(self, replicates: int) -> None:
+        self.R = replicates
+        self.between = 0.0  # sum over units of <unit mean a, unit mean b>
+        self.within = 0.0  # sum over units of the within-unit sample cross-covariance (trace)
+
+    def add(self, reps_a: torch.Tensor, reps_b: torch.Tensor, mean_a: torch.Tensor, mean_b: torch.Tensor) -> None:
+        self.between += float(mean_a @ mean_b)
+        if self.R > 1:
+            ca, cb = reps_a - reps_a.mean(dim=0), reps_b - reps_b.mean(dim=0)
+            self.within += float((ca * cb).sum(dtype=torch.float64)) / (self.R - 1)
+
+    def covariance(self, a: "_Stream", b: "_Stream") -> tuple[float, float]:
+        """(per-sample tr Cov(g_a, g_b), its eps part) - the analogue of _Stream.variance."""
+        n = a.n
+        between = (self.between - float(a.s1 @ b.s1) / n) / (n - 1)
+        w = self.within / n
+        return between + (1.0 - 1.0 / self.R) * w, w
 
 
 class _CountSketch:
@@ -434,7 +456,7 @@ def measure_variance(
     try:
         estimators, notes = _build_estimators(trainer, config.methods, bank_gen)
         extra = dict(extra_estimators or {})
-        clash = set(extra) & (set(METHODS) | {"cv", "sds+cv"})
+        clash = set(extra) & (set(METHODS) | {"cv"})
         if clash:
             raise VarianceError(f"extra estimator names must differ from the built-in ones: {', '.join(sorted(clash))}")
         estimators.update(extra)
@@ -473,8 +495,9 @@ def measure_variance(
             ssd_info.update(mu_source=f"online EMA of the run at step {trainer.step}", mu=mu.tolist(), mu_mode=ssd.mu_mode)
 
         # ---- measurement
-        names = list(methods) + (["cv", "sds+cv"] if ssd is not None else [])
+        names = list(methods) + (["cv"] if ssd is not None else [])
         streams = {name: _Stream(dim, R) for name in names}
+        cross = _Cross(R)  # tr Cov(g_sds, g_cv), for the best mu in parameter space
         sampler = _Sampler(trainer, config, gen)
         for i in range(units):
             x0, batch, w = sampler.draw()
@@ -489,14 +512,15 @@ def measure_variance(
                         grads["ssd"] = grads["sds"] + float(mu[0]) * grads["cv"]
                     else:
                         grads["ssd"] = _param_grads(x0, params, w, SSD.apply_mu(parts.d_base, parts.cv, mu), sketch)
-                    grads["sds+cv"] = grads["sds"] + grads["cv"]
                 else:
                     d, _ = estimators[m].direction(batch)
                     grads[m] = _param_grads(x0, params, w, d, sketch)
                 streams[m].seconds += time.perf_counter() - t0
-            sds_mean, _ = _Stream.unit_stats(grads["sds"])
-            for name, reps in grads.items():
-                mean, within = _Stream.unit_stats(reps)
+            unit = {name: _Stream.unit_stats(reps) for name, reps in grads.items()}
+            sds_mean = unit["sds"][0]
+            if "cv" in grads:
+                cross.add(grads["sds"], grads["cv"], sds_mean, unit["cv"][0])
+            for name, (mean, within) in unit.items():
                 s = streams[name]
                 s.add(mean, within)
                 diff = mean - sds_mean
@@ -507,7 +531,7 @@ def measure_variance(
             if (i + 1) * groups // units != i * groups // units:  # unit i closes a group
                 for s in streams.values():
                     s.close_group()
-            del x0, batch, grads
+            del x0, batch, grads, unit
             if progress is not None:
                 progress(i + 1, units)
     finally:
@@ -560,8 +584,7 @@ def measure_variance(
         )
     if ssd is not None:
         v_cc, w_cc = streams["cv"].variance()
-        v_sc, w_sc = streams["sds+cv"].variance()
-        cov = 0.5 * (v_sc - v_sds - v_cc)  # polarisation: tr Cov(g_sds, g_cv)
+        cov, cov_w = cross.covariance(streams["sds"], streams["cv"])
         rho = cov / math.sqrt(v_sds * v_cc) if v_sds > 0 and v_cc > 0 else 0.0
         ssd_info.update(
             oracle_mu=-cov / v_cc if v_cc > 0 else 0.0,
@@ -570,7 +593,6 @@ def measure_variance(
             cv_variance=v_cc,
         )
         if R > 1 and w_cc > 0 and w_sds > 0:
-            cov_w = 0.5 * (w_sc - w_sds - w_cc)
             ssd_info.update(correlation_eps=cov_w / math.sqrt(w_sds * w_cc), floor_ratio=1.0 - w_sds / v_sds if v_sds > 0 else math.nan)
     return VarianceReport(
         step=int(trainer.step),
