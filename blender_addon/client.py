@@ -359,9 +359,12 @@ class BackendClient:
         if job is None or job.finished:
             return False
         job.cancel_requested = True
-        if job.job_id is None:  # never reached the backend: just forget it
+        if job.job_id is None and job.state == "submitting":  # never left: just forget it
             self._outbox = [o for o in self._outbox if o.req != job.req]
-            self._finish(job, "cancelled", "Cancelled before the backend accepted the job")
+            self._finish(job, "cancelled", "Cancelled before the job reached the backend")
+            return True
+        if job.job_id is None:  # sent, not yet accepted: cancel as soon as it has an id
+            job.message = "Cancelling…"
             return True
         if self.connection == Connection.LOST:
             self._queue(Kind.CANCEL, {"req": self._next_req()}, job.job_id)
@@ -590,6 +593,9 @@ class BackendClient:
         resumed = msg.get("resumed_from")
         job.message = f"Resumed from step {resumed}" if resumed else ("Queued" if job.state == "queued" else "Accepted")
         self.listener.on_accepted(job, msg)
+        if job.cancel_requested:  # Cancel was pressed while the submit was on its way
+            self._queue(Kind.CANCEL, {"req": self._next_req()}, job.job_id)
+            job.message = "Cancelling…"
 
     def _on_progress(self, msg: Message) -> None:
         job = self._mine(msg)

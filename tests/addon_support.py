@@ -35,7 +35,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))  # `blender_addon` from the source tree
 
 # The small job of the backend-dependent tests: reference prior, a few steps at 16 px.
-SMALL_JOB_SETTINGS = {"iters": 6, "resolution": "16", "mc_resolution": 32, "texture_size": "64", "preview_every": 2, "batch_size": 1}
+SMALL_JOB_SETTINGS = {"iters": 3, "resolution": "16", "mc_resolution": 32, "texture_size": "64", "preview_every": 1, "batch_size": 1}
 JOB_TIMEOUT_S = 240.0  # generous: the suite shares two CPU cores
 
 

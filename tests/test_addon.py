@@ -272,7 +272,7 @@ def test_generate_updates_one_preview_in_place_and_imports_the_textured_result(b
     np.testing.assert_array_equal(blender.submodule("scene_import").image_pixels_rgba(image), stored["texture"])
     # the job's settings ride along for regeneration
     saved = json.loads(obj["distill3d_job"])
-    assert saved == job.config and saved["seed"] == 7 and saved["iters"] == 6
+    assert saved == job.config and saved["seed"] == 7 and saved["iters"] == SMALL_JOB_SETTINGS["iters"]
     assert obj["distill3d_job_id"] == job.job_id
     assert "Done" in controller.status and not controller.status_is_error
 
