@@ -251,6 +251,8 @@ class BackendClient:
         self._last_ping: Optional[float] = None
         self._ping_waiting_since: Optional[float] = None
         self._fetch_req: Optional[str] = None
+        self._last_job_event: Optional[float] = None
+        self.refetch_after_s = max(10.0, 5 * self.heartbeat_s)
         self._ping_timeout_s = self.connect_timeout_s
         self._submit_timeout_s = self.connect_timeout_s
         self._closed = False
@@ -501,6 +503,16 @@ class BackendClient:
             self._last_ping = now
             if not any(o.kind == Kind.PING for o in self._outbox):
                 self._queue(Kind.PING, {"t": time.time()}, timeout_s=self.heartbeat_s)
+        # Safety net for events that never arrive (a job adopted from another client, a message
+        # dropped by a congested server): ask for the job's state after a long silence.
+        if (
+            job.job_id is not None
+            and self.connection == Connection.CONNECTED
+            and now - (self._last_job_event or job.submitted_at) > self.refetch_after_s
+            and not any(o.kind == Kind.FETCH for o in self._outbox)
+        ):
+            self._last_job_event = now
+            self.fetch(job.job_id)
         heard = self._last_recv if self._last_recv is not None else job.sent_at
         if job.job_id is None and job.sent_at is not None and self._last_recv is None and now - job.sent_at > self._submit_timeout_s:
             reason = (
@@ -564,6 +576,7 @@ class BackendClient:
         if job is None or job.finished:
             return None
         if job.job_id is not None and msg.job_id == job.job_id:
+            self._last_job_event = self.clock()
             return job
         return None
 
@@ -586,6 +599,7 @@ class BackendClient:
         if job.job_id is not None and msg.job_id != job.job_id:
             return
         job.job_id = msg.job_id
+        self._last_job_event = self.clock()
         job.state = msg.get("state", "queued")
         job.position = msg.get("position")
         if isinstance(msg.get("config"), dict):
@@ -667,6 +681,8 @@ class BackendClient:
             return
         info = msg.get("info") or {}
         state = info.get("state")
+        if not job.config and info.get("prompt"):  # an adopted job: at least name the result
+            job.config = {"prompt": info["prompt"]}
         if state == "done":
             self._complete(job, msg)
         elif state in ("queued", "running"):

@@ -120,6 +120,10 @@ class JobController(ClientListener):
 
     # ------------------------------------------------------------------ status
 
+    def set_status(self, text: str, error: bool = False) -> None:
+        """The panel's status line; also printed to the console (the info log)."""
+        self._set_status(text, error)
+
     def _set_status(self, text: str, error: bool = False) -> None:
         if text == self.status and error == self.status_is_error:
             return
@@ -258,10 +262,14 @@ class JobController(ClientListener):
 
     def fetch_job(self, scene: Any, job_id: str, settings: ConnectionSettings, config: Optional[dict] = None) -> JobStatus:
         """Follow a job submitted earlier (e.g. before Blender restarted) and import its result."""
+        if self.busy:
+            raise ClientError("a job is already running; cancel it first")
         client, _ = self._prepare(settings)
         status = client.adopt(job_id, config)
         self.scene_name = scene.name
+        self.collection_name = ""
         self.result_object_name = ""
+        self._pending_preview = None
         ensure_timer()
         return status
 

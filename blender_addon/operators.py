@@ -44,7 +44,7 @@ class DISTILL3D_OT_generate(bpy.types.Operator):
             conn = connection_settings(context)
             status = CONTROLLER.generate(context.scene, job, conn, _active_collection(context))
         except (JobSettingsError, ClientError) as exc:
-            CONTROLLER._set_status(str(exc), error=True)
+            CONTROLLER.set_status(str(exc), error=True)
             self.report({"ERROR"}, str(exc))
             return {"CANCELLED"}
         if settings.random_seed:
@@ -82,7 +82,7 @@ class DISTILL3D_OT_test_connection(bpy.types.Operator):
         try:
             CONTROLLER.test_connection(connection_settings(context))
         except ClientError as exc:
-            CONTROLLER._set_status(str(exc), error=True)
+            CONTROLLER.set_status(str(exc), error=True)
             self.report({"ERROR"}, str(exc))
             return {"CANCELLED"}
         self.report({"INFO"}, f"distill3d: pinging {CONTROLLER.client.endpoint}")
@@ -110,6 +110,37 @@ class DISTILL3D_OT_regenerate_from_selected(bpy.types.Operator):
         for item in skipped:
             self.report({"WARNING"}, f"distill3d: not restored: {item}")
         self.report({"INFO"}, f"distill3d: loaded the settings of “{context.active_object.name}”")
+        return {"FINISHED"}
+
+
+class DISTILL3D_OT_fetch_job(bpy.types.Operator):
+    """Import the result of a job the backend already has (e.g. one started before Blender restarted)"""
+
+    bl_idname = "distill3d.fetch_job"
+    bl_label = "Fetch job"
+
+    job_id: bpy.props.StringProperty(name="Job id", description="The job's id, as shown in the status line")
+
+    @classmethod
+    def poll(cls, context: Any) -> bool:
+        return not CONTROLLER.busy
+
+    def invoke(self, context: Any, event: Any) -> set:
+        return context.window_manager.invoke_props_dialog(self)
+
+    def execute(self, context: Any) -> set:
+        job_id = self.job_id.strip()
+        if not job_id:
+            self.report({"ERROR"}, "distill3d: give the id of the job to fetch")
+            return {"CANCELLED"}
+        try:
+            CONTROLLER.fetch_job(context.scene, job_id, connection_settings(context))
+        except ClientError as exc:
+            CONTROLLER.set_status(str(exc), error=True)
+            self.report({"ERROR"}, str(exc))
+            return {"CANCELLED"}
+        CONTROLLER.set_status(f"Fetching job {job_id}…")
+        self.report({"INFO"}, f"distill3d: fetching job {job_id}")
         return {"FINISHED"}
 
 
@@ -146,6 +177,7 @@ CLASSES = (
     DISTILL3D_OT_cancel,
     DISTILL3D_OT_test_connection,
     DISTILL3D_OT_regenerate_from_selected,
+    DISTILL3D_OT_fetch_job,
     DISTILL3D_OT_start_backend,
     DISTILL3D_OT_stop_backend,
 )

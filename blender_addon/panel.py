@@ -168,7 +168,9 @@ class VIEW3D_PT_distill3d_connection(_Distill3DPanel, bpy.types.Panel):
         row = layout.row()
         row.alert = state in (Connection.LOST, Connection.UNREACHABLE)
         row.label(text=CONTROLLER.connection_text, icon=icons.get(state, "QUESTION"))
-        layout.operator("distill3d.test_connection", icon="LINKED")
+        row = layout.row(align=True)
+        row.operator("distill3d.test_connection", icon="LINKED")
+        row.operator("distill3d.fetch_job", icon="IMPORT")
         image = bpy.data.images.get("distill3d preview")
         if image is not None and CONTROLLER.busy:
             layout.label(text="Preview image: “distill3d preview” (Image Editor)", icon="IMAGE_DATA")

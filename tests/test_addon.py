@@ -252,6 +252,8 @@ def test_generate_updates_one_preview_in_place_and_imports_the_textured_result(b
     assert controller.preview_updates >= 2
     assert most_at_once == 1 and len(seen_objects) == 1 and len(seen_meshes) == 1
     assert not [o for o in scene.objects if o.get("distill3d_preview")]
+    preview_image = bpy.data.images.get("distill3d preview")  # the backend's preview render
+    assert preview_image is not None and min(preview_image.size) > 0
     # the result: named after the prompt, at the cursor, exactly the backend's mesh
     obj = bpy.data.objects[controller.result_object_name]
     assert obj.name.startswith(PROMPT) and tuple(obj.location) == pytest.approx((1.0, -2.0, 0.5))
@@ -275,6 +277,12 @@ def test_generate_updates_one_preview_in_place_and_imports_the_textured_result(b
     assert saved == job.config and saved["seed"] == 7 and saved["iters"] == SMALL_JOB_SETTINGS["iters"]
     assert obj["distill3d_job_id"] == job.job_id
     assert "Done" in controller.status and not controller.status_is_error
+    # a finished job can be fetched again into a new object (e.g. after Blender restarted)
+    assert bpy.ops.distill3d.fetch_job(job_id=job.job_id) == {"FINISHED"}
+    assert pump_until(controller, lambda: not controller.busy, 60.0)
+    again = bpy.data.objects[controller.result_object_name]
+    assert again != obj and again.name.startswith(PROMPT) and again["distill3d_job_id"] == job.job_id
+    np.testing.assert_array_equal(mesh_arrays_of(again)[1], stored["faces"])
 
 
 def test_scene_cameras_become_the_backends_rig_and_cancel_stops_the_job(blender, controller, backend):

@@ -7,7 +7,7 @@ import io
 import logging
 import zlib
 
-import addon_support  # noqa: F401  (sets up paths before the add-on is imported)
+import addon_support  # first: puts the source tree on sys.path for `blender_addon`
 import numpy as np
 import pytest
 import zmq

@@ -34,7 +34,6 @@ def _scene_with_cameras(path):
     bpy = addon_support.fresh_blender()
     rig = bpy.data.collections.new("rig")
     bpy.context.scene.collection.children.link(rig)
-    matrices = []
     for i, (loc, rot) in enumerate([((0, -3, 1), (1.25, 0, 0)), ((3, 0, 0.5), (1.4, 0, 1.57))]):
         obj = bpy.data.objects.new(f"cam{i}", bpy.data.cameras.new(f"cam{i}"))
         obj.location, obj.rotation_euler = loc, rot
