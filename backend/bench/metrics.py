@@ -84,7 +84,8 @@ def frechet_distance(feats_a: torch.Tensor, feats_b: torch.Tensor) -> float:
     sqrt_a = (evecs * evals.clamp_min(0).sqrt()) @ evecs.T
     middle = sqrt_a @ cov_b @ sqrt_a
     tr_sqrt = torch.linalg.eigvalsh((middle + middle.T) / 2).clamp_min(0).sqrt().sum()
-    return float((mu_a - mu_b).pow(2).sum() + torch.trace(cov_a) + torch.trace(cov_b) - 2 * tr_sqrt)
+    # (round-off in the square roots of rank-deficient covariances can dip a hair below 0)
+    return max(0.0, float((mu_a - mu_b).pow(2).sum() + torch.trace(cov_a) + torch.trace(cov_b) - 2 * tr_sqrt))
 
 
 def reference_fid(images: torch.Tensor, reference_images: torch.Tensor, size: int = FID_FEATURE_SIZE) -> float:

@@ -79,7 +79,10 @@ def mixture_logits(
         raise PriorError(f"x_t has {x.shape[1]} values per sample but the references have {r.shape[1]}")
     a, s = a.to(x.dtype).reshape(b, 1), s.to(x.dtype).reshape(b, 1)
     v = a * a * (float(s0) ** 2) + s * s
-    rr = (r * r).sum(1) if ref_sqnorms is None else ref_sqnorms.to(x.dtype)
+    if ref_sqnorms is None or torch.finfo(ref_sqnorms.dtype).bits < torch.finfo(x.dtype).bits:
+        rr = (r * r).sum(1)  # (precomputed norms are only reused at the working precision or better)
+    else:
+        rr = ref_sqnorms.to(x.dtype)
     logits = (a * (x @ r.T) - 0.5 * a * a * rr[None]) / v
     if include_x_norm:
         d = x.shape[1]
