@@ -116,7 +116,6 @@ def test_measurement_leaves_the_trainer_untouched(trainer):
     assert torch.equal(trainer.generator.get_state(), gen_state)
     for k, v in trainer.field.state_dict().items():
         assert torch.equal(v, before[k]), k
-    assert all(p.grad is None or torch.count_nonzero(p.grad) == 0 or True for p in trainer.field.parameters())
 
 
 def test_stream_estimates_known_between_and_within_variance():
@@ -156,6 +155,8 @@ def test_config_validation():
         VarianceConfig(samples=20, eps_per_draw=2, groups=8).validate()
     with pytest.raises(VarianceError, match="t_range"):
         VarianceConfig(t_range=(0.9, 0.1)).validate()
+    with pytest.raises(VarianceError, match="ssd_baseline"):
+        VarianceConfig(ssd_baseline="normals-from-nowhere").validate()
     cfg = VarianceConfig(methods="ssd,vsd").validate()
     assert cfg.methods == ("sds", "ssd", "vsd")
 

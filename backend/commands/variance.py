@@ -43,6 +43,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--groups", type=int, default=16, help="groups (batch means) for the confidence intervals")
     p.add_argument("--pilot", type=int, default=32, help="independent pilot samples (SSD's mu, the SDS mean direction)")
     p.add_argument("--ssd-mu", choices=SSD_MU_SOURCES, default="pilot", help="fit SSD's mu on the pilot draws, or use the checkpoint's online mu (SSD runs)")
+    p.add_argument("--ssd-baseline", default=None, help="SSD baseline by registered name (default: the run's depth baseline)")
+    p.add_argument("--ssd-depth-on", choices=("x_t", "x0_hat"), default=None, help="depth baseline on x_t or the one-step denoised image (default: the run's)")
     p.add_argument("--t-range", type=_t_range, default=None, metavar="LO,HI", help="timestep range as fractions (default: the run's schedule at each checkpoint)")
     p.add_argument("--confidence", type=float, default=0.95)
     p.add_argument("--projection-dim", type=int, default=0, help="CountSketch the gradients to this many dimensions (0 = exact)")
@@ -75,6 +77,7 @@ def run(args: argparse.Namespace) -> int:
             samples=args.samples, eps_per_draw=args.eps_per_draw, groups=args.groups, pilot=args.pilot,
             methods=tuple(m.strip() for m in args.methods.split(",") if m.strip()), seed=args.seed,
             confidence=float(args.confidence), t_range=args.t_range, ssd_mu=args.ssd_mu, projection_dim=args.projection_dim,
+            ssd_baseline=args.ssd_baseline, ssd_depth_on=args.ssd_depth_on,
         ).validate()
         paths = find_checkpoints(args.run) if args.run else list(args.checkpoint)
     except VarianceError as exc:

@@ -94,6 +94,8 @@ class VarianceConfig:
     ssd_mu: str = "pilot"
     projection_dim: int = 0  # 0 = exact flattened gradients
     include_background: bool = False  # also differentiate the background's parameters
+    ssd_baseline: Optional[str] = None  # a registered baseline name; None = the run's (depth)
+    ssd_depth_on: Optional[str] = None  # depth baseline on "x_t" | "x0_hat"; None = the run's setting
 
     def validate(self) -> "VarianceConfig":
         def integer(name: str, lo: int, hi: int) -> int:
@@ -128,6 +130,13 @@ class VarianceConfig:
             self.t_range = (lo, hi)
         if self.ssd_mu not in SSD_MU_SOURCES:
             raise VarianceError(f"ssd_mu must be one of {', '.join(SSD_MU_SOURCES)}; got {self.ssd_mu!r}")
+        if self.ssd_baseline is not None:
+            from .baselines import BASELINES
+
+            if self.ssd_baseline not in BASELINES:
+                raise VarianceError(f"ssd_baseline must be one of {', '.join(sorted(BASELINES))}; got {self.ssd_baseline!r}")
+        if self.ssd_depth_on not in (None, "x_t", "x0_hat"):
+            raise VarianceError(f"ssd_depth_on must be x_t or x0_hat, got {self.ssd_depth_on!r}")
         if self.ssd_mu == "pilot" and "ssd" in self.methods and self.pilot < 2:
             raise VarianceError("fitting SSD's mu on pilot draws needs pilot >= 2 (or ssd_mu='checkpoint')")
         return self
@@ -303,8 +312,12 @@ class _CountSketch:
 
 
 # ---------------------------------------------------------------------------- estimators at the checkpoint
-def _build_estimators(trainer, methods: Sequence[str], bank_generator: torch.Generator) -> tuple[dict[str, Estimator], dict[str, list[str]]]:
+def _build_estimators(trainer, config: VarianceConfig, bank_generator: torch.Generator) -> tuple[dict[str, Estimator], dict[str, list[str]]]:
     from . import make_estimator
+    from .baselines import DepthCorrelationBaseline, make_baseline
+    from .ssd import make_ssd
+
+    methods = config.methods
 
     cfg = trainer.config
     own = trainer.estimator
@@ -315,14 +328,17 @@ def _build_estimators(trainer, methods: Sequence[str], bank_generator: torch.Gen
         if m == "sds":
             estimators[m] = SDS(trainer.prior)
         elif m == "ssd":
+            baseline = None
+            if config.ssd_baseline not in (None, "depth"):
+                baseline = make_baseline(config.ssd_baseline)
+                notes[m].append(f"baseline {config.ssd_baseline!r}")
+            elif config.ssd_depth_on is not None:
+                baseline = DepthCorrelationBaseline(depth_on=config.ssd_depth_on)
+            est = make_ssd(trainer.prior, cfg, baseline=baseline)
+            if baseline is None or baseline.name == "depth":
+                notes[m].append(f"depth baseline on {est.baseline.depth_on}")
             if run_method == "ssd":
-                from .ssd import SSD
-
-                est = make_estimator("ssd", trainer.prior, cfg)
                 est.load_state_dict(own.state_dict())  # a copy: measurement never touches the run's statistics
-                assert isinstance(est, SSD)
-            else:
-                est = make_estimator("ssd", trainer.prior, cfg)
             estimators[m] = est
         elif m in ("vsd", "esd"):
             if run_method == m:
@@ -344,10 +360,15 @@ def _build_estimators(trainer, methods: Sequence[str], bank_generator: torch.Gen
             else:
                 est = make_estimator("esd-exact", trainer.prior, cfg)
                 n = max(getattr(est, "bank_size", 0), 1)
-                with torch.no_grad():
-                    cams = trainer.camera_source.sample(n, bank_generator).to(trainer.device)
-                    images, _ = trainer.render_for_prior(cams)
-                    est.update(trainer.prior.encode(images), cams, trainer.prompt, bank_generator)
+                saved = trainer.generator
+                trainer.generator = bank_generator  # leave the run's generator untouched
+                try:
+                    with torch.no_grad():
+                        cams = trainer.camera_source.sample(n, bank_generator).to(trainer.device)
+                        images, _ = trainer.render_for_prior(cams)
+                        est.update(trainer.prior.encode(images), cams, trainer.prompt, bank_generator)
+                finally:
+                    trainer.generator = saved
                 notes[m].append(f"bank of {n} renders of this field")
                 estimators[m] = est
     return estimators, notes
@@ -454,7 +475,7 @@ def measure_variance(
     was_training = trainer.field.training
     trainer.field.train()
     try:
-        estimators, notes = _build_estimators(trainer, config.methods, bank_gen)
+        estimators, notes = _build_estimators(trainer, config, bank_gen)
         extra = dict(extra_estimators or {})
         clash = set(extra) & (set(METHODS) | {"cv"})
         if clash:
