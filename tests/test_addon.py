@@ -328,6 +328,7 @@ def test_scene_cameras_become_the_backends_rig_and_cancel_stops_the_job(blender,
     bpy.data.collections.remove(rig)
 
 
+@pytest.mark.slow  # a second full generation (about 15 s on an idle 2-core machine, a minute under load)
 def test_dropped_connection_mid_job_is_reported_and_the_result_fetched_when_back(blender, controller, backend):
     bpy = blender.bpy
     scene = bpy.context.scene
