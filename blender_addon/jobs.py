@@ -408,6 +408,7 @@ class JobController(ClientListener):
             return
         self.result_object_name = obj.name
         self.last_timings = timings
+        _undo_push(f"distill3d: import “{obj.name}”")
         self._set_status(
             f"Done: “{obj.name}” with {len(mesh.vertices)} vertices, {len(mesh.faces)} faces "
             f"(imported in {timings.total:.2f} s)"
@@ -453,6 +454,16 @@ class JobController(ClientListener):
             other.select_set(False)
         obj.select_set(True)
         view_layer.objects.active = obj
+
+
+def _undo_push(message: str) -> None:
+    """Make an import from a timer one undo step (only with a UI; harmless to skip)."""
+    if bpy.app.background:
+        return
+    try:
+        bpy.ops.ed.undo_push(message=message)
+    except (RuntimeError, AttributeError):
+        log.debug("undo push skipped (no suitable context)")
 
 
 def _json(value: Any) -> str:
