@@ -172,3 +172,21 @@ def test_cli_list_export_show(tmp_path, monkeypatch, capsys):
 
     assert Image.open(png).size[0] > 32
     assert main(["reference", "show", "mug", "--out", str(png), "--kappa", "-1"]) == 2
+
+
+def test_tracing_thread_limit_restores_the_process_setting(monkeypatch):
+    from distill3d.priors.reference.render import cpu_threads_for_tracing
+
+    torch.set_num_threads(2)
+    try:
+        with cpu_threads_for_tracing():
+            assert torch.get_num_threads() == 1
+            with cpu_threads_for_tracing():  # nested sections share the save/restore
+                assert torch.get_num_threads() == 1
+            assert torch.get_num_threads() == 1
+        assert torch.get_num_threads() == 2
+        monkeypatch.setenv("DISTILL3D_RENDER_THREADS", "0")
+        with cpu_threads_for_tracing():
+            assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(1)

@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from .objects import get_object
+from .render import cpu_threads_for_tracing
 
 DEFAULT_MESH_RESOLUTION = 128
 
@@ -30,8 +31,9 @@ def _colored(name: str, resolution: int):
         # 1 - sdf: above 1 inside, so the level set at 1 is the object's surface
         return 1.0 - obj.sdf(torch.as_tensor(points, dtype=torch.float32))
 
-    mesh = extract_mesh(density, bound=1.0, resolution=resolution, threshold=1.0)
-    return vertex_colors(Mesh(mesh.vertices, mesh.faces), lambda p: obj.albedo(torch.as_tensor(p, dtype=torch.float32)))
+    with cpu_threads_for_tracing():
+        mesh = extract_mesh(density, bound=1.0, resolution=resolution, threshold=1.0)
+        return vertex_colors(Mesh(mesh.vertices, mesh.faces), lambda p: obj.albedo(torch.as_tensor(p, dtype=torch.float32)))
 
 
 def ground_truth_colored_mesh(name: str, resolution: int = DEFAULT_MESH_RESOLUTION):
