@@ -20,7 +20,9 @@ One renderer for both devices:
   PyTorch) and, once it has been updated, samples in cells it marks empty (after a dilation by
   ``occ_dilate`` cells, so density can still grow at the surface) are not evaluated: they count
   as zero density. This is what makes CPU training fast; renders before the first update
-  evaluate every sample.
+  evaluate every sample. (Measured on a photometric fit of an off-centre box from the blob, 300
+  steps at 32 px: dilation 1 reached 8x the no-skip image error, 2 about 2x, 3 the same error
+  as no skipping with 3.5x fewer samples; 3 is the default.)
 
 Shading per view (``shading``): ``"albedo"``; ``"diffuse"``, albedo times
 ``ambient + diffuse * max(0, n . l)`` with ``l`` toward a point light placed near the camera
@@ -96,7 +98,7 @@ class RendererConfig:
     near_plane: float = 0.0  # minimum distance from the camera along a ray
     # occupancy grid (CUDA marching; on the CPU, empty-space skipping)
     skip_empty: bool = True  # stratified path: skip samples in empty occupancy cells
-    occ_dilate: int = 1  # stratified path: cells of margin around occupied ones
+    occ_dilate: int = 3  # stratified path: cells of margin around occupied ones (room to grow)
     occ_resolution: int = 64
     occ_update_every: int = 16
     occ_threshold: float = 0.005  # density * step below which a cell is empty (nerfacc uses 0.01)
@@ -273,8 +275,12 @@ class VolumeRenderer:
         if self._occupied_cache is None or self._occupied_cache[0] != self._updates:
             occupied = self._occupancy.binaries[0].float()[None, None]
             k = self.config.occ_dilate
-            if k > 0:
-                occupied = F.max_pool3d(occupied, kernel_size=2 * k + 1, stride=1, padding=k)
+            for axis in range(3) if k > 0 else ():  # separable dilation: a cube of side 2k + 1
+                kernel = [1, 1, 1]
+                kernel[axis] = 2 * k + 1
+                padding = [0, 0, 0]
+                padding[axis] = k
+                occupied = F.max_pool3d(occupied, kernel_size=kernel, stride=1, padding=padding)
             self._occupied_cache = (self._updates, occupied.reshape(-1) > 0)
         return self._occupied_cache[1]
 
