@@ -307,7 +307,12 @@ def test_depth_baseline_is_one_minus_pearson_and_validates(prior):
 
 
 def test_registry_and_validation(prior):
-    assert {"depth", "linear", "quadratic"} <= set(BASELINES)
+    assert {"depth", "linear", "quadratic", "constant"} <= set(BASELINES)
+    const = make_baseline("constant", value=2.0)
+    batch = make_batch(prior, 4, 300, seed=0)
+    v = const.value_and_grad(batch.x_t, batch.t, batch, prior)
+    torch.testing.assert_close(v.phi, torch.full((4,), 2.0))
+    torch.testing.assert_close(v.grad, torch.zeros_like(batch.x_t))
     assert isinstance(make_baseline("depth", depth_on="x0_hat"), DepthCorrelationBaseline)
     with pytest.raises(BaselineError, match="unknown SSD baseline"):
         make_baseline("normals-from-nowhere")

@@ -20,6 +20,8 @@ Built in:
   through both networks.
 * ``linear`` and ``quadratic``: hand-written baselines with analytic gradients (tests,
   sanity checks of the estimator and of the variance instrument).
+* ``constant``: phi = c, CV = c eps: SSD then only refits the coefficient of SDS's own noise
+  term (the control that shows what a non-constant baseline adds).
 
 New baselines (normals, a learned network, ...) subclass :class:`Baseline` and register
 under a name with :func:`register_baseline`; :func:`make_baseline` builds one by name.
@@ -245,3 +247,21 @@ class QuadraticBaseline(Baseline):
     def analytic_grad(self, x_t: torch.Tensor) -> torch.Tensor:
         d = math.prod(x_t.shape[1:])
         return (x_t - self.center(x_t)) / d
+
+
+@register_baseline("constant")
+class ConstantBaseline(Baseline):
+    """phi = ``value`` for every sample: CV = value * eps, so SSD becomes
+    d = eps_pre - (1 - mu * value) eps, SDS with a refitted coefficient on its noise term.
+
+    The control for any other baseline: whatever a baseline gains beyond this comes from phi
+    varying with x_t."""
+
+    def __init__(self, value: float = 1.0) -> None:
+        self.value = float(value)
+
+    def __call__(self, x_t, t, batch, prior, eps_pred=None):
+        return x_t.new_full((x_t.shape[0],), self.value) + 0.0 * x_t.flatten(1).sum(dim=1)
+
+    def analytic_grad(self, x_t: torch.Tensor) -> torch.Tensor:
+        return torch.zeros_like(x_t)
