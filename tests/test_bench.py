@@ -1,0 +1,170 @@
+"""The benchmark: config validation, method specs, report aggregation, and `distill3d bench`
+end to end (a tiny always-on run in-process, and `--quick` as a subprocess, marked slow)."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from distill3d.bench.config import BUILTIN_METHODS, BenchConfig, BenchConfigError, MethodSpec, method_from_any, quick_config
+from distill3d.bench.report import aggregate, mean_std
+from distill3d.bench.runner import eval_cameras, plan_jobs
+from distill3d.cli import main
+
+METRIC_KEYS = ("agreement", "fid", "iq", "iv", "front_features", "chamfer")
+TABLE_HEADER = "| method | agreement (↑) | ref. FID (↓) | IQ (↓) | IV (↑) | front features (→1) | Chamfer (↓) | front = 1 | s / iter (× SDS) |"
+
+
+@pytest.fixture(autouse=True)
+def _single_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def test_default_methods_are_the_papers_set():
+    names = list(BUILTIN_METHODS)
+    assert names == ["sds", "sds-vd", "vsd", "esd-0.25", "esd-0.5", "esd-0.75", "esd-1", "esd-exact", "ssd"]
+    assert BUILTIN_METHODS["sds-vd"].overrides == {"method": "sds", "view_dependent": True}
+    assert [BUILTIN_METHODS[n].lam for n in ("vsd", "esd-0.25", "esd-1", "esd-exact")] == [0.0, 0.25, 1.0, 0.5]
+    assert BUILTIN_METHODS["ssd"].lam is None
+
+
+def test_method_specs_from_names_and_objects():
+    assert method_from_any("esd-0.9") == MethodSpec("esd-0.9", {"method": "esd", "lam": 0.9})
+    assert method_from_any("esd-exact-1") == MethodSpec("esd-exact-1", {"method": "esd-exact", "lam": 1.0})
+    spec = method_from_any({"name": "ssd-x0", "overrides": {"method": "ssd", "ssd_depth_on": "x0_hat"}})
+    assert spec.method == "ssd" and spec.overrides["ssd_depth_on"] == "x0_hat"
+    for bad, words in (("esd-2", "unknown method"), ("dreamfusion", "unknown method"),
+                       ({"name": "x", "overrides": {"iters": 5}}, "shared budget"),
+                       ({"name": "x", "overrides": {"method": "nope"}}, "method must be one of"),
+                       ({"name": "x y", "overrides": {}}, "letters, digits"), ({"overrides": {}}, "needs \"name\"")):
+        with pytest.raises(BenchConfigError, match=words):
+            method_from_any(bad)
+
+
+def test_config_from_dict_validates_and_names_the_field(tmp_path):
+    cfg = BenchConfig.from_dict({"objects": ["house"], "biases": ["mild", 2.5], "seeds": 2, "methods": ["sds", "esd-0.5"], "iters": 7})
+    assert cfg.seeds == [0, 1] and cfg.biases == ["mild", 2.5] and [m.name for m in cfg.methods] == ["sds", "esd-0.5"]
+    gen = cfg.generate_config(cfg.methods[1], "house", 1)
+    assert (gen.method, gen.lam, gen.iters, gen.seed, gen.resolution) == ("esd", 0.5, 7, 1, 32) and "house" in gen.prompt
+    for bad, words in (({"objects": ["teapot"]}, "objects"), ({"biases": ["huge"]}, "bias"), ({"biases": ["strong", 4]}, "distinct"),
+                       ({"seeds": 0}, "seeds"), ({"seeds": [1, 1]}, "seeds"), ({"iters": 0}, "iters"), ({"resolution": 48}, "resolution"),
+                       ({"methods": ["sds", "sds"]}, "distinct"), ({"colour": 1}, "unknown benchmark config fields"),
+                       ({"variance": {"samples": 4, "groups": 4}}, "variance"), ({"variance": {"nope": 1}}, "unknown variance")):
+        with pytest.raises(BenchConfigError, match=words):
+            BenchConfig.from_dict(bad)
+    path = tmp_path / "c.json"
+    path.write_text("{not json")
+    with pytest.raises(BenchConfigError, match="not valid JSON"):
+        BenchConfig.from_file(path)
+
+
+def test_committed_config_files_are_valid():
+    files = sorted(Path(__file__).resolve().parents[1].glob("benchmarks/bench_config_*.json"))
+    assert files, "benchmarks/bench_config_*.json missing"
+    for f in files:
+        BenchConfig.from_file(f)
+
+
+def test_plan_runs_every_combination_learned_first_and_instruments_one_run_per_method():
+    cfg = BenchConfig(objects=["mug", "house"], biases=["strong", "mild"], seeds=[0, 1, 2]).validate()
+    jobs = plan_jobs(cfg)
+    assert len(jobs) == 2 * 2 * 3 * 9 == len({j.run_id for j in jobs})
+    learned = [j.spec.method in ("vsd", "esd") for j in jobs]
+    assert learned == sorted(learned, reverse=True)
+    instrumented = [j for j in jobs if j.measure_variance]
+    assert len(instrumented) == 2 * 9 and all(j.bias == "strong" and j.seed == 0 for j in instrumented)
+
+
+def test_eval_cameras_cover_the_circle_in_the_band():
+    class P:
+        elevation_range, radius, fov = (0.0, 30.0), 3.0, 40.0
+
+    cams = eval_cameras(P(), 120)
+    az = torch.sort(torch.remainder(cams.azimuth, 360.0)).values
+    assert torch.allclose(az[1:] - az[:-1], torch.full((119,), 3.0), atol=1e-3)
+    assert set(torch.round(cams.elevation).tolist()) == {5.0, 15.0, 25.0}
+
+
+def test_aggregation_mean_std_and_front_share():
+    assert mean_std([1.0, 3.0]) == {"mean": 2.0, "std": math.sqrt(2.0), "n": 2, "missing": 0}
+    assert mean_std([float("nan")])["n"] == 0
+    cfg = BenchConfig(objects=["mug"], biases=["strong"], seeds=[0, 1], methods=["sds", "esd-0.5"]).validate()
+
+    def rec(method, seed, ff, iv, spi):
+        m = {"agreement": 1.0, "fid": 2.0, "iq": 0.1, "iv": iv, "front_features": ff, "chamfer": 0.1}
+        return {"object": "mug", "bias": "strong", "seed": seed, "method": method, "metrics": m, "seconds_per_iteration": spi}
+
+    recs = [rec("sds", 0, 0, 0.1, 0.1), rec("sds", 1, 2, 0.3, 0.1), rec("esd-0.5", 0, 1, 1.5, 0.4), rec("esd-0.5", 1, 1, 1.7, 0.4)]
+    s = aggregate(cfg, recs)
+    assert s["strong"]["overall"]["sds"]["iv"]["mean"] == pytest.approx(0.2)
+    assert s["strong"]["overall"]["esd-0.5"]["front_is_one"] == {"share": 1.0, "count": 2, "n": 2, "zero": 0, "two_or_more": 0}
+    assert s["strong"]["overall"]["sds"]["front_is_one"]["zero"] == 1 and s["strong"]["overall"]["sds"]["front_is_one"]["two_or_more"] == 1
+    assert s["cost"]["esd-0.5"]["relative_to_sds"] == pytest.approx(4.0)
+
+
+def _check_outputs(out: Path, methods: list[str], biases: list[str], objects: list[str]) -> dict:
+    report = (out / "report.md").read_text()
+    for section in ("## Budget", "## Headline", "## Metrics", "### View-classifier calibration", "## Gradient variance", "## Plots"):
+        assert section in report, section
+    assert "ref. FID" in report and "8 × 8" in report  # the FID analogue is stated exactly
+    for b in biases:
+        assert f"## Results: {b} bias" in report
+    assert report.count(TABLE_HEADER) == len(biases) * (1 + len(objects))
+    for m in methods:
+        assert f"| {m} | " in report
+    data = json.loads((out / "results.json").read_text())
+    assert {r["method"] for r in data["runs"]} == set(methods)
+    assert len(data["runs"]) == len(methods) * len(biases) * len(objects)
+    for r in data["runs"]:
+        for k in METRIC_KEYS:
+            assert r["metrics"][k] is not None and math.isfinite(r["metrics"][k]), (r["run_id"], k)
+        assert r["seconds_per_iteration"] > 0 and math.isfinite(r["seconds_per_iteration"])
+        assert r["variance"] and all(math.isfinite(p["variance"]) and math.isfinite(p["ratio"]) for p in r["variance"])
+    for key, rep in data["calibration"].items():
+        assert 0.0 < rep["tau"] and 0.5 < rep["heldout_accuracy"] <= 1.0, key
+    for gt in data["ground_truth"].values():
+        assert gt["front_features"] == 1 and gt["iv"] > 1.5
+    for png in ("variance.png", *(f"turntables_{b}.png" for b in biases)):
+        assert (out / png).stat().st_size > 1000
+        assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    return data
+
+
+def test_tiny_benchmark_end_to_end_in_process(tmp_path, capsys):
+    out = tmp_path / "bench"
+    rc = main(["bench", "--quick", "--methods", "sds,esd-0.5", "--iters", "4", "--out", str(out)])
+    assert rc == 0, capsys.readouterr().err
+    data = _check_outputs(out, ["sds", "esd-0.5"], ["strong"], ["mug"])
+    assert (out / "iv_front_vs_lambda.png").exists()  # an ESD method is present
+    assert data["config"]["iters"] == 4
+    # a second call resumes from the recorded runs instead of training again
+    capsys.readouterr()
+    rc = main(["bench", "--quick", "--methods", "sds,esd-0.5", "--iters", "4", "--out", str(out)])
+    assert rc == 0
+    assert "] mug__strong__s0__" not in capsys.readouterr().out
+
+
+def test_bad_cli_arguments_are_reported(capsys):
+    assert main(["bench", "--quick", "--methods", "sds,nope", "--out", "/nonexistent/x"]) == 2
+    assert "unknown method" in capsys.readouterr().err
+    assert main(["bench", "--quick", "--config", "x.json"]) == 2
+
+
+@pytest.mark.slow
+def test_quick_benchmark_subprocess(tmp_path):
+    out = tmp_path / "quick"
+    env = dict(os.environ, PYTHONHASHSEED="0")
+    proc = subprocess.run([sys.executable, "-m", "distill3d", "bench", "--quick", "--out", str(out)], capture_output=True, text=True, env=env, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    cfg = quick_config()
+    _check_outputs(out, [m.name for m in cfg.methods], ["strong"], cfg.objects)
