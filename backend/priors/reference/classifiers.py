@@ -17,9 +17,9 @@ Calibration of tau (per view classifier and for the object classifier), document
 because the metrics depend on it: held-out views of every object (a uniform-azimuth
 collection with another seed) and "featureless" probes (those views blurred by a Gaussian
 of :data:`PROBE_BLUR_PX` pixels at classifier resolution) are classified for every tau on a
-log grid (:data:`TAU_GRID`). tau is the value minimising the held-out negative
-log-likelihood among those whose mean entropy on the blurred probes is at most
-:data:`MAX_PROBE_ENTROPY` nats. The constraint keeps the classifier sharp: a soft
+log grid (:data:`TAU_GRID`). Among the temperatures whose mean entropy on the blurred probes
+is at most :data:`MAX_PROBE_ENTROPY` nats, tau is the largest (smoothest) one whose held-out
+negative log-likelihood is within :data:`NLL_TOLERANCE` nats of the best. The constraint keeps the classifier sharp: a soft
 classifier spreads a featureless image over several bins, which would score a collapsed
 (identical-from-all-sides) result as "diverse" in IV and hide the collapse. The measured
 held-out accuracy, NLL and probe entropy are kept in ``ReferenceClassifiers.calibration``.
@@ -53,6 +53,7 @@ CLASSIFIER_RESOLUTION = 32
 TAU_GRID = torch.logspace(-5.0, -0.5, 46, dtype=torch.float64)
 PROBE_BLUR_PX = 2.5
 MAX_PROBE_ENTROPY = 0.5
+NLL_TOLERANCE = 0.01
 #: names of the 8 azimuth bins, by bin index (azimuth 0 = front camera on -Y, +90 = camera on +X)
 AZIMUTH_BIN_NAMES = ("front", "front+45", "side+90", "back+135", "back", "back-135", "side-90", "front-45")
 
@@ -93,12 +94,15 @@ class KernelClassifier:
     def __init__(self, features: torch.Tensor, labels: torch.Tensor, num_classes: int, tau: float = 1e-2) -> None:
         if features.ndim != 2 or labels.shape != (features.shape[0],):
             raise PriorError("features must be [N, D] and labels [N]")
-        self.features = features.float()
+        order = torch.argsort(labels.long(), stable=True)  # classes become contiguous blocks
+        self.features = features.float()[order].contiguous()
         self.sqnorms = (self.features**2).sum(1)
-        self.labels = labels.long()
+        self.labels = labels.long()[order]
         self.num_classes = int(num_classes)
         self.counts = torch.bincount(self.labels, minlength=self.num_classes)
         self.tau = float(tau)
+        # equal class sizes (the stratified banks): one reshaped logsumexp instead of a loop
+        self._block = int(self.counts[0]) if bool((self.counts == self.counts[0]).all()) and int(self.counts[0]) > 0 else 0
 
     def msd(self, feats: torch.Tensor) -> torch.Tensor:
         """Mean squared difference [B, N] of each feature row to each bank entry."""
@@ -109,6 +113,9 @@ class KernelClassifier:
     def log_probs_from_msd(self, msd: torch.Tensor, tau: Optional[float] = None) -> torch.Tensor:
         tau = self.tau if tau is None else float(tau)
         score = -msd / tau
+        if self._block:
+            out = torch.logsumexp(score.view(score.shape[0], self.num_classes, self._block), dim=2) - math.log(self._block)
+            return torch.log_softmax(out, dim=1)
         out = torch.full((msd.shape[0], self.num_classes), -math.inf, dtype=msd.dtype, device=msd.device)
         for c in range(self.num_classes):
             sel = self.labels == c
@@ -137,7 +144,8 @@ class KernelClassifier:
             h_probe = float(entropy(self.log_probs_from_msd(msd_p, tau).exp()).mean())
             rows.append((tau, nll, acc, conf, h_probe))
         ok = [r for r in rows if r[4] <= max_probe_entropy] or [min(rows, key=lambda r: r[4])]
-        best = min(ok, key=lambda r: r[1])
+        best_nll = min(r[1] for r in ok)
+        best = max((r for r in ok if r[1] <= best_nll + NLL_TOLERANCE), key=lambda r: r[0])  # ties: the smoothest
         self.tau = best[0]
         return {"tau": best[0], "heldout_nll": best[1], "heldout_accuracy": best[2], "heldout_confidence": best[3],
                 "probe_entropy": best[4], "unconstrained_tau": min(rows, key=lambda r: r[1])[0]}
