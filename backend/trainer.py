@@ -399,7 +399,8 @@ def generate(
     t0 = time.perf_counter()
     mesh = trainer.export()
     export_s = time.perf_counter() - t0
-    images = trainer.turntable_images(8, resolution=128)
+    # 128 px for real jobs, smaller for tiny test jobs (rendering it dominates those)
+    images = trainer.turntable_images(8, resolution=int(min(128, max(64, 4 * config.resolution))))
     preview = np.concatenate(images, axis=1)
     files = {"glb": out_dir / "result.glb", "preview": out_dir / "preview.png", "summary": out_dir / "summary.json"}
     write_glb(mesh, files["glb"])
