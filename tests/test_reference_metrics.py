@@ -100,7 +100,7 @@ def test_iq_iv_and_agreement_definitions():
 def test_ground_truth_scores_right_and_collapse_and_janus_are_caught(clf, turntables):
     for name, tt in turntables.items():
         vm = M.view_metrics(clf, tt, name)
-        assert vm["agreement"] > 0.99 and vm["iv"] > 1.9 and vm["iq"] < 0.5, (name, vm)
+        assert vm["agreement"] > 0.95 and vm["iv"] > 1.9 and vm["iq"] < 0.5, (name, vm)
         assert M.front_feature_count(clf, tt, name) == 1, name
         collapsed = tt[18:19].expand_as(tt)  # the back view from every side
         cm = M.view_metrics(clf, collapsed, name)
