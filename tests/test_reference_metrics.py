@@ -17,7 +17,6 @@ from distill3d.priors.reference import (
     azimuth_bin,
     get_object,
     ground_truth_mesh,
-    object_names,
     render_object,
 )
 from distill3d.priors.reference.classifiers import MAX_PROBE_ENTROPY, gaussian_blur
