@@ -44,6 +44,7 @@ from .collection import (
 )
 from .mixture import coefficients, mixture_eps, mixture_logits
 from .objects import OBJECTS, find_objects_in_text, get_object, object_names
+from .render import BACKGROUND_COLOR
 
 log = logging.getLogger(__name__)
 
@@ -82,6 +83,7 @@ class ReferencePrior(Prior):
     name = "reference"
     pixel_space = True
     latent_channels = 3
+    background_color = BACKGROUND_COLOR
 
     def __init__(
         self,
