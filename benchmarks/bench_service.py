@@ -5,7 +5,9 @@
    decode) and a real ``fetch`` from a running server (which also reads the jobs folder).
 2. The overhead the server adds per training iteration: the same job run by the bare
    trainer (``distill3d.trainer.generate``) and through a server subprocess with a client
-   consuming every progress and preview message; ratio of seconds per iteration.
+   consuming every progress and preview message, alternately; the ratio of the trainer's own
+   seconds per iteration, plus the load-independent CPU the service spent per iteration
+   (socket loop and callbacks, from the server's status) relative to a bare iteration.
 
 Run: ``.venv/bin/python benchmarks/bench_service.py [--iters 60] [--out out/bench_service.json]``
 """
@@ -107,44 +109,60 @@ def start_server(jobs_dir: Path, log_path: Path) -> tuple[subprocess.Popen, str]
     return proc, line.split("listening on ")[1].split()[0]
 
 
-def bench_overhead(iters: int, resolution: int, preview_every: int) -> dict:
-    """Seconds per iteration of one job: bare trainer vs through the server."""
+def bench_overhead(iters: int, resolution: int, preview_every: int, rounds: int) -> dict:
+    """Seconds per iteration of one job: bare trainer vs through a server process.
+
+    Bare and served runs alternate ``rounds`` times so that load from other processes on a
+    shared machine hits both alike; the ratio of medians and of minima are reported.
+    """
+    import os
+
     from distill3d.config import GenerateConfig
     from distill3d.server import Client
     from distill3d.trainer import generate
 
     job = {"prompt": "a rubber duck", "iters": iters, "resolution": resolution, "preview_every": preview_every,
            "export": {"mc_resolution": 32, "texture_size": 64}}
+    bare_spi, served_spi, counts, service_cpu = [], [], [], []
+    loads = [os.getloadavg()[0]]
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        t0 = time.perf_counter()
-        bare = generate(GenerateConfig.from_dict(job), tmp / "bare")
-        bare_wall = time.perf_counter() - t0
         proc, endpoint = start_server(tmp / "jobs", tmp / "server.log")
         try:
             with Client(endpoint, timeout=60) as client:
-                t0 = time.perf_counter()
-                job_id = client.submit(job)
-                counts = {"progress": 0, "preview": 0}
-                result = None
-                for msg in client.events(job_id, timeout=3600):
-                    if msg.kind in counts:
-                        counts[msg.kind] += 1
-                    result = msg
-                served_wall = time.perf_counter() - t0
+                for r in range(rounds):
+                    bare = generate(GenerateConfig.from_dict(job), tmp / f"bare{r}")
+                    bare_spi.append(bare.summary["seconds_per_iteration"])
+                    before = client.status().header["server"]
+                    job_id = client.submit(job)
+                    received = {"progress": 0, "preview": 0}
+                    result = None
+                    for msg in client.events(job_id, timeout=3600):
+                        if msg.kind in received:
+                            received[msg.kind] += 1
+                        result = msg
+                    if result is None or result.kind != Kind.RESULT:
+                        raise RuntimeError(f"the served job did not finish: {result.header if result else None}")
+                    served_spi.append(result.header["summary"]["seconds_per_iteration"])
+                    after = client.status().header["server"]
+                    service_cpu.append((after["loop_cpu_s"] - before["loop_cpu_s"] + after["callback_cpu_s"] - before["callback_cpu_s"]) / iters)
+                    counts.append(received)
+                    loads.append(os.getloadavg()[0])
+                    print(f"  round {r + 1}: bare {bare_spi[-1] * 1000:.1f} ms/it, served {served_spi[-1] * 1000:.1f} ms/it, "
+                          f"service CPU {service_cpu[-1] * 1000:.2f} ms/it, received {received}, load {loads[-1]:.1f}", flush=True)
         finally:
             proc.terminate()
             proc.wait(60)
-    if result is None or result.kind != Kind.RESULT:
-        raise RuntimeError(f"the served job did not finish: {result.header if result else None}")
-    bare_spi = bare.summary["seconds_per_iteration"]
-    served_spi = result.header["summary"]["seconds_per_iteration"]
     return {
-        "iters": iters, "resolution": resolution, "preview_every": preview_every,
+        "iters": iters, "resolution": resolution, "preview_every": preview_every, "rounds": rounds,
         "bare_seconds_per_iteration": bare_spi, "served_seconds_per_iteration": served_spi,
-        "ratio_per_iteration": served_spi / bare_spi,
-        "bare_wall_s": bare_wall, "served_wall_s": served_wall,
-        "messages_received": counts,
+        "ratio_of_medians": statistics.median(served_spi) / statistics.median(bare_spi),
+        "ratio_of_minima": min(served_spi) / min(bare_spi),
+        "service_cpu_seconds_per_iteration": service_cpu,
+        # load-independent: the CPU the service spends per iteration (socket loop + callbacks),
+        # all of it taken from training in the worst case, relative to a bare iteration
+        "accounted_ratio": 1 + statistics.median(service_cpu) / min(bare_spi),
+        "messages_received": counts, "load_average_1min": loads,
     }
 
 
@@ -156,6 +174,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--iters", type=int, default=60, help="training iterations for the overhead measurement (0 = skip)")
     p.add_argument("--resolution", type=int, default=32)
     p.add_argument("--preview-every", type=int, default=10)
+    p.add_argument("--rounds", type=int, default=3, help="alternating bare/served runs for the overhead")
     p.add_argument("--out", type=Path, default=None, help="write the numbers as JSON here")
     args = p.parse_args(argv)
 
@@ -171,11 +190,13 @@ def main(argv: list[str] | None = None) -> int:
     print(f"raw protocol round trip (encode, send, receive, validate): median {statistics.median(raw) * 1000:.1f} ms, max {max(raw) * 1000:.1f} ms")
     print(f"server fetch (request, read jobs folder, send, validate): median {statistics.median(fetch) * 1000:.1f} ms, max {max(fetch) * 1000:.1f} ms")
     if args.iters > 0:
-        overhead = bench_overhead(args.iters, args.resolution, args.preview_every)
+        print(f"training {args.iters} iterations at {args.resolution} px, bare and served alternately:")
+        overhead = bench_overhead(args.iters, args.resolution, args.preview_every, args.rounds)
         report["overhead"] = overhead
-        print(f"training {args.iters} iterations at {args.resolution} px: bare {overhead['bare_seconds_per_iteration'] * 1000:.1f} ms/it, "
-              f"served {overhead['served_seconds_per_iteration'] * 1000:.1f} ms/it, ratio {overhead['ratio_per_iteration']:.3f} "
-              f"(wall {overhead['bare_wall_s']:.1f} s vs {overhead['served_wall_s']:.1f} s; received {overhead['messages_received']})")
+        print(f"served/bare seconds per iteration: ratio of medians {overhead['ratio_of_medians']:.3f}, "
+              f"ratio of minima {overhead['ratio_of_minima']:.3f} (wall clock, noisy on a shared machine)")
+        print(f"service CPU per iteration (socket loop + callbacks): {statistics.median(overhead['service_cpu_seconds_per_iteration']) * 1000:.2f} ms "
+              f"-> accounted ratio {overhead['accounted_ratio']:.4f}")
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(report, indent=2))

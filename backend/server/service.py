@@ -13,6 +13,7 @@ fetchable from the jobs folder). Progress and previews are throttled per job.
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import queue
@@ -145,6 +146,8 @@ class Server:
         self._last_stream_sent: Dict[Tuple[str, str], float] = {}
         self._pending: Deque[Tuple[float, Envelope, list]] = deque()
         self.ready = threading.Event()
+        self._loop_cpu_start: Optional[float] = None
+        self._callback_cpu_s = 0.0  # workers' CPU time in the service's callbacks, finished jobs
 
     # ------------------------------------------------------------------ lifecycle
     def start(self) -> str:
@@ -179,6 +182,7 @@ class Server:
     def serve_forever(self) -> None:
         if self.socket is None:
             self.start()
+        self._loop_cpu_start = time.thread_time()
         poller = zmq.Poller()
         poller.register(self.socket, zmq.POLLIN)
         poller.register(self.bus.wake_fd, zmq.POLLIN)
@@ -381,14 +385,26 @@ class Server:
             "version": __version__, "protocol": PROTOCOL_VERSION, "workers": self.workers, "gpus": self.gpus,
             "running": len(self._running), "queued": len(self._queue), "uptime_s": round(time.time() - self._started_at, 3),
             "curve": self.keys is not None,
+            # what the service itself costs: CPU seconds of the socket loop, and of the
+            # progress/preview callbacks on the training threads (finished jobs)
+            "loop_cpu_s": round(time.thread_time() - (self._loop_cpu_start or time.thread_time()), 6),
+            "callback_cpu_s": round(self._callback_cpu_s, 6),
         }
         self._reply(envelope, msg, Kind.STATUS, {"reply": True, "server": server, "info": info}, job_id=msg.job_id)
 
     def _on_list(self, envelope: Envelope, msg: Message, owner: str) -> None:
         show_all = msg.get("all") is True
         records = [r for r in self._jobs.values() if show_all or r.owner == owner]
-        records.sort(key=lambda r: r.created)
-        self._reply(envelope, msg, Kind.LIST, {"reply": True, "jobs": [self._info(r) for r in records[-10_000:]]})
+        records.sort(key=lambda r: r.created, reverse=True)
+        infos, size = [], 0
+        for rec in records[:10_000]:  # newest first, as many as fit in one header
+            info = self._info(rec)
+            size += len(json.dumps(info)) + 1
+            if size > MAX_HEADER_BYTES - 16_384:
+                break
+            infos.append(info)
+        infos.reverse()
+        self._reply(envelope, msg, Kind.LIST, {"reply": True, "jobs": infos})
 
     def _on_fetch(self, envelope: Envelope, msg: Message, owner: str) -> None:
         rec = self._find(envelope, msg)
@@ -459,6 +475,7 @@ class Server:
         self._flush_streams(job_id=event.job_id, force=event.kind == "done")
         self.bus.discard_streams(event.job_id)
         self._running.pop(event.job_id, None)
+        self._callback_cpu_s += float(event.data.get("callback_cpu_s", 0.0))
         rec.resume = False
         if event.kind == "done":
             rec.state, rec.step, rec.message = "done", rec.total, None

@@ -156,9 +156,11 @@ class JobWorker(threading.Thread):
         self.gpu_slot = gpu_slot
         self.priors = priors
         self.cancel = threading.Event()
+        self.callback_cpu_s = 0.0  # CPU time this thread spent in the service's callbacks
 
     # ------------------------------------------------------------------ trainer callbacks
     def _on_progress(self, step: int, total: int, losses: dict, elapsed: float, eta: float) -> None:
+        t0 = time.thread_time()
         header = {
             "step": max(int(step), 0),
             "total": max(int(total), 1),
@@ -167,8 +169,10 @@ class JobWorker(threading.Thread):
             "eta_s": None if _finite_or_none(eta) is None else max(float(eta), 0.0),
         }
         self.bus.offer(self.job_id, "progress", header)
+        self.callback_cpu_s += time.thread_time() - t0
 
     def _on_preview(self, step: int, mesh: Any, image: Optional[np.ndarray]) -> None:
+        t0 = time.thread_time()
         try:
             arrays: Dict[str, np.ndarray] = {}
             if mesh is not None and len(getattr(mesh, "faces", ())) > 0:
@@ -179,6 +183,7 @@ class JobWorker(threading.Thread):
                 self.bus.offer(self.job_id, "preview", {"step": max(int(step), 0), "total": max(int(self.config.iters), 1)}, arrays)
         except Exception:  # a bad preview must never stop training
             log.exception("job=%s preview at step %s could not be packed", self.job_id, step)
+        self.callback_cpu_s += time.thread_time() - t0
 
     # ------------------------------------------------------------------ the run
     def run(self) -> None:
@@ -205,13 +210,14 @@ class JobWorker(threading.Thread):
             self.store.write_mesh(self.job_id, arrays)  # everything on disk before it is announced
             summary = json_safe(result.summary)
             del result
-            self.bus.post(Event("done", self.job_id, {"arrays": arrays, "summary": summary, "elapsed_s": time.perf_counter() - started}))
+            self.bus.post(Event("done", self.job_id, {"arrays": arrays, "summary": summary, "elapsed_s": time.perf_counter() - started,
+                                                          "callback_cpu_s": self.callback_cpu_s}))
             if self.priors is not None:
                 self.priors.give_back(self.config, device, prior)
         except Cancelled as exc:
             if self.priors is not None:
                 self.priors.give_back(self.config, device, prior)
-            self.bus.post(Event("cancelled", self.job_id, {"step": exc.step}))
+            self.bus.post(Event("cancelled", self.job_id, {"step": exc.step, "callback_cpu_s": self.callback_cpu_s}))
         except Exception as exc:
             log.exception("job=%s failed", self.job_id)
             self.bus.post(Event("failed", self.job_id, {"message": f"{type(exc).__name__}: {exc}"[:4000]}))
