@@ -113,11 +113,13 @@ def test_cancel_stops_within_an_iteration(server):
                 seen = msg.header["step"]
                 break
         assert seen is not None
+        known = c.status(job).header["info"]["step"]  # the step the server last heard of
         t0 = time.monotonic()
         cancelled = c.cancel(job, timeout=60)
         assert cancelled.kind == Kind.CANCELLED
         step = cancelled.header["step"]
-        assert seen <= step < 400
+        # stopped at the next iteration boundary: the one in flight (+1 if status was a beat behind)
+        assert seen <= known <= step <= known + 2
         # the job stopped promptly: at most a couple of iterations after the last progress seen
         status = c.status(job).header["info"]
         assert status["state"] == "cancelled" and status["checkpoint_step"] == step
