@@ -75,12 +75,16 @@ def test_committed_config_files_are_valid():
         BenchConfig.from_file(f)
 
 
-def test_plan_runs_every_combination_learned_first_and_instruments_one_run_per_method():
+def test_plan_runs_every_combination_unit_by_unit_learned_first_and_instruments_one_run_per_method():
     cfg = BenchConfig(objects=["mug", "house"], biases=["strong", "mild"], seeds=[0, 1, 2]).validate()
     jobs = plan_jobs(cfg)
     assert len(jobs) == 2 * 2 * 3 * 9 == len({j.run_id for j in jobs})
-    learned = [j.spec.method in ("vsd", "esd") for j in jobs]
-    assert learned == sorted(learned, reverse=True)
+    assert [j.seed for j in jobs] == sorted(j.seed for j in jobs)
+    for start in range(0, len(jobs), 9):  # units of (seed, bias, object): every method, learned ones first
+        unit = jobs[start : start + 9]
+        assert len({(j.seed, j.bias, j.object_name) for j in unit}) == 1 and {j.spec.name for j in unit} == set(BUILTIN_METHODS)
+        learned = [j.spec.method in ("vsd", "esd") for j in unit]
+        assert learned == sorted(learned, reverse=True)
     instrumented = [j for j in jobs if j.measure_variance]
     assert len(instrumented) == 2 * 9 and all(j.bias == "strong" and j.seed == 0 for j in instrumented)
 

@@ -11,7 +11,7 @@ message naming the field and what is allowed. JSON form (every key optional)::
 
     {"objects": ["mug", "rubber_duck"], "biases": ["strong", "mild"], "seeds": 3,
      "methods": ["sds", "esd-0.5", {"name": "esd-0.9", "overrides": {"method": "esd", "lam": 0.9}}],
-     "iters": 300, "resolution": 32, "batch_size": 4, "grid_resolution": 32, "views": 120}
+     "iters": 200, "resolution": 32, "batch_size": 4, "grid_resolution": 32, "views": 120}
 
 ``seeds`` is a count (seeds 0..n-1) or an explicit list; a bias is a preset name of
 :data:`~distill3d.priors.reference.KAPPA_PRESETS` or a concentration kappa >= 0.
@@ -174,7 +174,7 @@ class BenchConfig:
     biases: list = field(default_factory=lambda: ["strong", "mild"])
     seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
     methods: list[MethodSpec] = field(default_factory=lambda: [BUILTIN_METHODS[m] for m in DEFAULT_METHODS])
-    iters: int = 300
+    iters: int = 200
     resolution: int = 32
     batch_size: int = 4
     grid_resolution: int = 32

@@ -204,7 +204,8 @@ def write_markdown(path: Path, config: BenchConfig, result: dict[str, Any], summ
         f"between {config.chamfer_points} points sampled on the marching-cubes surface ({config.mesh_resolution}³, automatic threshold) and on the "
         "ground-truth mesh, after the best rotation about the vertical axis (5° grid, then refined).",
         "- **s / iter**: training wall time per iteration (render, prior, backward, estimator update; the variance "
-        "measurement is excluded) with one torch thread per worker process; relative to SDS in brackets.",
+        "measurement is excluded) with one torch thread per worker process; relative to SDS in brackets (mean over every run of "
+        "the method). Absolute times depend on what else the machine runs; the ratio to SDS is the comparable number.",
         "",
         "### View-classifier calibration",
         "",
@@ -227,7 +228,8 @@ def write_markdown(path: Path, config: BenchConfig, result: dict[str, Any], summ
         if ov:
             truth_rows = [result["ground_truth"][f"{o}|{b}"] for o in config.objects]
             truth = {k: statistics.fmean(t[k] for t in truth_rows) for k, _, _ in METRICS}
-            L += [f"### All objects (mean ± std over {len(config.objects)} objects × {len(config.seeds)} seeds)", ""]
+            n_runs = sorted({g["runs"] for g in ov.values()})
+            L += [f"### All objects (mean ± std over the recorded runs: {'/'.join(map(str, n_runs))} per method, objects × seeds)", ""]
             L += _table(ov, truth, cost) + [""]
         for obj in config.objects:
             rows = summary[b]["objects"].get(obj)

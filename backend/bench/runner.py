@@ -60,14 +60,16 @@ class RunJob:
 
 
 def plan_jobs(config: BenchConfig) -> list[RunJob]:
-    """Every run, the slow (learned-score) methods first so the pool ends evenly."""
+    """Every run, seed by seed, then bias by bias and object by object (so a benchmark stopped
+    early holds whole (seed, bias, object) units: every method on the same footing), and
+    inside a unit the slow (learned-score) methods first so the pool ends evenly."""
     jobs = []
-    for bias_i, bias in enumerate(config.biases):
-        for obj in config.objects:
-            for seed_i, seed in enumerate(config.seeds):
-                for spec in config.methods:
-                    jobs.append(RunJob(obj, bias, seed, spec, config.variance.enabled and bias_i == 0 and seed_i == 0))
-    return sorted(jobs, key=lambda j: (j.spec.method not in LEARNED, not j.measure_variance))
+    for seed_i, seed in enumerate(config.seeds):
+        for bias_i, bias in enumerate(config.biases):
+            for obj in config.objects:
+                unit = [RunJob(obj, bias, seed, spec, config.variance.enabled and bias_i == 0 and seed_i == 0) for spec in config.methods]
+                jobs += sorted(unit, key=lambda j: j.spec.method not in LEARNED)
+    return jobs
 
 
 # ---------------------------------------------------------------------------- per-process state
@@ -273,8 +275,8 @@ def run_benchmark(
     deadline: Optional[float] = None,
 ) -> dict[str, Any]:
     """Run every job not already recorded in ``work_dir`` (all of them when ``resume`` is
-    False), in ``config.workers`` processes. ``deadline`` (a ``time.time()``) stops handing
-    out new runs once passed. Returns {"records", "strips", "ground_truth", "calibration",
+    False), in ``config.workers`` processes. ``deadline`` (a ``time.time()``) stops starting
+    new runs once passed (runs in progress finish). Returns {"records", "strips", "ground_truth", "calibration",
     "jobs", "skipped", "failed", "seconds"}."""
     work_dir = Path(work_dir)
     work_dir.mkdir(parents=True, exist_ok=True)
@@ -285,40 +287,42 @@ def run_benchmark(
     done = len(jobs) - len(todo)
     skipped: list[str] = []
     failed: dict[str, str] = {}
+    def finished(run_id: str, secs: float, error: Optional[str]) -> None:
+        nonlocal done
+        done += 1
+        if error:
+            failed[run_id] = error
+        if progress:
+            progress(done, len(jobs), run_id, secs)
+
+    if deadline is not None and time.time() > deadline:
+        skipped += [j.run_id for j in todo]
+        todo = []
     if todo and config.workers > 1:
+        # at most `workers` runs in flight; past the deadline no new run starts, running ones finish
         ctx = mp.get_context("spawn")
-        with ctx.Pool(processes=min(config.workers, len(todo)), initializer=_worker_init, initargs=(1,), maxtasksperchild=None) as pool:
-            pending = [pool.apply_async(_pool_task, ((cfg_dict, j, str(work_dir)),)) for j in todo]
-            for job, fut in zip(todo, pending):
-                if deadline is not None and time.time() > deadline:
-                    skipped = [j.run_id for j, f in zip(todo, pending) if not f.ready()]
-                    pool.terminate()
+        with ctx.Pool(processes=min(config.workers, len(todo)), initializer=_worker_init, initargs=(1,)) as pool:
+            queue = list(todo)
+            running: list = []
+            while queue or running:
+                while queue and len(running) < config.workers and not (deadline is not None and time.time() > deadline):
+                    job = queue.pop(0)
+                    running.append(pool.apply_async(_pool_task, ((cfg_dict, job, str(work_dir)),)))
+                if deadline is not None and time.time() > deadline and queue:
+                    skipped += [j.run_id for j in queue]
+                    queue.clear()
+                if not running:
                     break
-                while not fut.ready():
-                    fut.wait(5.0)
-                    if deadline is not None and time.time() > deadline:
-                        break
-                if not fut.ready():
-                    skipped = [j.run_id for j, f in zip(todo, pending) if not f.ready()]
-                    pool.terminate()
-                    break
-                run_id, secs, error = fut.get()
-                done += 1
-                if error:
-                    failed[run_id] = error
-                if progress:
-                    progress(done, len(jobs), run_id, secs)
+                running[0].wait(2.0)
+                for fut in [f for f in running if f.ready()]:
+                    running.remove(fut)
+                    finished(*fut.get())
     else:
         for job in todo:
             if deadline is not None and time.time() > deadline:
                 skipped.append(job.run_id)
                 continue
-            run_id, secs, error = _pool_task((cfg_dict, job, str(work_dir)))
-            done += 1
-            if error:
-                failed[run_id] = error
-            if progress:
-                progress(done, len(jobs), run_id, secs)
+            finished(*_pool_task((cfg_dict, job, str(work_dir))))
     records, strips = load_runs(work_dir, jobs)
     truth = {}
     for bias in config.biases:

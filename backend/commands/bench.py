@@ -42,6 +42,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", default="bench-out", help="output folder for report.md, results.json and the plots (default bench-out)")
     p.add_argument("--work-dir", default=None, help="folder for per-run records (default <out>/runs); reused to resume")
     p.add_argument("--fresh", action="store_true", help="ignore runs already recorded in the work folder")
+    p.add_argument("--report-only", action="store_true",
+                   help="train nothing: write the report from the runs already recorded in the work folder")
     p.add_argument("--deadline-minutes", type=float, default=None,
                    help="stop starting new runs after this many minutes and report what is done (the report says so)")
     p.set_defaults(func=run)
@@ -76,7 +78,7 @@ def build_config(args: argparse.Namespace):
 def command_line(args: argparse.Namespace) -> str:
     """The command that reproduces this benchmark (from the parsed options)."""
     parts = ["distill3d", "bench"]
-    for flag in ("quick", "no_variance", "fresh"):
+    for flag in ("quick", "no_variance", "fresh"):  # --report-only is not part of how the numbers were made
         if getattr(args, flag, False):
             parts.append("--" + flag.replace("_", "-"))
     for opt in ("config", "objects", "methods", "seeds", "iters", "resolution", "bias", "workers", "out", "work_dir", "deadline_minutes"):
@@ -101,6 +103,8 @@ def run(args: argparse.Namespace) -> int:
     print(f"distill3d bench: {describe(config)}; {config.workers} worker(s); out {out}", flush=True)
     t0 = time.time()
     deadline = t0 + 60 * args.deadline_minutes if args.deadline_minutes else None
+    if args.report_only:
+        deadline = t0 - 1.0
 
     def progress(done: int, total: int, run_id: str, seconds: float) -> None:
         print(f"[{done}/{total}] {run_id} {seconds:.1f}s (elapsed {(time.time() - t0) / 60:.1f} min)", flush=True)
