@@ -11,8 +11,8 @@ One renderer for both devices:
   ``density * step``). The grid starts all-occupied, so renders before the first update are
   complete.
 * Elsewhere (``estimator="stratified"``, the CPU default): ``samples_per_ray`` stratified samples
-  in the ray's intersection with the box, batched ``[n_rays, n_samples]`` through the same
-  ``nerfacc.volrend.rendering``. Samples are jittered inside their bins while training (the field
+  in the ray's intersection with the box, batched ``[n_rays, n_samples]``: weights from nerfacc's
+  ``render_weight_from_density``, sums by its ``accumulate_along_rays``. Samples are jittered inside their bins while training (the field
   is in training mode and autograd is on; override with ``jitter``) using the caller's
   ``generator``, and sit at bin midpoints otherwise, so evaluation renders are deterministic.
   Rays that miss the box are not evaluated at all. With ``skip_empty`` (default) the same nerfacc
@@ -234,6 +234,7 @@ class VolumeRenderer:
             grid = OccGridEstimator(roi_aabb=[-b, -b, -b, b, b, b], resolution=self.config.occ_resolution, levels=1)
             grid.binaries.fill_(True)  # all occupied until the first update
             self._occupancy = grid.to(self.device)
+            log.debug("occupancy grid %d^3 on %s", self.config.occ_resolution, self.device)
         return self._occupancy
 
     def update(self, step: int) -> bool:
