@@ -727,17 +727,19 @@ def plot_variance(reports: Sequence[VarianceReport], path: Path | str) -> Path:
     path = Path(path)
     reports = sorted(reports, key=lambda r: r.step)
     methods = list(dict.fromkeys(m for r in reports for m in r.estimators))
+    cycle = plt.rcParams["axes.prop_cycle"].by_key().get("color", ["C0", "C1", "C2", "C3", "C4", "C5"])
+    colour = {m: cycle[i % len(cycle)] for i, m in enumerate(methods)}  # one colour per method in both panels
     fig, (ax_v, ax_r) = plt.subplots(2, 1, figsize=(7.5, 7), sharex=True, gridspec_kw={"height_ratios": [3, 2]})
     steps = [r.step for r in reports]
     for m in methods:
         xs = [r.step for r in reports if m in r.estimators]
         vs = [r.estimators[m].variance for r in reports if m in r.estimators]
-        ax_v.plot(xs, vs, marker="o", label=m)
+        ax_v.plot(xs, vs, marker="o", label=m, color=colour[m])
         if m != "sds":
             rs = [r.estimators[m].ratio for r in reports if m in r.estimators]
             lo = [r.estimators[m].ratio - r.estimators[m].ratio_ci[0] for r in reports if m in r.estimators]
             hi = [r.estimators[m].ratio_ci[1] - r.estimators[m].ratio for r in reports if m in r.estimators]
-            ax_r.errorbar(xs, rs, yerr=[lo, hi], marker="o", capsize=3, label=m)
+            ax_r.errorbar(xs, rs, yerr=[lo, hi], marker="o", capsize=3, label=m, color=colour[m])
     ax_v.set_yscale("log")
     ax_v.set_ylabel("per-sample gradient variance\n(trace of covariance)")
     ax_v.legend()
