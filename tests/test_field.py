@@ -180,6 +180,34 @@ def test_hash_encoding_is_continuous_and_level_distinct():
     assert h0.shape == (50, 4 * 2)
 
 
+def test_hash_encoding_matches_a_direct_per_corner_computation():
+    torch.manual_seed(7)
+    enc = make_field("hash", **SMALL_HASH).encoding
+    assert enc.dense_levels == 2 and enc.levels == 4  # 5^3 and 9^3 nodes fit in 2^10 rows; 17^3, 33^3 hash
+    with torch.no_grad():
+        enc.table.normal_()
+    x01 = torch.rand(20, 3, generator=torch.Generator().manual_seed(7))
+    primes = (1, 2654435761, 805459861)
+    expected = torch.zeros(20, 8)
+    for n in range(20):
+        for level, res in enumerate(enc.resolutions):
+            pos = [float(v) * res for v in x01[n]]
+            lower = [min(int(p), res - 1) for p in pos]
+            for corner in range(8):
+                c = [lower[a] + ((corner >> a) & 1) for a in range(3)]
+                w = 1.0
+                for a in range(3):
+                    f = pos[a] - lower[a]
+                    w *= f if (corner >> a) & 1 else 1 - f
+                if level < enc.dense_levels:
+                    row = c[0] + (res + 1) * (c[1] + (res + 1) * c[2])
+                else:
+                    row = ((c[0] * primes[0]) ^ (c[1] * primes[1]) ^ (c[2] * primes[2])) % 2**10
+                row += int(enc.offsets[level])
+                expected[n, 2 * level : 2 * level + 2] += w * enc.table[:, row]
+    torch.testing.assert_close(enc(x01).detach(), expected, atol=1e-5, rtol=1e-5)
+
+
 def test_make_field_rejects_unknown_kinds_and_options():
     with pytest.raises(FieldError, match="dense, hash"):
         make_field("voxels")
