@@ -369,7 +369,7 @@ def test_depth_baseline_control_variate_has_mean_zero_on_the_reference_prior(ref
     prior = reference_prior
     coll = prior.collection("rubber_duck")
     x0 = (0.5 * coll.images[0] + 0.5 * coll.images[1]) * 2 - 1
-    n = 1500
+    n = 1000
     render = {"depth": coll.depth[:1].expand(n, -1, -1, -1), "opacity": coll.alpha[:1].expand(n, -1, -1, -1)}
     batch = make_batch(prior, n, t, seed=t, x0=x0, render=render, prompt="a rubber duck")
     baseline = DepthCorrelationBaseline(depth_on)
