@@ -19,7 +19,7 @@ from distill3d.bench.runner import eval_cameras, plan_jobs
 from distill3d.cli import main
 
 METRIC_KEYS = ("agreement", "fid", "iq", "iv", "front_features", "chamfer")
-TABLE_HEADER = "| method | agreement (↑) | ref. FID (↓) | IQ (↓) | IV (↑) | front features (→1) | Chamfer (↓) | front = 1 | s / iter (× SDS) |"
+TABLE_HEADER = "| method | agreement (↑) | ref. FID (↓) | IQ (↓) | IV (↑) | front features (→1) | Chamfer (↓) | runs with 0 / 1 / ≥2 fronts | s / iter (× SDS) |"
 
 
 @pytest.fixture(autouse=True)
