@@ -279,51 +279,59 @@ def _plt():
 
 
 def plot_lambda(path: Path, config: BenchConfig, records: list[dict[str, Any]], truth: dict[str, Any]) -> Optional[Path]:
-    """IV and the front-feature count against ESD's lambda (VSD = 0), one line per bias, with
-    SDS, ESD-exact and the ground truth as references."""
+    """IV and the front-feature outcome against ESD's lambda (VSD = 0), one colour per bias,
+    with SDS, SDS with view-dependent prompts, ESD-exact and the ground truth as references.
+    The front-feature count is shown as shares of runs (0 = erased, 1 = right, >= 2 = Janus),
+    since its mean hides the two opposite failures."""
     lam_specs = [m for m in config.methods if m.method in ("vsd", "esd")]
     if not lam_specs:
         return None
     plt = _plt()
-    fig, axes = plt.subplots(1, 3, figsize=(13, 3.8))
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.9))
     colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     for bi, bias in enumerate(config.biases):
         b = bias_label(bias)
         c = colours[bi % len(colours)]
-        lams, ivs, iv_sd, ffs, ff_sd, ones = [], [], [], [], [], []
+        lams, ivs, iv_sd, zero, one, janus = [], [], [], [], [], []
         for m in sorted(lam_specs, key=lambda s: s.lam):
             rs = [r for r in records if r["bias"] == b and r["method"] == m.name]
             if not rs:
                 continue
-            lams.append(m.lam)
             g = _group(rs)
-            ivs.append(g["iv"]["mean"]); iv_sd.append(g["iv"]["std"])
-            ffs.append(g["front_features"]["mean"]); ff_sd.append(g["front_features"]["std"])
-            ones.append(g["front_is_one"]["share"])
+            lams.append(m.lam)
+            ivs.append(g["iv"]["mean"])
+            iv_sd.append(g["iv"]["std"])
+            f = g["front_is_one"]
+            zero.append(f["zero"] / f["n"])
+            one.append(f["count"] / f["n"])
+            janus.append(f["two_or_more"] / f["n"])
         if lams:
             axes[0].errorbar(lams, ivs, yerr=iv_sd, marker="o", capsize=3, color=c, label=f"ESD ({b}; 0 = VSD)")
-            axes[1].errorbar(lams, ffs, yerr=ff_sd, marker="o", capsize=3, color=c, label=f"ESD ({b})")
-            axes[2].plot(lams, ones, marker="o", color=c, label=f"ESD ({b})")
-        for name, style in (("sds", "--"), ("esd-exact", ":")):
+            axes[1].plot(lams, zero, marker="v", color=c, label=f"0 fronts, ESD ({b})")
+            axes[1].plot(lams, janus, marker="^", ls="--", color=c, label=f">= 2 fronts, ESD ({b})")
+            axes[2].plot(lams, one, marker="o", color=c, label=f"ESD ({b})")
+        for name, style in (("sds", "--"), ("sds-vd", "-."), ("esd-exact", ":")):
             rs = [r for r in records if r["bias"] == b and r["method"] == name]
             if rs:
                 g = _group(rs)
                 axes[0].axhline(g["iv"]["mean"], color=c, ls=style, lw=1, label=f"{name} ({b})")
-                axes[1].axhline(g["front_features"]["mean"], color=c, ls=style, lw=1, label=f"{name} ({b})")
                 axes[2].axhline(g["front_is_one"]["share"], color=c, ls=style, lw=1, label=f"{name} ({b})")
-    tr = [v for k, v in truth.items()]
+    tr = list(truth.values())
     if tr:
         axes[0].axhline(statistics.fmean(t["iv"] for t in tr), color="k", lw=1.5, alpha=0.5, label="ground truth")
-        axes[1].axhline(1.0, color="k", lw=1.5, alpha=0.5, label="ground truth")
     axes[0].set_ylabel("IV (nats, higher = more distinct views)")
-    axes[1].set_ylabel("front-feature count (1 is right)")
+    axes[1].set_ylabel("share of runs")
+    axes[1].set_title("front erased (0) or Janus (>= 2)", fontsize=9)
     axes[2].set_ylabel("share of runs with exactly 1 front")
-    axes[2].set_ylim(-0.05, 1.05)
+    for ax in axes[1:]:
+        ax.set_ylim(-0.05, 1.05)
     for ax in axes:
         ax.set_xlabel("ESD lambda (weight of the entropy term)")
         ax.grid(True, alpha=0.3)
     axes[0].legend(fontsize=6.5, loc="best")
-    fig.suptitle("ESD's lambda sweep: view variety and front features (mean ± std over objects and seeds)", fontsize=10)
+    axes[1].legend(fontsize=6.5, loc="best")
+    axes[2].legend(fontsize=6.5, loc="best")
+    fig.suptitle("ESD's lambda sweep: view variety and front features (over objects and seeds)", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=80)
     plt.close(fig)
