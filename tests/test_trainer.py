@@ -104,7 +104,7 @@ def _distance_to_references(trainer, n=12):
 
 
 def test_short_sds_run_on_reference_prior_approaches_the_object():
-    trainer = Trainer(tiny_config(iters=60, resolution=32, batch_size=4, grid_resolution=32, lr=0.05, t_schedule="annealed"))
+    trainer = Trainer(tiny_config(iters=40, resolution=16, batch_size=2, grid_resolution=24, lr=0.05, t_schedule="annealed"))
     before = _distance_to_references(trainer)
     trainer.run()
     after = _distance_to_references(trainer)
