@@ -160,6 +160,8 @@ class Trainer:
         self.config = config.validate()
         self.callbacks = callbacks or TrainerCallbacks()
         self.device = resolve_device(config.device)
+        if self.device.type == "cpu" and config.cpu_threads > 0:
+            torch.set_num_threads(config.cpu_threads)  # process-wide: see GenerateConfig.cpu_threads
         torch.manual_seed(config.seed)
         self.generator = torch.Generator(device="cpu").manual_seed(config.seed)
         self.prior = prior if prior is not None else make_prior(config, self.device)

@@ -47,6 +47,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--lr", type=float, default=0.05)
     p.add_argument("--preview-every", type=int, default=100)
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    p.add_argument("--cpu-threads", type=int, default=1, help="torch threads on the CPU (0 = torch's default; 1 is fastest for these small tensors)")
     p.add_argument("--texture-size", type=int, default=1024, help="baked texture size (power of two, 64..4096)")
     p.add_argument("--faces", type=int, default=0, help="decimate to about this many faces before unwrapping (0 = keep all)")
     p.add_argument("--mc-resolution", type=int, default=128, help="marching-cubes grid resolution")
@@ -66,7 +67,7 @@ def config_from_args(args: argparse.Namespace) -> GenerateConfig:
         "method": args.method, "lam": args.lam, "guidance_scale": args.guidance_scale, "iters": args.iters,
         "resolution": args.resolution, "batch_size": args.batch_size, "seed": args.seed,
         "view_dependent": args.view_dependent, "cameras": args.cameras, "t_schedule": args.t_schedule,
-        "field": args.field, "lr": args.lr, "preview_every": args.preview_every, "device": args.device,
+        "field": args.field, "lr": args.lr, "preview_every": args.preview_every, "device": args.device, "cpu_threads": args.cpu_threads,
         "export": {"texture_size": args.texture_size, "faces": args.faces, "mc_resolution": args.mc_resolution, "textured": not args.vertex_colors},
     }
     for item in args.set:

@@ -324,6 +324,7 @@ JOB_FIELDS: Dict[str, F] = {
     "preview_resolution": F(v_int(1, 4096, True)),
     "checkpoint_every": F(_count),
     "device": F(_name),
+    "cpu_threads": F(v_int(0, 1024, True)),
     "export": F(v_record(EXPORT_FIELDS, "export options")),
 }
 
