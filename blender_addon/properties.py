@@ -229,14 +229,15 @@ def apply_job_to_settings(settings: Any, job: dict) -> list[str]:
 CLASSES = (Distill3DSettings,)
 
 
+_register_classes, _unregister_classes = bpy.utils.register_classes_factory(CLASSES)
+
+
 def register() -> None:
-    for cls in CLASSES:
-        bpy.utils.register_class(cls)
+    _register_classes()
     bpy.types.Scene.distill3d = PointerProperty(type=Distill3DSettings)
 
 
 def unregister() -> None:
     if hasattr(bpy.types.Scene, "distill3d"):
         del bpy.types.Scene.distill3d
-    for cls in reversed(CLASSES):
-        bpy.utils.unregister_class(cls)
+    _unregister_classes()
