@@ -22,14 +22,6 @@ METRIC_KEYS = ("agreement", "fid", "iq", "iv", "front_features", "chamfer")
 TABLE_HEADER = "| method | agreement (↑) | ref. FID (↓) | IQ (↓) | IV (↑) | front features (→1) | Chamfer (↓) | runs with 0 / 1 / ≥2 fronts | s / iter (× SDS) |"
 
 
-@pytest.fixture(autouse=True)
-def _single_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def test_default_methods_are_the_papers_set():
     names = list(BUILTIN_METHODS)
     assert names == ["sds", "sds-vd", "vsd", "esd-0.25", "esd-0.5", "esd-0.75", "esd-1", "esd-exact", "ssd"]

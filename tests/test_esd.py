@@ -30,14 +30,6 @@ from distill3d.distill.learned_score import (
 from distill3d.priors.stable_diffusion import random_prior
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 @pytest.fixture()
 def prior():
     return random_prior("tiny", seed=0)

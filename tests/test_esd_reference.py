@@ -20,14 +20,6 @@ from distill3d.priors.reference import ReferencePrior, get_object, mixture_eps, 
 RES = 16
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 @pytest.fixture(scope="module")
 def prior(tmp_path_factory):
     return ReferencePrior(objects=["mug"], resolution=RES, num_views=16, cache_dir=tmp_path_factory.mktemp("refcache"))

@@ -22,14 +22,6 @@ from distill3d.export import (
 )
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    """These tensors are small: on a shared 2-core machine torch's thread pool only adds contention."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 LO, HI = 0.2, 0.8  # the analytic colour field stays inside [LO, HI]
 
 

@@ -23,15 +23,6 @@ from distill3d.export import (
 )
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    """These tensors are small: on a shared 2-core machine torch's thread pool only adds contention."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def sphere_density(radius=0.5, centre=(0.0, 0.0, 0.0), scale=50.0, width=0.01):
     c = torch.tensor(centre, dtype=torch.float32)
 

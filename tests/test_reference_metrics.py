@@ -22,14 +22,6 @@ from distill3d.priors.reference import (
 from distill3d.priors.reference.classifiers import MAX_PROBE_ENTROPY, gaussian_blur
 
 
-@pytest.fixture(scope="module", autouse=True)
-def single_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def cache(tmp_path_factory):
     return tmp_path_factory.mktemp("refcache")

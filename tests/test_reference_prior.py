@@ -22,15 +22,6 @@ K = 16
 RES = 32
 
 
-@pytest.fixture(scope="module", autouse=True)
-def single_thread():
-    """Small tensors on a shared 2-core machine: one thread is faster and steadier."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def cache(tmp_path_factory):
     return tmp_path_factory.mktemp("refcache")

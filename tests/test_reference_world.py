@@ -23,15 +23,6 @@ from distill3d.priors.reference import (
 from distill3d.priors.reference import sdf as S
 
 
-@pytest.fixture(scope="module", autouse=True)
-def single_thread():
-    """Small tensors on a shared 2-core machine: one thread is faster and steadier."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def test_at_least_five_objects_inside_the_unit_cube_with_a_sensible_size():
     assert len(OBJECTS) >= 5
     for name, obj in OBJECTS.items():

@@ -30,15 +30,6 @@ from distill3d.priors.stable_diffusion import (
 )
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # The test machine has 2 shared cores; tiny models run ~20x faster single-threaded there.
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 @pytest.fixture(scope="module")
 def prior() -> StableDiffusionPrior:
     return random_prior("tiny", seed=0, with_depth=True)
