@@ -110,7 +110,7 @@ def test_factory_builds_pixel_space_vsd_and_esd(prior, renders):
 def test_esd_exact_formula_and_its_limits(prior, renders):
     x0, cams = renders
     b = _batch(prior, x0[:3], cams.index(slice(0, 3)), seed=5)
-    exact = ESDExact(prior, bank_size=8, lam=0.5)
+    exact = ESDExact(prior, bank_size=8, lam=0.5, leave_one_out=False)
     exact.update(x0[3:], cams.index(slice(3, 8)), b.prompt)
     with torch.no_grad():
         eps_pre = prior.predict_eps(b.x_t, b.t, b.prompt, 1.0, b.cameras)
@@ -118,9 +118,38 @@ def test_esd_exact_formula_and_its_limits(prior, renders):
     d, logs = exact.direction(b)
     torch.testing.assert_close(d, eps_pre - 0.5 * eps_q - 0.5 * b.eps, rtol=1e-5, atol=1e-5)
     assert logs["q_vs_noise"] >= 0
+    # leave-one-out (the default): render i's mixture is every other render
+    loo = ESDExact(prior, bank_size=8, lam=0.5)
+    loo.update(x0[3:], cams.index(slice(3, 8)), b.prompt)
+    d_loo, _ = loo.direction(b)
+    for i in range(3):
+        others = torch.cat([x0[:3][torch.arange(3) != i], x0[3:]])
+        eps_q_i = mixture_eps(b.x_t[i:i + 1], b.t[i:i + 1], others, None, 0.0, prior.alphas_cumprod)
+        torch.testing.assert_close(d_loo[i:i + 1], eps_pre[i:i + 1] - 0.5 * eps_q_i - 0.5 * b.eps[i:i + 1], rtol=1e-4, atol=1e-4)
     # lam = 0: exact VSD is SDS (the camera-conditioned exact score predicts eps itself)
     d0, _ = ESDExact(prior, bank_size=8, lam=0.0).direction(b)
     torch.testing.assert_close(d0, SDS(prior).direction(b)[0])
+
+
+def test_self_included_mixture_matches_its_own_render_so_only_leave_one_out_carries_entropy(prior, renders):
+    """Why leave-one-out is the default: at moderate noise the distinct renders are far apart
+    compared with s_t, so a mixture containing x0's own copy puts all responsibility on it,
+    eps_q == eps and the entropy term is exactly SDS's noise again."""
+    x0, cams = renders
+    b = _batch(prior, x0, cams, seed=3)
+    t = torch.full((8,), 200)
+    b = DistillBatch(x0=b.x0, t=t, eps=b.eps, x_t=prior.add_noise(b.x0, b.eps, t), prompt=b.prompt, cameras=cams, guidance_scale=1.0)
+    with_self = ESDExact(prior, bank_size=0, lam=1.0, leave_one_out=False)
+    without_self = ESDExact(prior, bank_size=0, lam=1.0)
+    gap_self = with_self.eps_q(b.x_t, b.t, b.x0) - b.eps
+    gap_loo = without_self.eps_q(b.x_t, b.t, b.x0) - b.eps
+    assert float(gap_self.abs().max()) < 1e-3
+    assert float(gap_loo.flatten(1).norm(dim=1).min()) > 1.0
+    # a lone render has nothing to be compared with: its own exact (Dirac) score
+    lone = without_self.eps_q(b.x_t[:1], b.t[:1], b.x0[:1])
+    torch.testing.assert_close(lone, b.eps[:1], rtol=1e-4, atol=1e-4)
+    with pytest.raises(EstimatorError, match="leave_one_out"):
+        ESDExact(prior, leave_one_out="yes")
 
 
 def test_esd_exact_bank_is_a_bounded_fifo_and_round_trips(prior, renders):
