@@ -88,6 +88,10 @@ class GenerateConfig:
     model: str = ""  # SD: hub id or local folder (default DEFAULT_SD_MODEL); reference: unused
     method: str = "sds"
     lam: float = 0.5  # ESD lambda: weight of the null-camera (entropy) score; 0 = VSD
+    # esd-exact: earlier renders kept besides the current batch in q's mixture. 0 (the current
+    # batch only, each render left out of its own mixture) restored the most views: stale
+    # renders of nearby cameras act like the render's own copy (mug, IV 0.92 / 0.49 / 0.38 at 0 / 8 / 64)
+    esd_exact_bank: int = 0
     guidance_scale: Optional[float] = None  # None: 100 for SDS/SSD with SD, 7.5 for VSD/ESD, 1.0 reference
     iters: int = 600
     resolution: int = 32  # render resolution (pixels), power of two
@@ -136,6 +140,7 @@ class GenerateConfig:
         if self.method == "esd-exact" and self.prior != "reference":
             raise ConfigError("method esd-exact (the exact oracle) exists only for the reference prior")
         self.lam = _num("lam", self.lam, 0.0, 1.0)
+        self.esd_exact_bank = _num("esd_exact_bank", self.esd_exact_bank, 0, 100_000, integer=True)
         if self.guidance_scale is not None:
             self.guidance_scale = _num("guidance_scale", self.guidance_scale, 0.0, 1000.0)
         self.iters = _num("iters", self.iters, 1, 1_000_000, integer=True)

@@ -33,6 +33,9 @@ def test_default_methods_are_the_papers_set():
 def test_method_specs_from_names_and_objects():
     assert method_from_any("esd-0.9") == MethodSpec("esd-0.9", {"method": "esd", "lam": 0.9})
     assert method_from_any("esd-exact-1") == MethodSpec("esd-exact-1", {"method": "esd-exact", "lam": 1.0})
+    assert method_from_any("esd-exact-1-vd") == MethodSpec("esd-exact-1-vd", {"method": "esd-exact", "lam": 1.0, "view_dependent": True})
+    assert method_from_any("vsd-vd").overrides == {"method": "vsd", "view_dependent": True}
+    assert method_from_any("sds-vd") == BUILTIN_METHODS["sds-vd"]
     spec = method_from_any({"name": "ssd-x0", "overrides": {"method": "ssd", "ssd_depth_on": "x0_hat"}})
     assert spec.method == "ssd" and spec.overrides["ssd_depth_on"] == "x0_hat"
     for bad, words in (("esd-2", "unknown method"), ("dreamfusion", "unknown method"),

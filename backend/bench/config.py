@@ -81,12 +81,16 @@ DEFAULT_METHODS = tuple(BUILTIN_METHODS)
 
 
 def method_from_any(item: Any) -> MethodSpec:
-    """A :class:`MethodSpec` from a built-in name, ``esd-<lambda>``, or ``{"name", "overrides"}``."""
+    """A :class:`MethodSpec` from a built-in name, ``esd-<lambda>``, ``esd-exact-<lambda>``, any of
+    those with ``-vd`` (view-dependent prompting), or ``{"name", "overrides"}``."""
     if isinstance(item, MethodSpec):
         spec = item
     elif isinstance(item, str):
         if item in BUILTIN_METHODS:
             return BUILTIN_METHODS[item]
+        if item.endswith("-vd"):  # any method with view-dependent prompting
+            base = method_from_any(item[: -len("-vd")])
+            return MethodSpec(item, {**base.overrides, "view_dependent": True})
         if item.startswith(("esd-exact-", "esd-")):
             head, _, tail = item.rpartition("-")
             try:
@@ -97,7 +101,7 @@ def method_from_any(item: Any) -> MethodSpec:
                 return MethodSpec(item, {"method": head, "lam": lam})
         raise BenchConfigError(
             f"unknown method {item!r}; built-in: {', '.join(BUILTIN_METHODS)} (or esd-<lambda>, esd-exact-<lambda> "
-            "with lambda in [0, 1], or an object {\"name\": ..., \"overrides\": {GenerateConfig fields}})"
+            "with lambda in [0, 1], any of these with -vd for view-dependent prompting, or an object {\"name\": ..., \"overrides\": {GenerateConfig fields}})"
         )
     elif isinstance(item, dict):
         unknown = set(item) - {"name", "overrides"}

@@ -24,7 +24,8 @@ def make_estimator(method: str, prior: Any, config: Any) -> Estimator:
     * ``vsd`` / ``esd``: a learned eps_psi (LoRA for SD, a small UNet in pixel space) with
       ``config.lora_rank``, ``config.lora_lr``, ``config.p_null``; ESD uses ``config.lam``
       (the paper's lambda, weight of the null-camera term; see :mod:`distill3d.distill.esd`).
-    * ``esd-exact``: the exact oracle (reference prior only), lambda = ``config.lam``.
+    * ``esd-exact``: the exact oracle (reference prior only), lambda = ``config.lam``, leave-one-out
+      over the current batch plus ``config.esd_exact_bank`` earlier renders.
     * ``ssd``: provided by :mod:`distill3d.distill.ssd`, which must expose
       ``make_ssd(prior, config) -> Estimator`` (or a class ``SSD`` with ``from_config``).
     """
@@ -37,9 +38,9 @@ def make_estimator(method: str, prior: Any, config: Any) -> Estimator:
         learned = make_learned_score(prior, config)
         return VSD(prior, learned) if method == "vsd" else ESD(prior, learned, lam=config.lam)
     if method == "esd-exact":
-        from .esd import DEFAULT_BANK_SIZE, ESDExact
+        from .esd import ESDExact
 
-        return ESDExact(prior, bank_size=DEFAULT_BANK_SIZE, lam=config.lam)
+        return ESDExact(prior, bank_size=config.esd_exact_bank, lam=config.lam)
     if method == "ssd":
         try:
             module = importlib.import_module(f"{__name__}.ssd")

@@ -57,7 +57,7 @@ LAM_HELP = (
     "LoRA CFG scale s, which is 1 - lambda."
 )
 
-DEFAULT_BANK_SIZE = 64
+DEFAULT_BANK_SIZE = 0  # the current batch only (see GenerateConfig.esd_exact_bank)
 
 
 class EstimatorError(ValueError):

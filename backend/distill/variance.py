@@ -72,6 +72,7 @@ from .base import SDS, DistillBatch, Estimator
 log = logging.getLogger(__name__)
 
 METHODS = ("sds", "ssd", "vsd", "esd", "esd-exact")
+VARIANCE_ESD_BANK = 16  # renders of the fixed field forming q for esd-exact when the run kept no bank
 SSD_MU_SOURCES = ("pilot", "checkpoint")
 
 
@@ -359,7 +360,8 @@ def _build_estimators(trainer, config: VarianceConfig, bank_generator: torch.Gen
                 notes[m].append("bank of renders from the run")
             else:
                 est = make_estimator("esd-exact", trainer.prior, cfg)
-                n = max(getattr(est, "bank_size", 0), 1)
+                # one sample per draw has no batch-mates to form q from: give it a bank
+                est.bank_size = n = max(est.bank_size, VARIANCE_ESD_BANK)
                 saved = trainer.generator
                 trainer.generator = bank_generator  # leave the run's generator untouched
                 try:

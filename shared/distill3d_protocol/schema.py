@@ -315,6 +315,7 @@ JOB_FIELDS: Dict[str, F] = {
     "lr_background": F(v_num(0.0, 1e3)),
     "lambda_orient": F(v_num(0.0, 1e9)),
     "lambda_sparsity": F(v_num(0.0, 1e9)),
+    "esd_exact_bank": F(_count),
     "ssd_mu": F(_name),
     "ssd_depth_on": F(_name),
     "lora_rank": F(v_int(1, 4096, True)),
