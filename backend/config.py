@@ -215,13 +215,19 @@ class GenerateConfig:
         return cls(**kwargs).validate()
 
 
-def export_config_from_dict(data: Any) -> ExportConfig:
-    if isinstance(data, ExportConfig):
+def record_from_dict(cls: type, data: Any, what: str, error: type[Exception] = ConfigError) -> Any:
+    """``cls(**data).validate()`` for a JSON object ``data`` describing ``what``; an instance of
+    ``cls`` passes through, anything else or an unknown field raises ``error``."""
+    if isinstance(data, cls):
         return data
     if not isinstance(data, dict):
-        raise ConfigError("export must be an object")
-    names = {f.name for f in fields(ExportConfig)}
+        raise error(f"{what} must be an object")
+    names = {f.name for f in fields(cls)}
     unknown = set(data) - names
     if unknown:
-        raise ConfigError(f"unknown export fields: {', '.join(sorted(unknown))}")
-    return ExportConfig(**data).validate()
+        raise error(f"unknown {what} fields: {', '.join(sorted(unknown))}; allowed: {', '.join(sorted(names))}")
+    return cls(**data).validate()
+
+
+def export_config_from_dict(data: Any) -> ExportConfig:
+    return record_from_dict(ExportConfig, data, "export")

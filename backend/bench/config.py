@@ -25,7 +25,7 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
-from ..config import ConfigError, GenerateConfig
+from ..config import ConfigError, GenerateConfig, record_from_dict
 
 
 class BenchConfigError(ValueError):
@@ -274,15 +274,7 @@ class BenchConfig:
 
 
 def variance_from_dict(data: Any) -> VarianceSettings:
-    if isinstance(data, VarianceSettings):
-        return data
-    if not isinstance(data, dict):
-        raise BenchConfigError("variance must be an object")
-    names = {f.name for f in fields(VarianceSettings)}
-    unknown = set(data) - names
-    if unknown:
-        raise BenchConfigError(f"unknown variance fields: {', '.join(sorted(unknown))}; allowed: {', '.join(sorted(names))}")
-    return VarianceSettings(**data).validate()
+    return record_from_dict(VarianceSettings, data, "variance", BenchConfigError)
 
 
 def quick_config() -> BenchConfig:
