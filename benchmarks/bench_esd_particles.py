@@ -4,7 +4,8 @@ Runs :func:`distill3d.bench.image_testbed.distill_images` (``n`` free images, no
 field) with SDS, the exact ESD oracle with each image's own copy in its mixture, and the
 leave-one-out oracle at several lambdas, over a few seeds, on a strongly front-biased
 collection. Prints IV (view variety, nats; the collection itself has IV 1.13 at kappa 4
-over 8 bins, the object seen uniformly log 8 = 2.08) and the pixel spread across images,
+over 8 bins, the object seen uniformly log 8 = 2.08), IQ (mean entropy of each image's view
+prediction: lower = each image is clearly some view) and the pixel spread across images,
 and writes a PNG with every method's final images (one row per method) for a person to look
 at. Optionally (``--learned``) the learned pixel-UNet eps_psi ESD at lambda 1 and VSD, which
 cost ~100x more here.
@@ -57,23 +58,25 @@ def main() -> None:
 
     rows, grids, record = [], [], {}
     for name, make in methods.items():
-        ivs, spreads, secs = [], [], []
+        ivs, iqs, spreads, secs = [], [], [], []
         for seed in range(args.seeds):
             t0 = time.perf_counter()
             res = distill_images(prior, classifiers, args.object, make(), n=args.n, steps=args.steps, seed=seed)
             secs.append(time.perf_counter() - t0)
             ivs.append(res.iv)
+            iqs.append(res.iq)
             spreads.append(res.spread)
             if seed == 0:
                 grids.append((res.images.permute(0, 2, 3, 1).numpy() * 255).round().astype(np.uint8))
-        record[name] = {"iv": ivs, "spread": spreads, "seconds": secs}
-        rows.append((name, statistics.mean(ivs), min(ivs), max(ivs), statistics.mean(spreads), statistics.mean(secs)))
-        print(f"{name:32s} IV {rows[-1][1]:.3f} [{rows[-1][2]:.3f}, {rows[-1][3]:.3f}]  spread {rows[-1][4]:.3f}  {rows[-1][5]:.1f} s/run", flush=True)
+        record[name] = {"iv": ivs, "iq": iqs, "spread": spreads, "seconds": secs}
+        rows.append((name, statistics.mean(ivs), min(ivs), max(ivs), statistics.mean(spreads), statistics.mean(secs), statistics.mean(iqs)))
+        print(f"{name:32s} IV {rows[-1][1]:.3f} [{rows[-1][2]:.3f}, {rows[-1][3]:.3f}]  IQ {rows[-1][6]:.3f}  spread {rows[-1][4]:.3f}  "
+              f"{rows[-1][5]:.1f} s/run", flush=True)
 
     print(f"\n{args.n} free images, {args.steps} steps, kappa {args.kappa:g}, {args.seeds} seeds; IV mean [min, max]")
-    print("| method | IV | spread |\n|---|---|---|")
-    for name, mean_iv, lo, hi, spread, _ in rows:
-        print(f"| {name} | {mean_iv:.3f} [{lo:.3f}, {hi:.3f}] | {spread:.3f} |")
+    print("| method | IV | IQ (lower = each image a clearer view) | spread |\n|---|---|---|---|")
+    for name, mean_iv, lo, hi, spread, _, iq in rows:
+        print(f"| {name} | {mean_iv:.3f} [{lo:.3f}, {hi:.3f}] | {iq:.3f} | {spread:.3f} |")
     Image.fromarray(np.concatenate([np.concatenate(list(g), axis=1) for g in grids], axis=0)).save(args.out)
     print(f"images (rows: {', '.join(methods)}) -> {args.out}")
     if args.json:

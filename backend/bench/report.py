@@ -18,7 +18,7 @@ from typing import Any, Optional, Sequence
 
 import numpy as np
 
-from .config import BenchConfig, bias_kappa, bias_label
+from .config import BenchConfig, MethodSpec, bias_kappa, bias_label
 
 #: (key, column title, better direction) in the order of the tables
 METRICS = (
@@ -283,33 +283,46 @@ def plot_lambda(path: Path, config: BenchConfig, records: list[dict[str, Any]], 
     with SDS, SDS with view-dependent prompts, ESD-exact and the ground truth as references.
     The front-feature count is shown as shares of runs (0 = erased, 1 = right, >= 2 = Janus),
     since its mean hides the two opposite failures."""
-    lam_specs = [m for m in config.methods if m.method in ("vsd", "esd")]
+    lam_specs = [m for m in config.methods if m.method in ("vsd", "esd", "esd-exact")]
     if not lam_specs:
         return None
+
+    def series_of(spec: MethodSpec) -> str:
+        family = "ESD-exact" if spec.method == "esd-exact" else "ESD"
+        return family + (" + vd" if spec.overrides.get("view_dependent") else "")
+
+    series: dict[str, list[MethodSpec]] = {}
+    for m in lam_specs:
+        series.setdefault(series_of(m), []).append(m)
     plt = _plt()
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.9))
     colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    markers = ("o", "s", "D", "P")
     for bi, bias in enumerate(config.biases):
         b = bias_label(bias)
         c = colours[bi % len(colours)]
-        lams, ivs, iv_sd, zero, one, janus = [], [], [], [], [], []
-        for m in sorted(lam_specs, key=lambda s: s.lam):
-            rs = [r for r in records if r["bias"] == b and r["method"] == m.name]
-            if not rs:
-                continue
-            g = _group(rs)
-            lams.append(m.lam)
-            ivs.append(g["iv"]["mean"])
-            iv_sd.append(g["iv"]["std"])
-            f = g["front_is_one"]
-            zero.append(f["zero"] / f["n"])
-            one.append(f["count"] / f["n"])
-            janus.append(f["two_or_more"] / f["n"])
-        if lams:
-            axes[0].errorbar(lams, ivs, yerr=iv_sd, marker="o", capsize=3, color=c, label=f"ESD ({b}; 0 = VSD)")
-            axes[1].plot(lams, zero, marker="v", color=c, label=f"0 fronts, ESD ({b})")
-            axes[1].plot(lams, janus, marker="^", ls="--", color=c, label=f">= 2 fronts, ESD ({b})")
-            axes[2].plot(lams, one, marker="o", color=c, label=f"ESD ({b})")
+        for si, (label, specs) in enumerate(series.items()):
+            lams, ivs, iv_sd, zero, one, janus = [], [], [], [], [], []
+            for m in sorted(specs, key=lambda s: s.lam):
+                rs = [r for r in records if r["bias"] == b and r["method"] == m.name]
+                if not rs:
+                    continue
+                g = _group(rs)
+                lams.append(m.lam)
+                ivs.append(g["iv"]["mean"])
+                iv_sd.append(g["iv"]["std"])
+                f = g["front_is_one"]
+                zero.append(f["zero"] / f["n"])
+                one.append(f["count"] / f["n"])
+                janus.append(f["two_or_more"] / f["n"])
+            if not lams or (len(lams) < 2 and label.startswith("ESD-exact")):
+                continue  # a single ESD-exact lambda is drawn as a reference line below
+            mk = markers[si % len(markers)]
+            zero_note = "; 0 = VSD" if label.startswith("ESD") and not label.startswith("ESD-exact") else ""
+            axes[0].errorbar(lams, ivs, yerr=iv_sd, marker=mk, capsize=3, color=c, label=f"{label} ({b}{zero_note})")
+            axes[1].plot(lams, zero, marker="v", color=c, label=f"0 fronts, {label} ({b})")
+            axes[1].plot(lams, janus, marker="^", ls="--", color=c, label=f">= 2 fronts, {label} ({b})")
+            axes[2].plot(lams, one, marker=mk, color=c, label=f"{label} ({b})")
         for name, style in (("sds", "--"), ("sds-vd", "-."), ("esd-exact", ":")):
             rs = [r for r in records if r["bias"] == b and r["method"] == name]
             if rs:
