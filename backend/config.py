@@ -201,32 +201,31 @@ class GenerateConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "GenerateConfig":
-        if not isinstance(data, dict):
-            raise ConfigError(f"a job must be an object, got {type(data).__name__}")
-        names = {f.name for f in fields(cls)}
-        unknown = set(data) - names
-        if unknown:
-            raise ConfigError(f"unknown job fields: {', '.join(sorted(unknown))}")
-        if "prompt" not in data:
-            raise ConfigError("prompt is required")
-        kwargs = dict(data)
-        if "export" in kwargs:
-            kwargs["export"] = export_config_from_dict(kwargs["export"])
-        return cls(**kwargs).validate()
+        return record_from_dict(cls, data, "job", nested={"export": export_config_from_dict}, required=("prompt",))
 
 
-def record_from_dict(cls: type, data: Any, what: str, error: type[Exception] = ConfigError) -> Any:
-    """``cls(**data).validate()`` for a JSON object ``data`` describing ``what``; an instance of
-    ``cls`` passes through, anything else or an unknown field raises ``error``."""
+def record_from_dict(cls: type, data: Any, what: str, error: type[Exception] = ConfigError,
+                     nested: Optional[dict[str, Any]] = None, required: tuple[str, ...] = ()) -> Any:
+    """``cls(**data).validate()`` for a JSON object ``data`` describing ``what`` ("job", "export").
+
+    An instance of ``cls`` passes through; anything but an object, an unknown field or a missing
+    ``required`` one raises ``error``; ``nested`` maps a field to the function that builds it."""
     if isinstance(data, cls):
         return data
     if not isinstance(data, dict):
-        raise error(f"{what} must be an object")
+        raise error(f"{what} must be an object, got {type(data).__name__}")
     names = {f.name for f in fields(cls)}
     unknown = set(data) - names
     if unknown:
         raise error(f"unknown {what} fields: {', '.join(sorted(unknown))}; allowed: {', '.join(sorted(names))}")
-    return cls(**data).validate()
+    for name in required:
+        if name not in data:
+            raise error(f"{name} is required")
+    kwargs = dict(data)
+    for name, build in (nested or {}).items():
+        if name in kwargs:
+            kwargs[name] = build(kwargs[name])
+    return cls(**kwargs).validate()
 
 
 def export_config_from_dict(data: Any) -> ExportConfig:

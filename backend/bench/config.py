@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
@@ -251,16 +251,7 @@ class BenchConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "BenchConfig":
-        if not isinstance(data, dict):
-            raise BenchConfigError(f"a benchmark config must be a JSON object, got {type(data).__name__}")
-        names = {f.name for f in fields(cls)}
-        unknown = set(data) - names
-        if unknown:
-            raise BenchConfigError(f"unknown benchmark config fields: {', '.join(sorted(unknown))}; allowed: {', '.join(sorted(names))}")
-        kwargs = dict(data)
-        if "variance" in kwargs:
-            kwargs["variance"] = variance_from_dict(kwargs["variance"])
-        return cls(**kwargs).validate()
+        return record_from_dict(cls, data, "benchmark config", BenchConfigError, nested={"variance": variance_from_dict})
 
     @classmethod
     def from_file(cls, path: str | Path) -> "BenchConfig":
