@@ -83,9 +83,13 @@ class VIEW3D_PT_distill3d_method(_Distill3DPanel, bpy.types.Panel):
         layout.use_property_decorate = False
         layout.row().prop(settings, "method", expand=True)
         col = layout.column()
-        if settings.method == "esd":
+        if settings.method in ("esd", "esd-exact"):
             col.prop(settings, "lam")
         col.prop(settings, "prior")
+        if settings.method == "esd-exact" and settings.prior != "reference":
+            row = col.row()
+            row.alert = True
+            row.label(text="ESD exact needs the reference world", icon="ERROR")
         if settings.prior == "sd":
             col.prop(settings, "model")
         row = col.row(heading="Guidance")

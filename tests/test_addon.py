@@ -120,6 +120,14 @@ def test_extension_registers_and_unregisters_cleanly(blender):
         blender.enable()
 
 
+def test_every_method_and_prior_the_panel_offers_is_one_the_backend_runs(blender):
+    from distill3d.config import METHODS, PRIORS
+
+    props = blender.submodule("properties")
+    assert {item[0] for item in props.METHOD_ITEMS} == set(METHODS)
+    assert {item[0] for item in props.PRIOR_ITEMS} == set(PRIORS)
+
+
 def test_settings_stored_on_a_result_load_back_into_the_panel(blender):
     bpy = blender.bpy
     props = blender.submodule("properties")
