@@ -82,27 +82,11 @@ def check_texture_size(size) -> int:
     return size
 
 
-@dataclass
-class Mesh:
-    """A triangle mesh, optionally with per-vertex RGBA colours."""
+class _TriangleQueries:
+    """Geometry queries shared by :class:`Mesh` and :class:`TexturedMesh` (``vertices``, ``faces``)."""
 
     vertices: np.ndarray
     faces: np.ndarray
-    vertex_colors: Optional[np.ndarray] = None
-
-    def __post_init__(self) -> None:
-        self.vertices = check_vertices(self.vertices)
-        self.faces = check_faces(self.faces, len(self.vertices))
-        if self.vertex_colors is not None:
-            c = _as_array("vertex_colors", self.vertex_colors, 4)
-            if len(c) != len(self.vertices):
-                raise ExportError(f"vertex_colors has {len(c)} rows but the mesh has {len(self.vertices)} vertices")
-            if c.dtype != np.uint8:
-                if np.issubdtype(c.dtype, np.integer) and c.min() >= 0 and c.max() <= 255:
-                    c = c.astype(np.uint8)
-                else:
-                    raise ExportError(f"vertex_colors must be uint8 RGBA (0..255), got {c.dtype}")
-            self.vertex_colors = np.ascontiguousarray(c)
 
     @property
     def num_vertices(self) -> int:
@@ -125,7 +109,30 @@ class Mesh:
 
 
 @dataclass
-class TexturedMesh:
+class Mesh(_TriangleQueries):
+    """A triangle mesh, optionally with per-vertex RGBA colours."""
+
+    vertices: np.ndarray
+    faces: np.ndarray
+    vertex_colors: Optional[np.ndarray] = None
+
+    def __post_init__(self) -> None:
+        self.vertices = check_vertices(self.vertices)
+        self.faces = check_faces(self.faces, len(self.vertices))
+        if self.vertex_colors is not None:
+            c = _as_array("vertex_colors", self.vertex_colors, 4)
+            if len(c) != len(self.vertices):
+                raise ExportError(f"vertex_colors has {len(c)} rows but the mesh has {len(self.vertices)} vertices")
+            if c.dtype != np.uint8:
+                if np.issubdtype(c.dtype, np.integer) and c.min() >= 0 and c.max() <= 255:
+                    c = c.astype(np.uint8)
+                else:
+                    raise ExportError(f"vertex_colors must be uint8 RGBA (0..255), got {c.dtype}")
+            self.vertex_colors = np.ascontiguousarray(c)
+
+
+@dataclass
+class TexturedMesh(_TriangleQueries):
     """A triangle mesh with per-vertex UVs and an RGBA texture (vertices split at UV seams)."""
 
     vertices: np.ndarray
@@ -152,22 +159,8 @@ class TexturedMesh:
         self.texture = np.ascontiguousarray(tex)
 
     @property
-    def num_vertices(self) -> int:
-        return len(self.vertices)
-
-    @property
-    def num_faces(self) -> int:
-        return len(self.faces)
-
-    @property
     def texture_size(self) -> int:
         return int(self.texture.shape[0])
-
-    def face_normals(self) -> np.ndarray:
-        return _face_normals(self.vertices, self.faces)
-
-    def signed_volume(self) -> float:
-        return _signed_volume(self.vertices, self.faces)
 
 
 def _face_cross(vertices: np.ndarray, faces: np.ndarray) -> np.ndarray:
