@@ -115,8 +115,9 @@ def _table(rows: dict[str, dict[str, Any]], truth: Optional[dict[str, float]], c
         f1 = g["front_is_one"]
         c = cost.get(name, {})
         rel = c.get("relative_to_sds", math.nan)
+        rel_text = f" ({rel:.2f}×)" if math.isfinite(rel) else ""  # (no SDS run in the benchmark to compare with)
         lines.append(f"| {name} | " + " | ".join(cells) + f" | {f1['zero']} / {f1['count']} / {f1['two_or_more']} of {f1['n']} | "
-                     f"{g['seconds_per_iteration']['mean']:.3f} ({rel:.2f}×) |")
+                     f"{g['seconds_per_iteration']['mean']:.3f}{rel_text} |")
     return lines
 
 
@@ -124,7 +125,7 @@ def headline(config: BenchConfig, summary: dict[str, Any], variance: dict[str, A
     """Plain statements of what the numbers say about the papers' claims."""
     lines: list[str] = []
     names = [m.name for m in config.methods]
-    esd_names = [m.name for m in config.methods if m.method == "esd"]
+    esd_specs = [m for m in config.methods if m.method in ("esd", "esd-exact")]
     for bias in config.biases:
         b = bias_label(bias)
         ov = summary[b]["overall"]
@@ -137,15 +138,18 @@ def headline(config: BenchConfig, summary: dict[str, Any], variance: dict[str, A
         def one(n):
             return f"{ov[n]['front_is_one']['count']}/{ov[n]['front_is_one']['n']}" if n in ov else "–"
 
-        parts = [f"{n}: IV {iv(n):.3f}, front = 1 in {one(n)}" for n in ["sds", "sds-vd", "vsd", *esd_names, "esd-exact", "ssd"] if n in ov]
+        parts = [f"{n}: IV {iv(n):.3f}, front = 1 in {one(n)}" for n in names if n in ov]
         lines.append(f"- **{b} bias**: " + "; ".join(parts) + ".")
-        for esd in esd_names:
-            if esd in ov and "sds" in ov and "vsd" in ov:
-                raise_iv = iv(esd) > max(iv("sds"), iv("vsd"))
-                more_one = ov[esd]["front_is_one"]["count"] > max(ov["sds"]["front_is_one"]["count"], ov["vsd"]["front_is_one"]["count"])
-                lines.append(f"  - {esd} vs SDS and VSD: IV {'higher' if raise_iv else 'NOT higher'} "
-                             f"({iv(esd):.3f} vs {iv('sds'):.3f} / {iv('vsd'):.3f}); front = 1 "
-                             f"{'more often' if more_one else 'NOT more often'} ({one(esd)} vs {one('sds')} / {one('vsd')}).")
+        for spec in esd_specs:
+            suffix = "-vd" if spec.overrides.get("view_dependent") else ""  # compare like with like
+            baselines = [n for n in ("sds" + suffix, "vsd" + suffix) if n in ov]
+            if spec.name not in ov or not baselines:
+                continue
+            raise_iv = iv(spec.name) > max(iv(n) for n in baselines)
+            more_one = ov[spec.name]["front_is_one"]["count"] > max(ov[n]["front_is_one"]["count"] for n in baselines)
+            lines.append(f"  - {spec.name} vs {' and '.join(baselines)}: IV {'higher' if raise_iv else 'NOT higher'} "
+                         f"({iv(spec.name):.3f} vs {' / '.join(f'{iv(n):.3f}' for n in baselines)}); front = 1 "
+                         f"{'more often' if more_one else 'NOT more often'} ({one(spec.name)} vs {' / '.join(one(n) for n in baselines)}).")
     ratios = [p["ratio"] for obj in variance.values() for p in obj.get("ssd", []) if p["step"] > 0]
     if ratios:
         lo = min(ratios)
@@ -154,7 +158,13 @@ def headline(config: BenchConfig, summary: dict[str, Any], variance: dict[str, A
         lines.append(f"- **SSD gradient variance / SDS** at the same fields (steps > 0 of the SSD runs): {lo:.4f} to {hi:.4f} over "
                      f"{len(ratios)} checkpoints; the 95% interval lies below 1 at {below} of them.")
     cost = summary["cost"]
-    lines.append("- **Cost per iteration relative to SDS**: " + ", ".join(f"{n} {cost[n]['relative_to_sds']:.2f}×" for n in names if n in cost) + ".")
+    relative = [n for n in names if n in cost and math.isfinite(cost[n].get("relative_to_sds", math.nan))]
+    if relative:
+        lines.append("- **Cost per iteration relative to SDS**: " + ", ".join(f"{n} {cost[n]['relative_to_sds']:.2f}×" for n in relative) + ".")
+    else:
+        timed = [n for n in names if n in cost]
+        if timed:
+            lines.append("- **Seconds per iteration** (no SDS run to compare with): " + ", ".join(f"{n} {cost[n]['mean']:.3f}" for n in timed) + ".")
     return lines
 
 
