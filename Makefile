@@ -24,7 +24,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(PY) -m distill3d generate "a rubber duck" --prior reference --method sds --out $(DEMO_OUT)
+	$(PY) -m distill3d generate "a rubber duck" --prior reference --method esd-exact --lam 1 --view-dependent --out $(DEMO_OUT)
 
 test: $(STAMP)
 	$(PY) -m pytest
