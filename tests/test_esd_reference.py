@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from distill3d.cameras import turntable
-from distill3d.config import GenerateConfig
+from distill3d.config import ConfigError, GenerateConfig
 from distill3d.distill import SDS, make_estimator
 from distill3d.distill.base import DistillBatch
 from distill3d.distill.esd import ESD, ESDExact, EstimatorError, VSD
@@ -174,3 +174,8 @@ def test_factory_builds_esd_exact(prior):
     cfg = GenerateConfig(prompt="a mug", prior="reference", method="esd-exact", lam=0.7).validate()
     est = make_estimator("esd-exact", prior, cfg)
     assert isinstance(est, ESDExact) and est.lam == 0.7
+    assert est.bank_size == 0 and est.leave_one_out  # q over the current batch, each render left out
+    cfg = GenerateConfig(prompt="a mug", prior="reference", method="esd-exact", esd_exact_bank=6).validate()
+    assert make_estimator("esd-exact", prior, cfg).bank_size == 6
+    with pytest.raises(ConfigError, match="esd_exact_bank"):
+        GenerateConfig(prompt="a mug", method="esd-exact", esd_exact_bank=-1).validate()
