@@ -119,9 +119,14 @@ class RadianceField(torch.nn.Module, abc.ABC):
 
     default_normal_method = "finite_difference"
     normal_methods: tuple[str, ...] = ("finite_difference", "autograd")
+    config_class: type[FieldConfig] = FieldConfig  # the subclass's config (built from keyword options)
 
-    def __init__(self, config: FieldConfig) -> None:
+    def __init__(self, config: Optional[FieldConfig] = None, **options: Any) -> None:
         super().__init__()
+        if config is None:
+            config = self.config_class.from_options(options)
+        elif options:
+            raise FieldError(f"pass either a {self.config_class.__name__} or keyword options, not both")
         config.validate()
         if config.normal_method == "auto":
             config.normal_method = self.pick_default_normal_method(config)

@@ -55,13 +55,11 @@ class DenseGridField(RadianceField):
     """A dense grid of density/albedo logits (or features + MLP); see the module docstring."""
 
     normal_methods = ("analytic", "grid", "finite_difference", "autograd")
+    config_class = DenseGridConfig
 
     def __init__(self, config: DenseGridConfig | None = None, **options) -> None:
-        if config is None:
-            config = DenseGridConfig.from_options(options)
-        elif options:
-            raise FieldError("pass either a DenseGridConfig or keyword options, not both")
-        super().__init__(config)
+        super().__init__(config, **options)
+        config = self.config
         r = config.resolution
         self.resolution = r
         if config.features == 0:

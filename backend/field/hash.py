@@ -111,12 +111,11 @@ class HashGridConfig(FieldConfig):
 class HashGridField(RadianceField):
     """Hash encoding + density MLP + albedo MLP; see the module docstring."""
 
+    config_class = HashGridConfig
+
     def __init__(self, config: HashGridConfig | None = None, **options) -> None:
-        if config is None:
-            config = HashGridConfig.from_options(options)
-        elif options:
-            raise FieldError("pass either a HashGridConfig or keyword options, not both")
-        super().__init__(config)
+        super().__init__(config, **options)
+        config = self.config
         self.encoding = HashEncoding(config.levels, config.features_per_level, config.log2_table_size, config.base_resolution, config.max_resolution)
         d = self.encoding.output_dim
         self.density_net = torch.nn.Sequential(torch.nn.Linear(d, config.hidden), torch.nn.ReLU(inplace=True), torch.nn.Linear(config.hidden, 1))
