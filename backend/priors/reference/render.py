@@ -193,20 +193,14 @@ def render_object(
     changes coverage, colour or depth (silhouettes, painted edges, occlusion edges).
     On the CPU the tracing runs under :func:`cpu_threads_for_tracing`.
     """
-    if cameras.device.type == "cpu":
-        with cpu_threads_for_tracing():
-            return _render_object(obj, cameras, resolution, supersample, background, max_rays_per_chunk)
-    return _render_object(obj, cameras, resolution, supersample, background, max_rays_per_chunk)
+    with cpu_threads_for_tracing() if cameras.device.type == "cpu" else contextlib.nullcontext():
+        return _render_object(obj, cameras, resolution, supersample, background, max_rays_per_chunk)
 
 
 @torch.no_grad()
 def _render_object(
-    obj: ReferenceObject,
-    cameras: CameraBatch,
-    resolution: int,
-    supersample: int = 2,
-    background: tuple[float, float, float] = BACKGROUND_COLOR,
-    max_rays_per_chunk: int = 1 << 18,
+    obj: ReferenceObject, cameras: CameraBatch, resolution: int, supersample: int,
+    background: tuple[float, float, float], max_rays_per_chunk: int,
 ) -> dict[str, torch.Tensor]:
     global RENDER_CALLS
     if isinstance(resolution, bool) or not isinstance(resolution, int) or resolution <= 0:
