@@ -6,12 +6,12 @@ fields and bad values with :class:`ConfigError`, whose message names the field.
 
 from __future__ import annotations
 
-import math
 from dataclasses import asdict, dataclass, fields
 from dataclasses import field as dc_field
 from typing import Any, Optional
 
 from .cameras import CameraError, camera_source_from_dict
+from .checks import check_choice, check_number
 
 PRIORS = ("reference", "sd")
 METHODS = ("sds", "vsd", "esd", "esd-exact", "ssd")
@@ -32,23 +32,11 @@ def _is_pow2(n: int) -> bool:
 
 
 def _num(name: str, value: Any, lo: float | None = None, hi: float | None = None, integer: bool = False, lo_open: bool = False) -> Any:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise ConfigError(f"{name} must be a number, got {value!r}")
-    if integer and (not float(value).is_integer()):
-        raise ConfigError(f"{name} must be an integer, got {value!r}")
-    if not math.isfinite(value):
-        raise ConfigError(f"{name} must be finite, got {value!r}")
-    if lo is not None and (value < lo or (lo_open and value == lo)):
-        raise ConfigError(f"{name} must be {'>' if lo_open else '>='} {lo}, got {value!r}")
-    if hi is not None and value > hi:
-        raise ConfigError(f"{name} must be <= {hi}, got {value!r}")
-    return int(value) if integer else float(value)
+    return check_number(name, value, lo, hi, integer=integer, lo_open=lo_open, error=ConfigError)
 
 
 def _choice(name: str, value: Any, choices: tuple[str, ...]) -> str:
-    if value not in choices:
-        raise ConfigError(f"{name} must be one of {', '.join(choices)}; got {value!r}")
-    return value
+    return check_choice(name, value, choices, error=ConfigError)
 
 
 @dataclass

@@ -19,12 +19,13 @@ shares:
 from __future__ import annotations
 
 import abc
-import math
 from dataclasses import dataclass, fields
 from typing import Any, NamedTuple, Optional
 
 import torch
 import torch.nn.functional as F
+
+from .. import checks
 
 DENSITY_ACTIVATIONS = ("softplus", "trunc_exp")
 BLOB_SHAPES = ("none", "magic3d", "gaussian")
@@ -37,23 +38,11 @@ class FieldError(ValueError):
 
 def check_number(name: str, value: Any, lo: float | None = None, hi: float | None = None, *, integer: bool = False, lo_open: bool = False) -> Any:
     """Validate one numeric option; raises :class:`FieldError` naming it."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise FieldError(f"{name} must be a number, got {value!r}")
-    if not math.isfinite(value):
-        raise FieldError(f"{name} must be finite, got {value!r}")
-    if integer and not float(value).is_integer():
-        raise FieldError(f"{name} must be an integer, got {value!r}")
-    if lo is not None and (value < lo or (lo_open and value == lo)):
-        raise FieldError(f"{name} must be {'>' if lo_open else '>='} {lo}, got {value!r}")
-    if hi is not None and value > hi:
-        raise FieldError(f"{name} must be <= {hi}, got {value!r}")
-    return int(value) if integer else float(value)
+    return checks.check_number(name, value, lo, hi, integer=integer, lo_open=lo_open, error=FieldError)
 
 
 def check_choice(name: str, value: Any, choices: tuple[str, ...]) -> str:
-    if value not in choices:
-        raise FieldError(f"{name} must be one of {', '.join(choices)}; got {value!r}")
-    return value
+    return checks.check_choice(name, value, choices, error=FieldError)
 
 
 @dataclass

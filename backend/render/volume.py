@@ -63,6 +63,7 @@ import torch.nn.functional as F
 from nerfacc.volrend import accumulate_along_rays, render_weight_from_density, rendering
 
 from ..cameras import CameraBatch, turntable
+from ..checks import check_number
 from ..field import Background, RadianceField
 
 log = logging.getLogger(__name__)
@@ -78,13 +79,7 @@ class RenderError(ValueError):
 
 
 def _num(name: str, value: Any, lo: float, hi: float, *, integer: bool = False, lo_open: bool = False) -> Any:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise RenderError(f"{name} must be a finite number, got {value!r}")
-    if integer and not float(value).is_integer():
-        raise RenderError(f"{name} must be an integer, got {value!r}")
-    if value < lo or value > hi or (lo_open and value == lo):
-        raise RenderError(f"{name} must lie in {'(' if lo_open else '['}{lo}, {hi}], got {value!r}")
-    return int(value) if integer else float(value)
+    return check_number(name, value, lo, hi, integer=integer, lo_open=lo_open, error=RenderError)
 
 
 @dataclass
