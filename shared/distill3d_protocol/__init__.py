@@ -30,14 +30,13 @@ ping/pong   c / s    t (echoed); pong: server_version, protocol
 """
 
 from .codec import Message, decode, encode, error_frames
-from .errors import PROTOCOL_ERROR_CODES, SERVER_ERROR_CODES, ProtocolError
+from .errors import PROTOCOL_ERROR_CODES, SERVER_ERROR_CODES, ConfigError, Distill3DError, ProtocolError
+from .jobconfig import CONFIG_VERSION, FIELDS, METHODS, PRIORS, JobConfig, job_schema, parse_job
 from .mesh import MeshPayload, image_from_message, mesh_arrays, mesh_from_message
 from .schema import (
     ARRAY_SLOTS,
     CAMERA_DISTRIBUTION_FIELDS,
     CLIENT_TO_SERVER,
-    EXPORT_FIELDS,
-    JOB_FIELDS,
     JOB_ID_RE,
     JOB_INFO_FIELDS,
     JOB_STATES,
@@ -55,8 +54,15 @@ __all__ = [
     "ARRAY_SLOTS",
     "CAMERA_DISTRIBUTION_FIELDS",
     "CLIENT_TO_SERVER",
-    "EXPORT_FIELDS",
-    "JOB_FIELDS",
+    "CONFIG_VERSION",
+    "ConfigError",
+    "Distill3DError",
+    "FIELDS",
+    "JobConfig",
+    "METHODS",
+    "PRIORS",
+    "job_schema",
+    "parse_job",
     "JOB_ID_RE",
     "JOB_INFO_FIELDS",
     "JOB_STATES",

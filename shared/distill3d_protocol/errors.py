@@ -1,4 +1,9 @@
-"""The one exception type of the wire protocol."""
+"""The error classes every layer of distill3d shares.
+
+:class:`Distill3DError` is the base of every error a user can act on (bad input, missing
+weights, a full disk): the CLI and the server print its message without a traceback; any
+other exception is a bug and is logged with its traceback.
+"""
 
 from __future__ import annotations
 
@@ -30,7 +35,15 @@ SERVER_ERROR_CODES = (
 )
 
 
-class ProtocolError(ValueError):
+class Distill3DError(Exception):
+    """An error whose message tells the user what to change; no traceback is shown."""
+
+
+class ConfigError(Distill3DError, ValueError):
+    """A job or component setting that is missing, unknown or out of range (names its dotted path)."""
+
+
+class ProtocolError(Distill3DError, ValueError):
     """A message that does not follow the protocol.
 
     ``code`` is a short machine-readable tag (see ``PROTOCOL_ERROR_CODES``), ``message``

@@ -235,8 +235,7 @@ def v_record(spec: Dict[str, F], what: str) -> Validator:
 
 
 # ----------------------------------------------------------------------------- job schema
-# Mirrors distill3d.config.GenerateConfig / ExportConfig field for field (a test keeps them
-# equal). The protocol checks types and coarse ranges; the backend re-validates semantically.
+# The job itself is described once, in jobconfig.py; here: the camera records it carries.
 
 _name = v_str(64, 1, NAME_RE)
 _pair = v_list(v_num(-1e9, 1e9), max_items=2, min_items=2)
@@ -276,64 +275,21 @@ def check_cameras(path: str, value: Any) -> dict:
     return check_record(path, value, CAMERA_DISTRIBUTION_FIELDS, "a camera distribution")
 
 
-EXPORT_FIELDS: Dict[str, F] = {
-    "mc_resolution": F(v_int(1, 4096, True)),
-    "threshold": F(v_optional(v_num(0.0, 1e12))),
-    "textured": F(v_bool),
-    "texture_size": F(v_int(1, MAX_IMAGE_SIDE, True)),
-    "faces": F(v_int(0, 1_000_000_000, True)),
-    "smooth_iterations": F(v_int(0, 100_000, True)),
-    "min_component_fraction": F(v_num(0.0, 1.0)),
-}
+def check_job(path: str, value: Any) -> dict:
+    """A submit's job config (any version's JSON form), checked by the one job description
+    (:mod:`.jobconfig`); the value passes on unchanged, the server parses it once."""
+    from .jobconfig import parse_job
+    from .errors import ConfigError
+
+    v_json_object()(path, value)
+    try:
+        parse_job(value)
+    except ConfigError as exc:
+        raise ProtocolError("bad_field", f"{path}: {exc}") from None
+    return value
+
 
 _count = v_int(0, 1_000_000_000, True)
-_unit = v_num(0.0, 1.0)
-JOB_FIELDS: Dict[str, F] = {
-    "prompt": F(v_str(4000, 1), required=True),
-    "negative_prompt": F(v_str(4000)),
-    "prior": F(_name),
-    "model": F(v_str(1024)),
-    "method": F(_name),
-    "lam": F(_unit),
-    "guidance_scale": F(v_optional(v_num(0.0, 1e4))),
-    "iters": F(v_int(1, 100_000_000, True)),
-    "resolution": F(v_int(1, MAX_IMAGE_SIDE, True)),
-    "batch_size": F(v_int(1, 4096, True)),
-    "seed": F(v_int(0, 2**63 - 1, True)),
-    "view_dependent": F(v_bool),
-    "cameras": F(v_optional(check_cameras)),  # null = the prior's recommended distribution
-    "field": F(_name),
-    "grid_resolution": F(v_int(1, 4096, True)),
-    "samples_per_ray": F(v_int(1, 65_536, True)),
-    "shading": F(_name),
-    "t_schedule": F(_name),
-    "t_min": F(_unit),
-    "t_max": F(_unit),
-    "t_max_final": F(_unit),
-    "weighting": F(_name),
-    "lr": F(v_num(0.0, 1e3)),
-    "lr_background": F(v_num(0.0, 1e3)),
-    "lambda_orient": F(v_num(0.0, 1e9)),
-    "lambda_sparsity": F(v_num(0.0, 1e9)),
-    "esd_exact_bank": F(_count),
-    "ssd_mu": F(_name),
-    "ssd_depth_on": F(_name),
-    "lora_rank": F(v_int(1, 4096, True)),
-    "lora_lr": F(v_num(0.0, 1e3)),
-    "p_null": F(_unit),
-    "preview_every": F(_count),
-    "preview_resolution": F(v_int(1, 4096, True)),
-    "checkpoint_every": F(_count),
-    "device": F(_name),
-    "cpu_threads": F(v_int(0, 1024, True)),
-    "export": F(v_record(EXPORT_FIELDS, "export options")),
-}
-
-
-def check_job(path: str, value: Any) -> dict:
-    """Coarse check of a submit job config (the JSON form of GenerateConfig)."""
-    return check_record(path, value, JOB_FIELDS, "a job")
-
 
 # ----------------------------------------------------------------------------- job info
 # One job as reported by ``list``, ``status`` and ``fetch`` replies.

