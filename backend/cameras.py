@@ -21,6 +21,8 @@ serialise to the same JSON-able dict form that the add-on sends
 
 from __future__ import annotations
 
+from distill3d_protocol.errors import Distill3DError
+
 import math
 from dataclasses import asdict, dataclass, field
 from typing import Any, Sequence
@@ -29,7 +31,7 @@ import numpy as np
 import torch
 
 
-class CameraError(ValueError):
+class CameraError(Distill3DError, ValueError):
     """A camera distribution or rig that cannot be used."""
 
 

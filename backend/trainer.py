@@ -1,20 +1,21 @@
-"""The optimisation loop: render, distil, step; events through callbacks; checkpoints; export.
+"""The optimisation loop: render, distil, step; events through callbacks; checkpoints.
 
-One :class:`Trainer` serves every prior and every estimator. The CLI, the server and the
-benchmark drive it through :class:`TrainerCallbacks` (progress every step, a preview mesh
-every ``preview_every`` steps) and a ``threading.Event`` checked once per iteration.
-:func:`generate` runs a trainer and writes the job's files (GLB, preview PNG, summary).
+One :class:`Trainer` serves every prior and every estimator. It takes a validated
+:class:`~distill3d.config.JobConfig` and builds its parts from the registries (prior loader,
+field, estimator with its schedule). The CLI, the server and the benchmark drive it through
+:class:`TrainerCallbacks` (progress every step, a preview mesh every ``preview.every`` steps)
+and a ``threading.Event`` checked once per iteration. Writing a job's files is
+:mod:`distill3d.job`'s work.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import shutil
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Optional
 
@@ -23,9 +24,16 @@ import torch
 import torch.nn.functional as F
 
 from .cameras import CameraBatch, CameraDistribution, camera_source_from_dict, turntable
-from .config import GenerateConfig
+from .config import JobConfig
+from .device import resolve_device
+from .distill import make_estimator
 from .distill.base import DistillBatch, Estimator
+from .field import Background, field_from_config
+from .field.dense import DenseGridConfig
+from .field.hash import HashGridConfig
 from .priors.base import Prior
+from .priors.factory import load_prior
+from .render import VolumeRenderer
 
 log = logging.getLogger(__name__)
 
@@ -56,130 +64,41 @@ class TrainResult:
     losses: dict[str, float]
 
 
-@dataclass
-class GenerationResult:
-    mesh: Any  # distill3d.export.TexturedMesh or Mesh
-    preview_image: np.ndarray  # turntable strip, HxWx3 uint8
-    files: dict[str, Path] = field(default_factory=dict)
-    summary: dict[str, Any] = field(default_factory=dict)
-
-
-# ---------------------------------------------------------------------------- schedules
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("device 'cuda' requested but CUDA is not available on this machine")
-    return torch.device(name)
-
-
-def dreamtime_schedule(alphas_cumprod: torch.Tensor, iters: int, t_min: float, t_max: float, m: float = 500.0, s1: float = 125.0, s2: float = 100.0) -> torch.Tensor:
-    """DreamTime's time-prioritised monotone schedule: t(i) = argmin_t |sum_{t'>=t} p(t') - i/N|
-    with p(t) proportional to sqrt((1 - a_t)/a_t) times a two-sided Gaussian around ``m``
-    (width ``s1`` above m, ``s2`` below). Returns integer timesteps [iters], non-increasing."""
-    ac = alphas_cumprod.double().cpu()
-    T = ac.shape[0]
-    ts = torch.arange(T, dtype=torch.float64)
-    w_d = ((1 - ac) / ac).sqrt()
-    w_p = torch.where(ts > m, torch.exp(-((ts - m) ** 2) / (2 * s1**2)), torch.exp(-((ts - m) ** 2) / (2 * s2**2)))
-    lo, hi = int(round(t_min * (T - 1))), int(round(t_max * (T - 1)))
-    p = w_d * w_p
-    p[:lo] = 0
-    p[hi + 1 :] = 0
-    p = p / p.sum()
-    tail = torch.flip(torch.cumsum(torch.flip(p, [0]), 0), [0])  # tail[t] = sum_{t' >= t} p(t')
-    fractions = (torch.arange(iters, dtype=torch.float64) + 0.5) / iters
-    idx = (tail[None, :] - fractions[:, None]).abs().argmin(dim=1)
-    return idx.clamp(lo, hi).long()
-
-
-class TimestepSampler:
-    """Draws t per iteration: uniform, uniform with t_max annealed linearly, or DreamTime."""
-
-    def __init__(self, config: GenerateConfig, alphas_cumprod: torch.Tensor) -> None:
-        self.kind = config.t_schedule
-        self.T = alphas_cumprod.shape[0]
-        self.iters = config.iters
-        self.t_min, self.t_max, self.t_max_final = config.t_min, config.t_max, config.t_max_final
-        self.dreamtime = dreamtime_schedule(alphas_cumprod, config.iters, config.t_min, config.t_max) if self.kind == "dreamtime" else None
-
-    def range_at(self, step: int) -> tuple[float, float]:
-        if self.kind == "annealed":
-            frac = step / max(self.iters - 1, 1)
-            return self.t_min, self.t_max + (self.t_max_final - self.t_max) * frac
-        return self.t_min, self.t_max
-
-    def sample(self, step: int, batch: int, generator: torch.Generator) -> torch.Tensor:
-        if self.dreamtime is not None:
-            return self.dreamtime[min(step, self.iters - 1)].repeat(batch)
-        lo, hi = self.range_at(step)
-        u = torch.rand(batch, generator=generator, dtype=torch.float64)
-        return ((lo + (hi - lo) * u) * (self.T - 1)).round().long()
-
-
-def timestep_weight(kind: str, alphas_cumprod: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-    """w(t) per sample, shaped [B, 1, 1, 1]."""
-    ac = alphas_cumprod[t.to(alphas_cumprod.device)].view(-1, 1, 1, 1)
-    if kind == "sds":
-        return 1 - ac
-    if kind == "uniform":
-        return torch.ones_like(ac)
-    if kind == "snr":
-        return (ac * (1 - ac)).sqrt()
-    raise ValueError(f"unknown weighting {kind!r}")
-
-
 # ---------------------------------------------------------------------------- building blocks
-def make_prior(config: GenerateConfig, device: torch.device) -> Prior:
-    """The prior a config names. Reference: pixel space at 32 px (renders up to 32) or 64 px."""
-    if config.prior == "reference":
-        from .priors.reference import ReferencePrior
-
-        size = 32 if config.resolution <= 32 else 64
-        return ReferencePrior(resolution=size, device=device)
-    from .priors.stable_diffusion import StableDiffusionPrior
-
-    return StableDiffusionPrior.from_pretrained(config.model or None, device=device)
-
-
-def make_camera_source(config: GenerateConfig, prior: Prior):
-    if config.cameras is not None:
-        return camera_source_from_dict(config.cameras)
-    recommended = getattr(prior, "recommended_cameras", None)
-    return recommended() if recommended is not None else CameraDistribution()
+def make_camera_source(config: JobConfig, prior: Prior):
+    """The job's cameras, or the prior's recommendation when it names none."""
+    return camera_source_from_dict(config.cameras) if config.cameras is not None else prior.recommended_cameras()
 
 
 class Trainer:
     """Optimises a radiance field so its renders score well under a prior (see module doc)."""
 
-    def __init__(self, config: GenerateConfig, callbacks: Optional[TrainerCallbacks] = None, prior: Optional[Prior] = None) -> None:
-        from .distill import make_estimator
-        from .field import Background, make_field
-        from .render import VolumeRenderer
-
-        self.config = config.validate()
+    def __init__(self, config: JobConfig, callbacks: Optional[TrainerCallbacks] = None, prior: Optional[Prior] = None) -> None:
+        self.config = config
         self.callbacks = callbacks or TrainerCallbacks()
         self.device = resolve_device(config.device)
         if self.device.type == "cpu" and config.cpu_threads > 0:
             torch.set_num_threads(config.cpu_threads)  # process-wide: see GenerateConfig.cpu_threads
         torch.manual_seed(config.seed)
         self.generator = torch.Generator(device="cpu").manual_seed(config.seed)
-        self.prior = prior if prior is not None else make_prior(config, self.device)
+        self.prior = prior if prior is not None else load_prior(config, self.device)
         self.prompt = self.prior.embed_prompt(config.prompt, config.negative_prompt, config.view_dependent)
         self.camera_source = make_camera_source(config, self.prior)
-        kind = config.field if config.field != "auto" else ("hash" if self.device.type == "cuda" else "dense")
-        field_options = {"resolution": config.grid_resolution} if kind == "dense" else {}
-        self.field = make_field(kind, **field_options).to(self.device)
-        bg_colour = getattr(self.prior, "background_color", None)
+        field_config = config.field
+        if field_config is None:  # the device's default field
+            field_config = HashGridConfig() if self.device.type == "cuda" else DenseGridConfig()
+        self.field = field_from_config(field_config).to(self.device)
+        bg_colour = self.prior.background_color
         self.background = (Background(kind="solid", color=tuple(bg_colour)) if bg_colour is not None else Background(kind="mlp")).to(self.device)
-        self.renderer = VolumeRenderer(self.field, self.background, samples_per_ray=config.samples_per_ray)
-        self.estimator: Estimator = make_estimator(config.method, self.prior, config)
-        groups = self.field.param_groups(config.lr)
+        self.renderer = VolumeRenderer(self.field, self.background, config=config.renderer)
+        self.estimator: Estimator = make_estimator(self.prior, config)
+        optim = config.optim
+        groups = self.field.param_groups(optim.lr)
         bg_params = [p for p in self.background.parameters() if p.requires_grad]
-        if bg_params and config.lr_background > 0:
-            groups.append({"params": bg_params, "lr": config.lr_background, "name": "background"})
+        if bg_params and optim.lr_background > 0:
+            groups.append({"params": bg_params, "lr": optim.lr_background, "name": "background"})
         self.optimizer = torch.optim.Adam(groups, betas=(0.9, 0.99), eps=1e-15)
-        self.timesteps = TimestepSampler(config, self.prior.alphas_cumprod)
+        self.schedule = self.estimator.schedule
         self.step = 0
         self.timings = {"render": 0.0, "prior": 0.0, "backward": 0.0, "update": 0.0, "preview": 0.0}
         self.last_losses: dict[str, float] = {}
@@ -236,7 +155,7 @@ class Trainer:
     def render_for_prior(self, cameras: CameraBatch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Render at the configured resolution and resize to the prior's input size."""
         cfg = self.config
-        out = self.renderer.render(cameras.to(self.device), cfg.resolution, shading=cfg.shading, generator=self.generator)
+        out = self.renderer.render(cameras.to(self.device), cfg.resolution, shading=cfg.renderer.shading, generator=self.generator)
         size = self.prior.image_size
         images = out["rgb"]
         extras = {k: out[k] for k in ("depth", "opacity") if k in out}
@@ -255,7 +174,7 @@ class Trainer:
         images, extras = self.render_for_prior(cameras)
         x0 = self.prior.encode(images)
         t1 = time.perf_counter()
-        t = self.timesteps.sample(self.step, cfg.batch_size, self.generator).to(self.device)
+        t = self.schedule.sample(self.step, cfg.batch_size, self.generator).to(self.device)
         eps = torch.randn(x0.shape, generator=self.generator, dtype=torch.float32).to(self.device, x0.dtype)
         with torch.no_grad():
             x_t = self.prior.add_noise(x0.detach(), eps, t)
@@ -265,16 +184,16 @@ class Trainer:
             render={k: extras[k].detach() for k in ("rgb", "depth", "opacity") if k in extras},
         )
         direction, logs = self.estimator.direction(batch)
-        grad = timestep_weight(cfg.weighting, self.prior.alphas_cumprod, t).to(x0.dtype) * direction.to(x0.dtype)
+        grad = self.schedule.weight(t).to(x0.dtype) * direction.to(x0.dtype)
         grad = torch.nan_to_num(grad)
         t2 = time.perf_counter()
         target = (x0 - grad).detach()
         loss_distill = 0.5 * F.mse_loss(x0, target, reduction="sum") / cfg.batch_size
         loss = loss_distill
-        if cfg.lambda_orient > 0:
-            loss = loss + cfg.lambda_orient * extras["orientation_loss"]
-        if cfg.lambda_sparsity > 0:
-            loss = loss + cfg.lambda_sparsity * extras["sparsity_loss"]
+        if cfg.optim.lambda_orient > 0:
+            loss = loss + cfg.optim.lambda_orient * extras["orientation_loss"]
+        if cfg.optim.lambda_sparsity > 0:
+            loss = loss + cfg.optim.lambda_sparsity * extras["sparsity_loss"]
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         self.optimizer.step()
@@ -327,7 +246,7 @@ class Trainer:
 
         t0 = time.perf_counter()
         try:
-            mesh = extract_mesh(self.density_fn, self.field.bound, self.config.preview_resolution, self.config.export.threshold)
+            mesh = extract_mesh(self.density_fn, self.field.bound, self.config.preview.resolution, self.config.export.threshold)
             mesh = vertex_colors(mesh, self.albedo_fn)
         except ExportError as exc:
             log.info("no preview at step %d: %s", self.step, exc)
@@ -361,7 +280,7 @@ class Trainer:
             eta = elapsed / max(done, 1) * (cfg.iters - self.step)
             if self.callbacks.on_progress:
                 self.callbacks.on_progress(self.step, cfg.iters, losses, elapsed, eta)
-            if cfg.preview_every and self.step % cfg.preview_every == 0 and self.step < cfg.iters:
+            if cfg.preview.every and self.step % cfg.preview.every == 0 and self.step < cfg.iters:
                 self.preview()
             if checkpoint_dir is not None and cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0:
                 self.save_checkpoint(checkpoint_dir)
@@ -375,69 +294,3 @@ class Trainer:
         from .export import build_final_mesh
 
         return build_final_mesh(self.density_fn, self.albedo_fn, self.field.bound, self.config.export)
-
-
-def generate(
-    config: GenerateConfig,
-    out_dir: Path | str,
-    callbacks: Optional[TrainerCallbacks] = None,
-    cancel: Optional[threading.Event] = None,
-    checkpoint_dir: Optional[Path | str] = None,
-    resume: bool = False,
-    prior: Optional[Prior] = None,
-    keep_checkpoints: bool = False,
-) -> GenerationResult:
-    """Run a job end to end and write result.glb, preview.png and summary.json into ``out_dir``
-    (plus texture.png when textured). Raises :class:`Cancelled` if cancelled."""
-    from .export import TexturedMesh, write_glb, write_turntable_png
-
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    wall0 = time.perf_counter()
-    trainer = Trainer(config, callbacks, prior=prior)
-    trainer.keep_checkpoints = keep_checkpoints
-    setup_s = time.perf_counter() - wall0
-    train = trainer.run(cancel=cancel, checkpoint_dir=Path(checkpoint_dir) if checkpoint_dir else None, resume=resume)
-    t0 = time.perf_counter()
-    mesh = trainer.export()
-    export_s = time.perf_counter() - t0
-    # 128 px for real jobs, smaller for tiny test jobs (rendering it dominates those)
-    images = trainer.turntable_images(8, resolution=int(min(128, max(64, 4 * config.resolution))))
-    preview = np.concatenate(images, axis=1)
-    files = {"glb": out_dir / "result.glb", "preview": out_dir / "preview.png", "summary": out_dir / "summary.json"}
-    write_glb(mesh, files["glb"])
-    write_turntable_png(images, files["preview"])
-    if isinstance(mesh, TexturedMesh):
-        from PIL import Image
-
-        files["texture"] = out_dir / "texture.png"
-        Image.fromarray(mesh.texture).save(files["texture"])
-    summary: dict[str, Any] = {
-        "config": config.to_dict(),
-        "steps": train.steps,
-        "device": str(trainer.device),
-        "timings_s": {"setup": setup_s, "train": train.seconds, **{f"train_{k}": v for k, v in train.timings.items()}, "export": export_s, "total": time.perf_counter() - wall0},
-        "seconds_per_iteration": train.seconds / max(train.steps, 1),
-        "final_losses": train.losses,
-        "mesh": {"vertices": int(len(mesh.vertices)), "faces": int(len(mesh.faces)), "textured": isinstance(mesh, TexturedMesh)},
-    }
-    summary.update(reference_scores(trainer, mesh))
-    files["summary"].write_text(json.dumps(summary, indent=2, default=str))
-    return GenerationResult(mesh=mesh, preview_image=preview, files=files, summary=summary)
-
-
-def reference_scores(trainer: Trainer, mesh) -> dict[str, Any]:
-    """In the reference world the truth is known: Chamfer distance to the object's mesh."""
-    if trainer.config.prior != "reference":
-        return {}
-    try:
-        from .bench.metrics import chamfer_distance_best_rotation
-        from .priors.reference import ground_truth_mesh
-
-        name = trainer.prompt.data if isinstance(trainer.prompt.data, str) else trainer.prior.object_name(trainer.prompt)
-        gt_vertices, gt_faces = ground_truth_mesh(name)
-        chamfer, angle = chamfer_distance_best_rotation(np.asarray(mesh.vertices), np.asarray(mesh.faces), gt_vertices, gt_faces)
-        return {"reference": {"object": name, "chamfer": float(chamfer), "best_rotation_deg": float(angle)}}
-    except Exception as exc:  # scoring is informative only; never fail a job over it
-        log.warning("reference scoring failed: %s", exc)
-        return {}

@@ -211,7 +211,7 @@ def test_hash_encoding_matches_a_direct_per_corner_computation():
 def test_make_field_rejects_unknown_kinds_and_options():
     with pytest.raises(FieldError, match="dense, hash"):
         make_field("voxels")
-    with pytest.raises(FieldError, match="unknown DenseGridConfig options: colour"):
+    with pytest.raises(FieldError, match="dense field: unknown field.s. colour"):
         make_field("dense", colour=3)
     with pytest.raises(FieldError, match="resolution"):
         make_field("dense", resolution=1)

@@ -282,7 +282,7 @@ def test_chunking_does_not_change_the_result():
 
 def test_renderer_rejects_bad_options_and_requests():
     field = make_field("dense", resolution=8)
-    with pytest.raises(RenderError, match="unknown renderer options: sample"):
+    with pytest.raises(RenderError, match="renderer: unknown field.s. sample"):
         VolumeRenderer(field, Background(), sample=3)
     with pytest.raises(RenderError, match="samples_per_ray"):
         VolumeRenderer(field, Background(), samples_per_ray=0)

@@ -19,6 +19,8 @@ message naming the field and what is allowed. JSON form (every key optional)::
 
 from __future__ import annotations
 
+from distill3d_protocol.errors import Distill3DError
+
 import json
 import math
 from dataclasses import asdict, dataclass, field
@@ -28,7 +30,7 @@ from typing import Any, Optional, Sequence
 from ..config import ConfigError, GenerateConfig, record_from_dict
 
 
-class BenchConfigError(ValueError):
+class BenchConfigError(Distill3DError, ValueError):
     """A benchmark setting is missing, unknown or out of range."""
 
 

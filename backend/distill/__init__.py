@@ -1,56 +1,87 @@
-"""Score-distillation gradient estimators (SDS, VSD, ESD, ESD-exact, SSD) and their factory.
+"""Score-distillation gradient estimators (SDS, VSD, ESD, ESD-exact, SSD) and their registry.
 
-Every estimator implements :class:`~distill3d.distill.base.Estimator`. :func:`make_estimator`
-builds the one a :class:`~distill3d.config.GenerateConfig` names. Heavy modules (diffusers,
-peft) are imported only when an estimator that needs them is built.
+Every estimator implements :class:`~distill3d.distill.base.Estimator`. :data:`ESTIMATORS` maps
+each method record of the job description (``distill3d_protocol.jobconfig.METHODS``) to the
+function that builds its estimator; :func:`make_estimator` builds the one a job names and
+gives it the job's timestep schedule. Heavy modules (diffusers, peft) are imported only when
+an estimator that needs them is built.
+
+Adding a method: a record in ``jobconfig.py`` registered in ``METHODS`` (its knobs, bounds and
+help), a builder here decorated with ``@estimator_for(TheRecord)``, and the estimator class.
 """
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from typing import Any, Callable
 
+from ..config import METHODS, ESDConfig, ESDExactConfig, JobConfig, SDSConfig, SSDConfig, VSDConfig
+from ..priors.base import Prior
 from .base import SDS, DistillBatch, Estimator
+from .schedules import TimestepSchedule
 
-__all__ = ["DistillBatch", "Estimator", "SDS", "make_estimator", "ESTIMATORS"]
+__all__ = ["DistillBatch", "ESTIMATORS", "Estimator", "SDS", "TimestepSchedule", "estimator_for", "make_estimator"]
 
-ESTIMATORS = ("sds", "vsd", "esd", "esd-exact", "ssd")
+Builder = Callable[[Prior, Any, JobConfig], Estimator]
+#: the builder of each method record class: ``builder(prior, method_record, job) -> Estimator``
+ESTIMATORS: dict[type, Builder] = {}
 
 
-def make_estimator(method: str, prior: Any, config: Any) -> Estimator:
-    """The estimator for ``method`` bound to ``prior``, configured from a ``GenerateConfig``.
+def estimator_for(record: type) -> Callable[[Builder], Builder]:
+    """Register the builder of the estimator for the method record ``record``."""
 
-    * ``sds``: :class:`SDS`.
-    * ``vsd`` / ``esd``: a learned eps_psi (LoRA for SD, a small UNet in pixel space) with
-      ``config.lora_rank``, ``config.lora_lr``, ``config.p_null``; ESD uses ``config.lam``
-      (the paper's lambda, weight of the null-camera term; see :mod:`distill3d.distill.esd`).
-    * ``esd-exact``: the exact oracle (reference prior only), lambda = ``config.lam``, leave-one-out
-      over the current batch plus ``config.esd_exact_bank`` earlier renders.
-    * ``ssd``: provided by :mod:`distill3d.distill.ssd`, which must expose
-      ``make_ssd(prior, config) -> Estimator`` (or a class ``SSD`` with ``from_config``).
-    """
-    if method == "sds":
-        return SDS(prior)
-    if method in ("vsd", "esd"):
-        from .esd import ESD, VSD
-        from .learned_score import make_learned_score
+    def add(builder: Builder) -> Builder:
+        ESTIMATORS[record] = builder
+        return builder
 
-        learned = make_learned_score(prior, config)
-        return VSD(prior, learned) if method == "vsd" else ESD(prior, learned, lam=config.lam)
-    if method == "esd-exact":
-        from .esd import ESDExact
+    return add
 
-        return ESDExact(prior, bank_size=config.esd_exact_bank, lam=config.lam)
-    if method == "ssd":
-        try:
-            module = importlib.import_module(f"{__name__}.ssd")
-        except ModuleNotFoundError as exc:
-            if exc.name != f"{__name__}.ssd":
-                raise
-            raise ValueError("method ssd is not available in this build (distill3d.distill.ssd is missing)") from None
-        if hasattr(module, "make_ssd"):
-            return module.make_ssd(prior, config)
-        if hasattr(module, "SSD") and hasattr(module.SSD, "from_config"):
-            return module.SSD.from_config(prior, config)
-        raise ValueError("distill3d.distill.ssd provides neither make_ssd(prior, config) nor SSD.from_config(prior, config)")
-    raise ValueError(f"unknown method {method!r}; expected one of {', '.join(ESTIMATORS)}")
+
+def make_estimator(prior: Prior, job: JobConfig) -> Estimator:
+    """The estimator ``job.method`` names, bound to ``prior``, owning the job's schedule."""
+    estimator = ESTIMATORS[type(job.method)](prior, job.method, job)
+    estimator.schedule = TimestepSchedule(job.schedule, job.iters, prior.alphas_cumprod)
+    return estimator
+
+
+def _learned(prior: Prior, method: Any, job: JobConfig):
+    from .learned_score import LearnedScoreConfig, make_learned_score
+
+    return make_learned_score(prior, LearnedScoreConfig.from_method(method, job.seed))
+
+
+@estimator_for(SDSConfig)
+def _sds(prior: Prior, method: SDSConfig, job: JobConfig) -> Estimator:
+    return SDS(prior)
+
+
+@estimator_for(VSDConfig)
+def _vsd(prior: Prior, method: VSDConfig, job: JobConfig) -> Estimator:
+    from .esd import VSD
+
+    return VSD(prior, _learned(prior, method, job))
+
+
+@estimator_for(ESDConfig)
+def _esd(prior: Prior, method: ESDConfig, job: JobConfig) -> Estimator:
+    from .esd import ESD
+
+    return ESD(prior, _learned(prior, method, job), lam=method.lam)
+
+
+@estimator_for(ESDExactConfig)
+def _esd_exact(prior: Prior, method: ESDExactConfig, job: JobConfig) -> Estimator:
+    from .esd import ESDExact
+
+    return ESDExact(prior, bank_size=method.bank, lam=method.lam)
+
+
+@estimator_for(SSDConfig)
+def _ssd(prior: Prior, method: SSDConfig, job: JobConfig) -> Estimator:
+    from .ssd import make_ssd
+
+    return make_ssd(prior, method, schedule=TimestepSchedule(job.schedule, job.iters, prior.alphas_cumprod))
+
+
+_missing = set(METHODS.classes.values()) - set(ESTIMATORS)
+if _missing:  # a method in the job description without an estimator is a build error
+    raise ImportError(f"no estimator for the methods {sorted(c.KIND for c in _missing)}")

@@ -37,6 +37,8 @@ class Estimator(abc.ABC):
     """A score-distillation gradient estimator bound to one prior."""
 
     name: str = "estimator"
+    #: when t is drawn and how it is weighted (a TimestepSchedule; set by make_estimator)
+    schedule: Any = None
 
     def __init__(self, prior: Prior) -> None:
         self.prior = prior

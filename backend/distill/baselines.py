@@ -29,6 +29,8 @@ under a name with :func:`register_baseline`; :func:`make_baseline` builds one by
 
 from __future__ import annotations
 
+from distill3d_protocol.errors import Distill3DError
+
 import abc
 import logging
 import math
@@ -46,7 +48,7 @@ log = logging.getLogger(__name__)
 DEPTH_ON = ("x_t", "x0_hat")
 
 
-class BaselineError(ValueError):
+class BaselineError(Distill3DError, ValueError):
     """A baseline cannot be built or evaluated (unknown name, bad option, missing inputs)."""
 
 

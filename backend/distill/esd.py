@@ -39,6 +39,8 @@ leave-one-out; in 3D with view-dependent prompts see docs/benchmark/README.md.
 
 from __future__ import annotations
 
+from distill3d_protocol.errors import Distill3DError
+
 import logging
 import math
 from typing import Any, Optional
@@ -52,17 +54,10 @@ from .learned_score import LearnedScore
 
 log = logging.getLogger(__name__)
 
-#: help text for the CLI's ``--lam`` (shared so the convention is stated once)
-LAM_HELP = (
-    "ESD's lambda in the paper's convention: the weight of the camera-free (entropy) score "
-    "eps_psi(x_t, null); 0 = VSD, 1 = pure entropy term, 0.5 recommended. Not threestudio's "
-    "LoRA CFG scale s, which is 1 - lambda."
-)
-
-DEFAULT_BANK_SIZE = 0  # the current batch only (see GenerateConfig.esd_exact_bank)
+DEFAULT_BANK_SIZE = 0  # the current batch only (see the job description's esd-exact "bank")
 
 
-class EstimatorError(ValueError):
+class EstimatorError(Distill3DError, ValueError):
     """An estimator setting that cannot be used."""
 
 

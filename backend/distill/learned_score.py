@@ -36,15 +36,20 @@ for SD; the small UNet + camera MLP otherwise) plus the optimiser state.
 
 from __future__ import annotations
 
+from distill3d_protocol.errors import Distill3DError
+
 import abc
 import logging
-import math
 from contextlib import contextmanager
-from dataclasses import dataclass
-from typing import Any, Iterator, Optional, Sequence
+from dataclasses import fields
+from typing import Any, Iterator, Optional
 
 import torch
 import torch.nn.functional as F
+
+from distill3d_protocol.errors import ConfigError
+from distill3d_protocol.jobconfig import LearnedScoreConfig as _LearnedScoreRecord
+from distill3d_protocol.settings import build
 
 from ..cameras import CameraBatch
 from ..priors.base import Prior, PromptEmbedding
@@ -52,60 +57,49 @@ from ..priors.base import Prior, PromptEmbedding
 log = logging.getLogger(__name__)
 
 CAMERA_FEATURES = 16
-DEFAULT_TARGET_MODULES = ("to_q", "to_k", "to_v", "to_out.0")
 ADAPTER_NAME = "distill3d_eps_psi"
 
 
-class LearnedScoreError(ValueError):
+class LearnedScoreError(Distill3DError, ValueError):
     """A learned-score setting or input that cannot be used."""
 
 
-@dataclass
 class LearnedScoreConfig:
-    """Settings of eps_psi (defaults: threestudio's VSD setup, lr from GenerateConfig)."""
+    """eps_psi's settings: the job description's record (bounds stated there) plus the seed.
 
-    lr: float = 1e-3  # AdamW learning rate (GenerateConfig.lora_lr)
-    p_null: float = 0.1  # probability of training a sample with the null camera
-    weight_decay: float = 0.0
-    lora_rank: int = 4
-    lora_alpha: Optional[float] = None  # None = rank (LoRA scale 1)
-    target_modules: Sequence[str] = DEFAULT_TARGET_MODULES
-    camera_hidden: int = 0  # camera MLP hidden width; 0 = the time-embedding width
-    channels: Sequence[int] = (32, 64, 64)  # PixelUNetScore's block_out_channels
-    grad_clip: float = 0.0  # max grad norm of the trained parameters; 0 = no clipping
-    seed: int = 0  # initialisation of the LoRA / small UNet / camera MLP
+    ``LearnedScoreConfig(lr=1e-2, p_null=0.5, seed=3)``: keyword options are the record's
+    fields (``lr`` is ``lora_lr``); bad values raise :class:`LearnedScoreError`."""
+
+    def __init__(self, lr: Optional[float] = None, seed: int = 0, **options: Any) -> None:
+        if lr is not None:
+            options["lora_lr"] = lr
+        try:
+            self.settings = build(_LearnedScoreRecord, options)
+        except ConfigError as exc:
+            raise LearnedScoreError(str(exc)) from None
+        if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+            raise LearnedScoreError(f"seed must be an integer >= 0, got {seed!r}")
+        self.seed = seed
+
+    def __getattr__(self, name: str) -> Any:
+        if name == "settings":
+            raise AttributeError(name)
+        return getattr(self.settings, name)
+
+    @property
+    def lr(self) -> float:
+        return self.settings.lora_lr
 
     def validate(self) -> "LearnedScoreConfig":
-        def number(name: str, lo: float, hi: float, lo_open: bool = False) -> float:
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-                raise LearnedScoreError(f"{name} must be a finite number, got {value!r}")
-            if value < lo or (lo_open and value == lo) or value > hi:
-                raise LearnedScoreError(f"{name} must lie in {'(' if lo_open else '['}{lo}, {hi}], got {value!r}")
-            return value
-
-        number("lr", 0.0, 1.0, lo_open=True)
-        number("p_null", 0.0, 1.0)
-        number("weight_decay", 0.0, 1.0)
-        number("grad_clip", 0.0, 1e6)
-        if not isinstance(self.lora_rank, int) or not 1 <= self.lora_rank <= 256:
-            raise LearnedScoreError(f"lora_rank must be an integer in [1, 256], got {self.lora_rank!r}")
-        if self.lora_alpha is not None:
-            number("lora_alpha", 0.0, 1e4, lo_open=True)
-        if isinstance(self.target_modules, str) or not self.target_modules or not all(isinstance(m, str) and m for m in self.target_modules):
-            raise LearnedScoreError(f"target_modules must be a non-empty list of module names, got {self.target_modules!r}")
-        if not isinstance(self.camera_hidden, int) or self.camera_hidden < 0:
-            raise LearnedScoreError(f"camera_hidden must be an integer >= 0, got {self.camera_hidden!r}")
-        if not self.channels or not all(isinstance(c, int) and c >= 8 and c % 8 == 0 for c in self.channels):
-            raise LearnedScoreError(f"channels must be a non-empty list of multiples of 8, got {self.channels!r}")
-        if not isinstance(self.seed, int) or self.seed < 0:
-            raise LearnedScoreError(f"seed must be an integer >= 0, got {self.seed!r}")
         return self
 
     @classmethod
-    def from_generate_config(cls, config: Any) -> "LearnedScoreConfig":
-        """The eps_psi settings a :class:`~distill3d.config.GenerateConfig` carries."""
-        return cls(lr=config.lora_lr, p_null=config.p_null, lora_rank=config.lora_rank, seed=int(config.seed)).validate()
+    def from_method(cls, method: Any, seed: int) -> "LearnedScoreConfig":
+        """eps_psi's settings from a job's VSD/ESD ``method`` record and the job's seed."""
+        names = [f.name for f in fields(_LearnedScoreRecord)]
+        out = cls(seed=int(seed))
+        out.settings = _LearnedScoreRecord(**{n: getattr(method, n) for n in names})
+        return out
 
 
 def camera_features(cameras: CameraBatch, device: torch.device) -> torch.Tensor:
@@ -447,13 +441,8 @@ class PixelUNetScore(LearnedScore):
 def make_learned_score(prior: Prior, config: Any = None) -> LearnedScore:
     """eps_psi suited to ``prior``: LoRA for a latent UNet prior (SD), a small UNet in pixel space.
 
-    ``config`` is a :class:`LearnedScoreConfig`, a ``GenerateConfig`` or None (defaults)."""
-    if config is None:
-        cfg = LearnedScoreConfig()
-    elif isinstance(config, LearnedScoreConfig):
-        cfg = config
-    else:
-        cfg = LearnedScoreConfig.from_generate_config(config)
+    ``config`` is a :class:`LearnedScoreConfig` or None (defaults)."""
+    cfg = config if config is not None else LearnedScoreConfig()
     if getattr(prior, "unet", None) is not None and not prior.pixel_space:
         return LoRAScore(prior, cfg)
     if prior.pixel_space:

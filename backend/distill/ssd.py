@@ -40,6 +40,8 @@ statistics (measurement at a fixed field).
 
 from __future__ import annotations
 
+from distill3d_protocol.errors import Distill3DError
+
 import logging
 import math
 from dataclasses import dataclass, field
@@ -47,6 +49,7 @@ from typing import Any, Callable, Optional
 
 import torch
 
+from ..config import SSDConfig
 from ..priors.base import Prior
 from .base import DistillBatch, Estimator
 from .baselines import Baseline, DepthCorrelationBaseline, make_baseline
@@ -56,7 +59,7 @@ log = logging.getLogger(__name__)
 MU_MODES = ("scalar", "channel")
 
 
-class SSDError(ValueError):
+class SSDError(Distill3DError, ValueError):
     """SSD cannot be built with these settings (bad mu mode, prior without depth, ...)."""
 
 
@@ -280,22 +283,18 @@ class SSD(Estimator):
             self.base.load_state_dict(state["base"])
 
 
-def make_ssd(prior: Prior, config: Any, base_estimator: Optional[Estimator] = None, baseline: Optional[Baseline | str] = None) -> SSD:
-    """SSD as a :class:`~distill3d.config.GenerateConfig` asks for it: the depth-correlation
-    baseline on ``config.ssd_depth_on``, mu per ``config.ssd_mu``, moments weighted by the
-    trainer's w(t) (``config.weighting``). ``base_estimator`` (VSD/ESD) replaces SDS."""
+def make_ssd(prior: Prior, method: Any = None, base_estimator: Optional[Estimator] = None, baseline: Optional[Baseline | str] = None,
+             schedule: Any = None) -> SSD:
+    """SSD as a job's ``ssd`` method record asks for it: the depth-correlation baseline on
+    ``method.depth_on``, mu per ``method.mu``, moments weighted by ``schedule``'s w(t) (a
+    :class:`~distill3d.distill.schedules.TimestepSchedule`). ``base_estimator`` (VSD/ESD)
+    replaces SDS."""
+    method = method if method is not None else SSDConfig()
     if baseline is None:
         if not prior.has_depth:
             raise SSDError(f"SSD's depth baseline needs a prior with a depth estimator; the {prior.name!r} prior has none")
-        baseline = DepthCorrelationBaseline(depth_on=getattr(config, "ssd_depth_on", "x_t"))
+        baseline = DepthCorrelationBaseline(depth_on=method.depth_on)
     elif isinstance(baseline, str):
         baseline = make_baseline(baseline)
-    weighting = getattr(config, "weighting", None)
-    weight_fn = None
-    if weighting is not None:
-        from ..trainer import timestep_weight
-
-        def weight_fn(t: torch.Tensor, _kind: str = weighting) -> torch.Tensor:
-            return timestep_weight(_kind, prior.alphas_cumprod, t)
-
-    return SSD(prior, baseline, mu_mode=getattr(config, "ssd_mu", "scalar"), base_estimator=base_estimator, weight_fn=weight_fn)
+    weight_fn = schedule.weight if schedule is not None else None
+    return SSD(prior, baseline, mu_mode=method.mu, base_estimator=base_estimator, weight_fn=weight_fn)

@@ -58,6 +58,8 @@ sqrt(2 / projection_dim) relative).
 
 from __future__ import annotations
 
+from distill3d_protocol.errors import Distill3DError
+
 import logging
 import math
 import time
@@ -76,7 +78,7 @@ VARIANCE_ESD_BANK = 16  # renders of the fixed field forming q for esd-exact whe
 SSD_MU_SOURCES = ("pilot", "checkpoint")
 
 
-class VarianceError(ValueError):
+class VarianceError(Distill3DError, ValueError):
     """A variance measurement that cannot be run as asked."""
 
 

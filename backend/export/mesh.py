@@ -14,6 +14,8 @@ malformed mesh fails where it is made, with a message that says what is wrong.
 
 from __future__ import annotations
 
+from distill3d_protocol.errors import Distill3DError
+
 from dataclasses import dataclass
 from typing import Optional
 
@@ -23,7 +25,7 @@ MIN_TEXTURE_SIZE = 64
 MAX_TEXTURE_SIZE = 4096
 
 
-class ExportError(ValueError):
+class ExportError(Distill3DError, ValueError):
     """A mesh, texture or export option that cannot be used, or a field with no surface."""
 
 

@@ -18,26 +18,31 @@ shares:
 
 from __future__ import annotations
 
+from distill3d_protocol.errors import Distill3DError
+
 import abc
-from dataclasses import dataclass, fields
 from typing import Any, NamedTuple, Optional
 
 import torch
 import torch.nn.functional as F
 
+from distill3d_protocol.errors import ConfigError
+from distill3d_protocol.jobconfig import FieldCommonConfig
+from distill3d_protocol.settings import build
+
 from .. import checks
 
-DENSITY_ACTIVATIONS = ("softplus", "trunc_exp")
-BLOB_SHAPES = ("none", "magic3d", "gaussian")
+FieldConfig = FieldCommonConfig  # the options every field shares
+
 TRUNC_EXP_MAX = 15.0
 
 
-class FieldError(ValueError):
+class FieldError(Distill3DError, ValueError):
     """A field option that is unknown or out of range."""
 
 
 def check_number(name: str, value: Any, lo: float | None = None, hi: float | None = None, *, integer: bool = False, lo_open: bool = False) -> Any:
-    """Validate one numeric option; raises :class:`FieldError` naming it."""
+    """Validate one numeric option of a component that is not part of a job; raises FieldError."""
     return checks.check_number(name, value, lo, hi, integer=integer, lo_open=lo_open, error=FieldError)
 
 
@@ -45,37 +50,13 @@ def check_choice(name: str, value: Any, choices: tuple[str, ...]) -> str:
     return checks.check_choice(name, value, choices, error=FieldError)
 
 
-@dataclass
-class FieldConfig:
-    """Options every field shares (see the module docstring for their meaning)."""
-
-    bound: float = 1.0
-    density_activation: str = "softplus"
-    density_shift: float = 0.0
-    blob: str = "magic3d"
-    blob_density: float = 10.0
-    blob_radius: float = 0.5
-    normal_method: str = "auto"  # "auto" picks the field's default; see each field
-    normal_eps: Optional[float] = None  # finite-difference step (world units); None = field default
-
-    def validate(self) -> "FieldConfig":
-        self.bound = check_number("bound", self.bound, 0.0, 1e4, lo_open=True)
-        check_choice("density_activation", self.density_activation, DENSITY_ACTIVATIONS)
-        self.density_shift = check_number("density_shift", self.density_shift, -100.0, 100.0)
-        check_choice("blob", self.blob, BLOB_SHAPES)
-        self.blob_density = check_number("blob_density", self.blob_density, -1000.0, 1000.0)
-        self.blob_radius = check_number("blob_radius", self.blob_radius, 0.0, 1e4, lo_open=True)
-        if self.normal_eps is not None:
-            self.normal_eps = check_number("normal_eps", self.normal_eps, 0.0, self.bound, lo_open=True)
-        return self
-
-    @classmethod
-    def from_options(cls, options: dict[str, Any]) -> "FieldConfig":
-        names = [f.name for f in fields(cls)]
-        unknown = sorted(set(options) - set(names))
-        if unknown:
-            raise FieldError(f"unknown {cls.__name__} options: {', '.join(unknown)}; allowed: {', '.join(names)}")
-        return cls(**options).validate()
+def field_config(cls: type, config: Any = None, options: Optional[dict] = None) -> Any:
+    """A validated ``cls`` record (the job description's field options) from a record or
+    keyword options; the bounds live in :mod:`distill3d_protocol.jobconfig`."""
+    try:
+        return build(cls, config if config is not None else dict(options or {}))
+    except ConfigError as exc:
+        raise FieldError(str(exc)) from None
 
 
 class FieldOutput(NamedTuple):
@@ -108,15 +89,13 @@ class RadianceField(torch.nn.Module, abc.ABC):
 
     default_normal_method = "finite_difference"
     normal_methods: tuple[str, ...] = ("finite_difference", "autograd")
-    config_class: type[FieldConfig] = FieldConfig  # the subclass's config (built from keyword options)
+    config_class: type = FieldCommonConfig  # the subclass's config record (built from keyword options)
 
     def __init__(self, config: Optional[FieldConfig] = None, **options: Any) -> None:
         super().__init__()
-        if config is None:
-            config = self.config_class.from_options(options)
-        elif options:
+        if config is not None and options:
             raise FieldError(f"pass either a {self.config_class.__name__} or keyword options, not both")
-        config.validate()
+        config = field_config(self.config_class, config, options)
         if config.normal_method == "auto":
             config.normal_method = self.pick_default_normal_method(config)
         check_choice("normal_method", config.normal_method, self.normal_methods)

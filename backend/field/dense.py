@@ -19,36 +19,16 @@ Tables are channels-first ``[C, resolution^3]`` with node ``(i, j, k)`` (x, y, z
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 import torch.nn.functional as F
 
-from .base import FieldConfig, FieldError, FieldOutput, RadianceField, check_number
+from distill3d_protocol.jobconfig import DenseFieldConfig
+
+from .base import FieldConfig, FieldError, FieldOutput, RadianceField
 from .interp import CORNERS, corner_weights, gather_interpolate, grid_cells
 
 
-@dataclass
-class DenseGridConfig(FieldConfig):
-    resolution: int = 64  # grid nodes per axis
-    features: int = 0  # 0 = density + RGB logits per node; > 0 = feature grid + MLP
-    hidden: int = 32  # MLP width (features > 0)
-    init_std: float = 0.0  # std of the initial logits / features (0 = a constant grey field plus the blob)
-    lr_scale_density: float = 1.0
-    lr_scale_albedo: float = 1.0
-    lr_scale_mlp: float = 0.1
-
-    def validate(self) -> "DenseGridConfig":
-        super().validate()
-        self.resolution = check_number("resolution", self.resolution, 2, 1024, integer=True)
-        self.features = check_number("features", self.features, 0, 256, integer=True)
-        self.hidden = check_number("hidden", self.hidden, 1, 4096, integer=True)
-        self.init_std = check_number("init_std", self.init_std, 0.0, 10.0)
-        for name in ("lr_scale_density", "lr_scale_albedo", "lr_scale_mlp"):
-            setattr(self, name, check_number(name, getattr(self, name), 0.0, 1e3))
-        if self.normal_method in ("analytic", "grid") and self.features > 0:
-            raise FieldError(f"normal_method {self.normal_method!r} needs the 4-channel grid (features = 0); use finite_difference or autograd")
-        return self
+DenseGridConfig = DenseFieldConfig  # options: distill3d_protocol.jobconfig (bounds stated there)
 
 
 class DenseGridField(RadianceField):

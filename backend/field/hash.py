@@ -13,11 +13,11 @@ pass allocates one table-sized gradient. Runs on the CPU too, about 10x slower t
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
-
 import torch
 
-from .base import FieldConfig, FieldError, RadianceField, check_number
+from distill3d_protocol.jobconfig import HashFieldConfig
+
+from .base import RadianceField
 from .interp import corner_weights, gather_interpolate
 
 PRIMES = (1, 2654435761, 805459861)
@@ -80,32 +80,7 @@ class HashEncoding(torch.nn.Module):
         return out.reshape(n, self.output_dim)
 
 
-@dataclass
-class HashGridConfig(FieldConfig):
-    levels: int = 16
-    features_per_level: int = 2
-    log2_table_size: int = 19
-    base_resolution: int = 16
-    max_resolution: int = 2048
-    hidden: int = 64  # width of the density and albedo MLPs
-    lr_scale_encoding: float = 1.0
-    lr_scale_mlp: float = 0.1
-
-    def validate(self) -> "HashGridConfig":
-        super().validate()
-        if self.normal_method in ("analytic", "grid"):
-            raise FieldError(f"normal_method {self.normal_method!r} exists only for the dense grid; use finite_difference or autograd")
-        self.levels = check_number("levels", self.levels, 1, 32, integer=True)
-        self.features_per_level = check_number("features_per_level", self.features_per_level, 1, 8, integer=True)
-        self.log2_table_size = check_number("log2_table_size", self.log2_table_size, 8, 26, integer=True)
-        self.base_resolution = check_number("base_resolution", self.base_resolution, 1, 1 << 16, integer=True)
-        self.max_resolution = check_number("max_resolution", self.max_resolution, 1, 1 << 16, integer=True)
-        if self.max_resolution < self.base_resolution:
-            raise FieldError(f"max_resolution ({self.max_resolution}) must be >= base_resolution ({self.base_resolution})")
-        self.hidden = check_number("hidden", self.hidden, 1, 4096, integer=True)
-        for name in ("lr_scale_encoding", "lr_scale_mlp"):
-            setattr(self, name, check_number(name, getattr(self, name), 0.0, 1e3))
-        return self
+HashGridConfig = HashFieldConfig  # options: distill3d_protocol.jobconfig (bounds stated there)
 
 
 class HashGridField(RadianceField):

@@ -10,6 +10,8 @@ Tensors: images are float [B, 3, H, W] in [0, 1]; ``x0`` is whatever the prior d
 
 from __future__ import annotations
 
+from distill3d_protocol.errors import Distill3DError
+
 import abc
 from dataclasses import dataclass
 from typing import Any, Optional
@@ -22,7 +24,7 @@ NUM_TRAIN_TIMESTEPS = 1000
 VIEW_NAMES = ("front", "side", "back", "overhead")
 
 
-class PriorError(ValueError):
+class PriorError(Distill3DError, ValueError):
     """A prior cannot serve a request (unknown prompt, missing weights, bad input)."""
 
 
@@ -82,6 +84,17 @@ class Prior(abc.ABC):
     def __init__(self, device: torch.device | str = "cpu") -> None:
         self.device = torch.device(device)
         self.alphas_cumprod = scaled_linear_alphas_cumprod().to(self.device, torch.float32)
+
+    def recommended_cameras(self) -> Any:
+        """The camera source a job uses when it names none (a distill3d.cameras source)."""
+        from ..cameras import CameraDistribution
+
+        return CameraDistribution()
+
+    def ground_truth(self, prompt: "PromptEmbedding") -> Optional[tuple[str, Any, Any]]:
+        """``(name, vertices, faces)`` of the true object a prompt describes, when the prior
+        knows it (the reference world); None otherwise."""
+        return None
 
     @property
     def num_timesteps(self) -> int:

@@ -26,12 +26,12 @@ from typing import Optional, Sequence
 import torch
 import torch.nn.functional as F
 
+from ..config import DEFAULT_DEPTH_MODEL
 from .base import PriorError
 from .hub import LOAD_ERRORS, loading, offline_requested, resolve_model_ref
 
 log = logging.getLogger(__name__)
 
-DEFAULT_DEPTH_MODEL = "Intel/dpt-hybrid-midas"
 DEPTH_OUTPUTS = ("depth", "disparity")
 _DPT_LAYOUT = "a transformers DPT checkpoint: config.json, model.safetensors, preprocessor_config.json"
 

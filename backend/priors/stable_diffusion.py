@@ -191,6 +191,14 @@ class StableDiffusionPrior(Prior):
         return cls(unet, vae, tokenizer, text_encoder, scheduler_config, **kwargs)
 
     @classmethod
+    def from_config(cls, record: Any, device: torch.device | str = "auto") -> "StableDiffusionPrior":
+        """Load as a job's ``sd`` prior record says (model, variant, dtype, depth model, savers);
+        the Hugging Face cache folder and offline mode come from the environment."""
+        options = {name: getattr(record, name) for name in ("model", "variant", "dtype", "depth_model", "latent_mode",
+                                                              "attention_slicing", "channels_last", "vae_slicing")}
+        return cls.from_pretrained(options=SDOptions(device=device, **options))
+
+    @classmethod
     def from_pretrained(cls, model: Optional[str] = None, options: Optional[SDOptions] = None, **overrides: Any) -> "StableDiffusionPrior":
         """Load by hub id or local folder. ``overrides`` are :class:`SDOptions` fields.
 

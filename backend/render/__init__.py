@@ -4,7 +4,7 @@ batched stratified rendering elsewhere (see :mod:`distill3d.render.volume`)."""
 from __future__ import annotations
 
 from .volume import (
-    ESTIMATORS,
+
     SHADING_CHOICES,
     SHADINGS,
     RenderError,
@@ -15,7 +15,7 @@ from .volume import (
 )
 
 __all__ = [
-    "ESTIMATORS",
+
     "SHADINGS",
     "SHADING_CHOICES",
     "RenderError",

@@ -52,9 +52,10 @@ view is shaded, and renders without them have no ``normal`` or ``orientation_los
 
 from __future__ import annotations
 
+from distill3d_protocol.errors import Distill3DError
+
 import logging
 import math
-from dataclasses import dataclass, fields
 from typing import Any, Optional, Sequence
 
 import numpy as np
@@ -63,87 +64,39 @@ import torch.nn.functional as F
 from nerfacc.volrend import accumulate_along_rays, render_weight_from_density, rendering
 
 from ..cameras import CameraBatch, turntable
+from distill3d_protocol.errors import ConfigError
+
 from ..checks import check_number
+from distill3d_protocol.jobconfig import RendererConfig as _RendererConfig
+from distill3d_protocol.settings import build
+
 from ..field import Background, RadianceField
 
 log = logging.getLogger(__name__)
 
 SHADINGS = ("albedo", "diffuse", "textureless")
 SHADING_CHOICES = SHADINGS + ("mixed",)
-ESTIMATORS = ("auto", "stratified", "occgrid")
 FAR_MARGIN = math.sqrt(3.0)
 
 
-class RenderError(ValueError):
+class RenderError(Distill3DError, ValueError):
     """A renderer option or render request that cannot be honoured."""
 
 
-def _num(name: str, value: Any, lo: float, hi: float, *, integer: bool = False, lo_open: bool = False) -> Any:
-    return check_number(name, value, lo, hi, integer=integer, lo_open=lo_open, error=RenderError)
+def _num(name: str, value: Any, lo: float, hi: float, *, integer: bool = False) -> Any:
+    """Check a render request's argument (not a job setting); raises RenderError."""
+    return check_number(name, value, lo, hi, integer=integer, error=RenderError)
 
 
-@dataclass
-class RendererConfig:
-    """Renderer options (see the module docstring)."""
+def renderer_config(config: Optional[Any] = None, options: Optional[dict] = None) -> Any:
+    """A validated renderer record from a record or keyword options (RenderError if bad)."""
+    try:
+        return build(_RendererConfig, config if config is not None else dict(options or {}))
+    except ConfigError as exc:
+        raise RenderError(str(exc)) from None
 
-    samples_per_ray: int = 48
-    chunk_rays: int = 8192  # rays per chunk (bounds the temporaries of one field query)
-    compute_normals: bool = True  # False: only for shaded views; renders without them omit normal/orientation_loss
-    estimator: str = "auto"  # auto = occgrid on CUDA, stratified elsewhere
-    near_plane: float = 0.0  # minimum distance from the camera along a ray
-    # occupancy grid (CUDA marching; on the CPU, empty-space skipping)
-    skip_empty: bool = True  # stratified path: skip samples in empty occupancy cells
-    occ_dilate: int = 3  # stratified path: cells of margin around occupied ones (room to grow)
-    occ_resolution: int = 64
-    occ_update_every: int = 16
-    occ_threshold: float = 0.005  # density * step below which a cell is empty (nerfacc uses 0.01)
-    occ_ema_decay: float = 0.95
-    occ_warmup_steps: int = 256
-    early_stop_eps: float = 1e-4
-    alpha_threshold: float = 0.0
-    # shading
-    ambient: float = 0.1
-    diffuse: float = 0.9
-    light_distance_range: tuple[float, float] = (0.8, 1.5)  # multiples of the camera's distance
-    light_jitter: float = 0.5  # std of the gaussian added to the unit camera direction
-    mixed_weights: tuple[float, float, float] = (0.5, 0.25, 0.25)  # albedo, diffuse, textureless
 
-    def validate(self) -> "RendererConfig":
-        self.samples_per_ray = _num("samples_per_ray", self.samples_per_ray, 1, 4096, integer=True)
-        self.chunk_rays = _num("chunk_rays", self.chunk_rays, 1, 1 << 24, integer=True)
-        if not isinstance(self.compute_normals, bool):
-            raise RenderError(f"compute_normals must be true or false, got {self.compute_normals!r}")
-        if self.estimator not in ESTIMATORS:
-            raise RenderError(f"estimator must be one of {', '.join(ESTIMATORS)}; got {self.estimator!r}")
-        self.near_plane = _num("near_plane", self.near_plane, 0.0, 1e4)
-        if not isinstance(self.skip_empty, bool):
-            raise RenderError(f"skip_empty must be true or false, got {self.skip_empty!r}")
-        self.occ_dilate = _num("occ_dilate", self.occ_dilate, 0, 16, integer=True)
-        self.occ_resolution = _num("occ_resolution", self.occ_resolution, 2, 1024, integer=True)
-        self.occ_update_every = _num("occ_update_every", self.occ_update_every, 1, 1 << 20, integer=True)
-        self.occ_threshold = _num("occ_threshold", self.occ_threshold, 0.0, 1.0)
-        self.occ_ema_decay = _num("occ_ema_decay", self.occ_ema_decay, 0.0, 1.0)
-        self.occ_warmup_steps = _num("occ_warmup_steps", self.occ_warmup_steps, 0, 1 << 30, integer=True)
-        self.early_stop_eps = _num("early_stop_eps", self.early_stop_eps, 0.0, 1.0)
-        self.alpha_threshold = _num("alpha_threshold", self.alpha_threshold, 0.0, 1.0)
-        self.ambient = _num("ambient", self.ambient, 0.0, 10.0)
-        self.diffuse = _num("diffuse", self.diffuse, 0.0, 10.0)
-        try:
-            lo, hi = (float(v) for v in self.light_distance_range)
-        except (TypeError, ValueError):
-            raise RenderError(f"light_distance_range must be two numbers, got {self.light_distance_range!r}") from None
-        if not (0.0 < lo <= hi < 1e4):
-            raise RenderError(f"light_distance_range must satisfy 0 < low <= high, got {self.light_distance_range!r}")
-        self.light_distance_range = (lo, hi)
-        self.light_jitter = _num("light_jitter", self.light_jitter, 0.0, 100.0)
-        try:
-            weights = tuple(float(w) for w in self.mixed_weights)
-        except (TypeError, ValueError):
-            raise RenderError(f"mixed_weights must be three numbers, got {self.mixed_weights!r}") from None
-        if len(weights) != 3 or min(weights) < 0 or sum(weights) <= 0 or not all(math.isfinite(w) for w in weights):
-            raise RenderError(f"mixed_weights must be three non-negative numbers (albedo, diffuse, textureless) with a positive sum, got {self.mixed_weights!r}")
-        self.mixed_weights = weights
-        return self
+RendererConfig = _RendererConfig  # options and their bounds: distill3d_protocol.jobconfig
 
 
 def ray_box_intersection(origins: torch.Tensor, dirs: torch.Tensor, bound: float, near_plane: float = 0.0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -183,15 +136,9 @@ class VolumeRenderer:
     def __init__(self, field: RadianceField, background: Background, samples_per_ray: int = 48, config: Optional[RendererConfig] = None, **options) -> None:
         if not isinstance(field, RadianceField):
             raise RenderError(f"field must be a RadianceField, got {type(field).__name__}")
-        if config is None:
-            names = [f.name for f in fields(RendererConfig)]
-            unknown = sorted(set(options) - set(names))
-            if unknown:
-                raise RenderError(f"unknown renderer options: {', '.join(unknown)}; allowed: {', '.join(names)}")
-            config = RendererConfig(samples_per_ray=samples_per_ray, **options)
-        elif options:
+        if config is not None and options:
             raise RenderError("pass either a RendererConfig or keyword options, not both")
-        self.config = config.validate()
+        self.config = renderer_config(config, None if config is not None else {"samples_per_ray": samples_per_ray, **options})
         self.field = field
         self.background = background
         self._occupancy = None  # nerfacc.OccGridEstimator, created on first use

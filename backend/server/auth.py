@@ -12,6 +12,8 @@ The server serves with ``server.key_secret`` and authorises every public key fou
 
 from __future__ import annotations
 
+from distill3d_protocol.errors import Distill3DError
+
 import ipaddress
 import logging
 import shutil
@@ -28,7 +30,7 @@ log = logging.getLogger(__name__)
 AUTHORIZED_DIR = "authorized_clients"
 
 
-class AuthError(RuntimeError):
+class AuthError(Distill3DError, RuntimeError):
     """Keys are required but missing or unreadable."""
 
 

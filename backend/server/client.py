@@ -7,6 +7,8 @@ keeps every other message (progress, previews, results of running jobs) in an in
 
 from __future__ import annotations
 
+from distill3d_protocol.errors import Distill3DError
+
 import itertools
 import time
 from collections import deque
@@ -21,7 +23,7 @@ from .auth import ClientKeys
 TERMINAL_KINDS = (Kind.RESULT, Kind.CANCELLED, Kind.ERROR)
 
 
-class ServerError(RuntimeError):
+class ServerError(Distill3DError, RuntimeError):
     """The server answered a request with an ``error`` message."""
 
     def __init__(self, code: str, message: str, job_id: Optional[str] = None) -> None:

@@ -13,6 +13,8 @@ worker threads write result files into the job folder before they report complet
 
 from __future__ import annotations
 
+from distill3d_protocol.errors import Distill3DError
+
 import json
 import logging
 import math
@@ -37,7 +39,7 @@ RESUMABLE_STATES = ("interrupted", "cancelled", "failed")
 FINAL_STATES = ("done", "failed", "cancelled", "interrupted")
 
 
-class JobStoreError(RuntimeError):
+class JobStoreError(Distill3DError, RuntimeError):
     """The jobs folder cannot be used (not writable, not a directory)."""
 
 

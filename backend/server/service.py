@@ -13,6 +13,8 @@ fetchable from the jobs folder). Progress and previews are throttled per job.
 
 from __future__ import annotations
 
+from distill3d_protocol.errors import Distill3DError
+
 import json
 import logging
 import math
@@ -49,7 +51,7 @@ log = logging.getLogger("distill3d.server")
 Envelope = Tuple[bytes, ...]  # routing id (+ empty delimiter for REQ clients)
 
 
-class ServerConfigError(ValueError):
+class ServerConfigError(Distill3DError, ValueError):
     """A server option is out of range."""
 
 

@@ -41,6 +41,10 @@ FIELDS = Registry("field")
 class ReferencePriorConfig:
     """The exact prior over the built-in objects; the prompt must name one of them."""
 
+    bias: float = setting(4.0, "front bias of the reference collection (von Mises kappa: 4 strong, 1 mild, 0 uniform)", lo=0.0, hi=1000.0)
+    num_views: int = setting(256, "reference views per object", lo=8, hi=4096)
+    objects: tuple = setting((), "built-in objects in the prior (empty = all)", kind="strs")
+
 
 @PRIORS.register("sd", "Stable Diffusion", "Stable Diffusion 1.x/2.x through diffusers (weights on the backend machine)")
 @dataclass
@@ -204,6 +208,8 @@ class HashFieldConfig(FieldCommonConfig):
 @dataclass
 class RendererConfig:
     """Volume rendering: samples, empty-space skipping, shading."""
+
+    what = "renderer"
 
     samples_per_ray: int = setting(48, "samples per ray", lo=1, hi=4096, soft_hi=512)
     shading: str = setting("albedo", "shading of training views (mixed draws albedo/diffuse/textureless per view)",

@@ -144,6 +144,7 @@ class Registry:
             if name in self.classes:
                 raise TypeError(f"{self.what} {name!r} registered twice")
             cls.KIND, cls.LABEL, cls.HELP = name, label, help
+            cls.what = f"{name} {self.what}"
             self.classes[name] = cls
             return cls
 
@@ -300,14 +301,14 @@ def build(cls: type, data: Any, path: str = "") -> Any:
     :class:`ConfigError` naming the dotted path. An instance of ``cls`` is re-validated."""
     if isinstance(data, cls):
         data = to_dict(data)
-    where = path or "the " + getattr(cls, "what", cls.__name__)
+    where = path or getattr(cls, "what", cls.__name__)
     if not isinstance(data, dict):
         raise ConfigError(f"{where} must be an object, got {type(data).__name__}")
     specs = {name: (spec, default) for name, spec, default in record_fields(cls)}
     allowed = set(specs) | ({KIND_KEY} if getattr(cls, "KIND", None) else set())
     unknown = sorted(str(k) for k in data if k not in allowed)
     if unknown:
-        owner = f"{where} ({cls.KIND})" if getattr(cls, "KIND", None) else where
+        owner = f"{where} ({cls.KIND})" if getattr(cls, "KIND", None) and path else where
         raise ConfigError(f"{owner}: unknown field(s) {', '.join(unknown)}; allowed: {', '.join(sorted(allowed))}")
     kwargs = {}
     for name, (spec, default) in specs.items():

@@ -24,7 +24,7 @@ import logging
 import math
 import os
 from dataclasses import dataclass
-from typing import Optional, Sequence
+from typing import Any, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -204,6 +204,14 @@ class ReferencePrior(Prior):
     def object_name(self, prompt: PromptEmbedding) -> str:
         """The object a prompt embedding selects."""
         return self._data(prompt.data).objects[0]
+
+    def ground_truth(self, prompt: PromptEmbedding) -> tuple[str, Any, Any]:
+        """The object the prompt names and its true surface (vertices, faces)."""
+        from .mesh import ground_truth_mesh
+
+        name = self.object_name(prompt)
+        vertices, faces = ground_truth_mesh(name)
+        return name, vertices, faces
 
     @staticmethod
     def _data(d) -> ReferencePromptData:

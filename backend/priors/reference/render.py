@@ -22,6 +22,8 @@ evaluated at each step.
 
 from __future__ import annotations
 
+from distill3d_protocol.errors import Distill3DError
+
 import contextlib
 import math
 import os
@@ -55,7 +57,7 @@ _threads_depth = 0
 _threads_saved = 0
 
 
-class RenderError(ValueError):
+class RenderError(Distill3DError, ValueError):
     """Bad arguments to the reference renderer."""
 
 
