@@ -3,13 +3,18 @@
 from __future__ import annotations
 
 import argparse
-import importlib
 import logging
 import sys
 
+from distill3d_protocol.errors import Distill3DError
+
+from .commands import bench, config, generate, keys, reference, serve, variance
+
+log = logging.getLogger("distill3d")
+
 # Each module defines `add_parser(subparsers)`, which registers its subcommand with
 # `set_defaults(func=run)`; `run(args) -> int` is the exit code.
-COMMAND_MODULES = ("generate", "reference", "variance", "bench", "serve", "keys")
+COMMAND_MODULES = (generate, config, reference, variance, bench, serve, keys)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -19,13 +24,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("-v", "--verbose", action="count", default=0, help="more logging (-vv for debug)")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for name in COMMAND_MODULES:
-        try:
-            module = importlib.import_module(f"distill3d.commands.{name}")
-        except ModuleNotFoundError as exc:
-            if exc.name == f"distill3d.commands.{name}":
-                continue  # command not part of this build
-            raise
+    for module in COMMAND_MODULES:
         module.add_parser(sub)
     return parser
 
@@ -43,6 +42,12 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except Distill3DError as exc:  # the user can act on it: the message, no traceback
+        print(f"distill3d {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except Exception:  # anything else is a bug: log it with its traceback
+        log.exception("distill3d %s failed (a bug; please report it with this traceback)", args.command)
+        return 1
 
 
 if __name__ == "__main__":

@@ -22,6 +22,7 @@ from distill3d_protocol.jobconfig import (
     ESDConfig,
     ESDExactConfig,
     ExportConfig,
+    LAM_HELP,
     HashFieldConfig,
     JobConfig,
     LearnedScoreConfig,
@@ -38,12 +39,12 @@ from distill3d_protocol.jobconfig import (
     job_schema,
     migrate,
 )
-from distill3d_protocol.settings import build, leaf_paths, set_path, to_dict
+from distill3d_protocol.settings import build, leaf_paths, record_fields, set_path, to_dict
 
 from .cameras import CameraError, camera_source_from_dict
 
 __all__ = [
-    "CONFIG_VERSION", "DEFAULT_DEPTH_MODEL", "DEFAULT_SD_MODEL", "FIELDS", "METHODS", "PRIORS", "ConfigError",
+    "CONFIG_VERSION", "LAM_HELP", "DEFAULT_DEPTH_MODEL", "DEFAULT_SD_MODEL", "FIELDS", "METHODS", "PRIORS", "ConfigError",
     "DenseFieldConfig", "Distill3DError", "ESDConfig", "ESDExactConfig", "ExportConfig", "HashFieldConfig", "JobConfig",
     "LearnedScoreConfig", "MethodConfig", "OptimConfig", "PreviewConfig", "ReferencePriorConfig", "RendererConfig",
     "SDPriorConfig", "SDSConfig", "SSDConfig", "ScheduleConfig", "VSDConfig", "build", "job_schema", "leaf_paths",
@@ -65,13 +66,18 @@ def parse_job(data: Any) -> JobConfig:
 def with_overrides(config: JobConfig | dict, overrides: dict[str, Any]) -> JobConfig:
     """``config`` with dotted-path values replaced (``{"method.lam": 0.5}``), validated.
 
-    Setting a union's ``kind`` (``method.kind``) starts that section from the new kind's
-    defaults, keeping nothing of the old one."""
-    data = to_dict(parse_job(config)) if isinstance(config, JobConfig) else migrate(dict(config))
+    Setting a union's ``kind`` (``method.kind``) to another kind starts that section from the
+    new kind's defaults, keeping nothing of the old one; ``{"field": None}`` sets a whole value."""
+    data = to_dict(config) if isinstance(config, JobConfig) else migrate(dict(config))
+    unions = {name for name, spec, _ in record_fields(JobConfig) if getattr(spec, "registry", None) is not None}
     for path, value in overrides.items():
-        if path.endswith(".kind") and path.count(".") == 1 and path.split(".")[0] in ("method", "prior", "field"):
-            data[path.split(".")[0]] = {"kind": value}
+        section_name, _, leaf = path.partition(".")
+        if section_name in unions and leaf == "kind":
+            current = data.get(section_name)
+            if not isinstance(current, dict) or current.get("kind") != value:
+                data[section_name] = {"kind": value}
     for path, value in overrides.items():
-        if not (path.endswith(".kind") and path.count(".") == 1):
+        section_name, _, leaf = path.partition(".")
+        if not (section_name in unions and leaf == "kind"):
             set_path(data, path, value)
     return parse_job(data)

@@ -78,7 +78,7 @@ class Trainer:
         self.callbacks = callbacks or TrainerCallbacks()
         self.device = resolve_device(config.device)
         if self.device.type == "cpu" and config.cpu_threads > 0:
-            torch.set_num_threads(config.cpu_threads)  # process-wide: see GenerateConfig.cpu_threads
+            torch.set_num_threads(config.cpu_threads)  # process-wide: see JobConfig.cpu_threads
         torch.manual_seed(config.seed)
         self.generator = torch.Generator(device="cpu").manual_seed(config.seed)
         self.prior = prior if prior is not None else load_prior(config, self.device)

@@ -4,7 +4,7 @@
    client on loopback: the raw protocol (encode, ROUTER send, DEALER receive, validating
    decode) and a real ``fetch`` from a running server (which also reads the jobs folder).
 2. The overhead the server adds per training iteration: the same job run by the bare
-   trainer (``distill3d.trainer.generate``) and through a server subprocess with a client
+   trainer (``distill3d.job.generate``) and through a server subprocess with a client
    consuming every progress and preview message, alternately; the ratio of the trainer's own
    seconds per iteration, plus the load-independent CPU the service spent per iteration
    (socket loop and callbacks, from the server's status) relative to a bare iteration.
@@ -72,12 +72,13 @@ def bench_fetch(arrays: dict, repeats: int) -> list[float]:
     """A real server's fetch of a finished job: request -> read jobs folder -> send -> decode."""
     import threading
 
+    from distill3d.config import parse_job
     from distill3d.server import Client, Server, ServerConfig
     from distill3d.server.jobs import JobStore
 
     with tempfile.TemporaryDirectory() as tmp:
         store = JobStore(Path(tmp) / "jobs")
-        rec = store.create({"prompt": "benchmark sphere", "iters": 1}, owner="bench")
+        rec = store.create(parse_job({"prompt": "benchmark sphere", "iters": 1}), owner="bench")
         store.write_mesh(rec.job_id, arrays)
         rec.state = "done"
         store.save(rec)
@@ -117,12 +118,13 @@ def bench_overhead(iters: int, resolution: int, preview_every: int, rounds: int)
     """
     import os
 
-    from distill3d.config import GenerateConfig
+    from distill3d.config import parse_job
+    from distill3d.job import generate
     from distill3d.server import Client
-    from distill3d.trainer import generate
 
-    job = {"prompt": "a rubber duck", "iters": iters, "resolution": resolution, "preview_every": preview_every,
+    job = {"prompt": "a rubber duck", "iters": iters, "resolution": resolution, "preview": {"every": preview_every},
            "export": {"mc_resolution": 32, "texture_size": 64}}
+    config = parse_job(job)  # the bare runs get the same typed job the server builds from ``job``
     bare_spi, served_spi, counts, service_cpu = [], [], [], []
     loads = [os.getloadavg()[0]]
     with tempfile.TemporaryDirectory() as tmp:
@@ -131,7 +133,7 @@ def bench_overhead(iters: int, resolution: int, preview_every: int, rounds: int)
         try:
             with Client(endpoint, timeout=60) as client:
                 for r in range(rounds):
-                    bare = generate(GenerateConfig.from_dict(job), tmp / f"bare{r}")
+                    bare = generate(config, tmp / f"bare{r}")
                     bare_spi.append(bare.summary["seconds_per_iteration"])
                     before = client.status().header["server"]
                     job_id = client.submit(job)

@@ -35,7 +35,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from distill3d.config import GenerateConfig
+from distill3d.config import JobConfig, parse_job
 from distill3d.trainer import Trainer
 
 PHASES = ("render", "prior", "backward", "update")
@@ -71,16 +71,13 @@ def build_prior(args, device: torch.device):
     return prior
 
 
-def make_config(args, method: str, device: torch.device) -> GenerateConfig:
-    data = dict(
-        prompt=args.prompt, method=method, prior=args.prior, iters=10_000, preview_every=0, seed=args.seed,
-        resolution=args.resolution, batch_size=args.batch_size, device=device.type,
-    )
-    if args.prior == "reference":
-        data["prompt"] = args.prompt or "a rubber duck"
-    else:
-        data["prompt"] = args.prompt or "a wooden teapot"
-    return GenerateConfig.from_dict(data)
+def make_config(args, method: str, device: torch.device) -> JobConfig:
+    data = {
+        "prompt": args.prompt or ("a rubber duck" if args.prior == "reference" else "a wooden teapot"),
+        "method": {"kind": method}, "prior": {"kind": args.prior}, "iters": 10_000, "preview": {"every": 0}, "seed": args.seed,
+        "resolution": args.resolution, "batch_size": args.batch_size, "device": device.type,
+    }
+    return parse_job(data)
 
 
 def _sync(device: torch.device) -> None:

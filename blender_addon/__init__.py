@@ -4,20 +4,22 @@ A sidebar tab (View3D > N panel > distill3d) sends a prompt, method and cameras 
 distill3d backend over ZeroMQ and brings previews and the final textured mesh into the
 scene. Modules:
 
-* ``properties``   the panel's settings (Scene.distill3d) and their job mapping
+* ``job_fields``   the job description (the protocol's JobConfig) as panel settings (no bpy)
+* ``properties``   the panel's settings (Scene.distill3d), generated from it, and their job mapping
 * ``preferences``  endpoint, CURVE keys, timeouts, local backend
 * ``client``       the ZeroMQ DEALER client (no bpy; also used by scripts/batch_generate.py)
 * ``jobs``         the controller: client events -> scene, status, the UI timer
 * ``scene_import`` meshes, images and materials from the wire arrays
 * ``scene_cameras`` scene cameras as a camera rig
 * ``operators``, ``panel``   the UI
+* ``_protocol``    the wire protocol and job description (bundled copy or distill3d_protocol)
 * ``protocol``     the bundled wire protocol (added by scripts/build_extension.py)
 """
 
 from __future__ import annotations
 
 # Submodules that need bpy are imported in register(), so the bpy-free ones (client, png,
-# backend_process, scene_cameras) can be imported from plain Python without Blender.
+# backend_process, scene_cameras, job_fields) can be imported from plain Python without Blender.
 
 
 def _modules() -> tuple:

@@ -240,7 +240,7 @@ class JobController(ClientListener):
         self.preview_updates = 0
         self._pending_preview = None
         self._last_preview_at = -math.inf
-        self._set_status(f"Submitted “{job.get('prompt', '')}” ({job.get('method', '?')}, {job.get('iters', '?')} steps)")
+        self._set_status(f"Submitted “{job.get('prompt', '')}” ({_method_name(job)}, {job.get('iters', '?')} steps)")
         ensure_timer()
         return status
 
@@ -464,6 +464,13 @@ def _undo_push(message: str) -> None:
         bpy.ops.ed.undo_push(message=message)
     except (RuntimeError, AttributeError):
         log.debug("undo push skipped (no suitable context)")
+
+
+def _method_name(job: dict) -> str:
+    """The job's method for the status line ("esd"), in the nested form or v1's flat one."""
+    method = job.get("method")
+    kind = method.get("kind") if isinstance(method, dict) else method
+    return str(kind) if kind else "?"
 
 
 def _json(value: Any) -> str:

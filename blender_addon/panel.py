@@ -1,4 +1,12 @@
-"""The sidebar (N panel) tab "distill3d": prompt, method, cameras, export, job, connection.
+"""The sidebar (N panel) tab "distill3d": prompt, method, cameras, export, advanced, connection.
+
+The common settings are drawn by hand, in the order of the lists below (``MAIN_PATHS``,
+``METHOD_PATHS``, ``EXPORT_PATHS``: dotted job paths); every other setting of the job
+description is drawn generically in "Advanced", one collapsible section per part of the job
+(the chosen method's, prior's and field's other settings, renderer, schedule, optimiser,
+export, preview). What is shown follows the description: a setting appears when the chosen
+method/prior/field kind has it (``job_fields.applicable``), nullable numbers get an "Auto"
+toggle, and any rule of the description the settings break is shown under Generate.
 
 Every ``draw`` reads only Python and RNA state (no I/O, no sockets) and catches everything:
 an exception in ``draw`` would grey out the panel, so it becomes a label instead.
@@ -11,11 +19,67 @@ from typing import Any, Callable
 
 import bpy
 
+from . import job_fields
 from .client import Connection
 from .jobs import CONTROLLER
+from .job_fields import PANEL_SETTINGS, PanelSetting
+from .properties import job_problem
 
 log = logging.getLogger(__name__)
 _reported: set = set()
+
+# Where the common settings are drawn (dotted job paths, in order); the rest is in "Advanced".
+MAIN_PATHS = ("prompt", "negative_prompt")
+MAIN_ICONS = {"prompt": "OUTLINER_OB_FONT", "negative_prompt": "CANCEL"}
+METHOD_MENU = "method.kind"  # drawn as a row of buttons above the method panel's column
+METHOD_PATHS = ("method.lam", "prior.kind", "prior.model", "method.guidance_scale", "iters", "seed",
+                "resolution", "batch_size", "view_dependent", "preview.every")
+EXPORT_PATHS = ("export.texture_size", "export.faces", "export.mc_resolution")
+COMMON_PATHS = frozenset((*MAIN_PATHS, METHOD_MENU, *METHOD_PATHS, *EXPORT_PATHS))
+ADVANCED_ORDER = ("", "prior", "method", "field", "renderer", "schedule", "optim", "export", "preview")  # "": the job's own
+
+
+def shown(paths: tuple, settings: Any) -> list[PanelSetting]:
+    """The entries of ``paths`` that the chosen kinds have (what a panel draws of them)."""
+    entries = (job_fields.applicable(path, settings) for path in paths)
+    return [e for e in entries if e is not None]
+
+
+def advanced_sections(settings: Any) -> list[tuple[str, str, list[PanelSetting]]]:
+    """``(id, title, entries)`` of the Advanced sections: every applicable setting not drawn elsewhere."""
+    groups: dict[str, list[PanelSetting]] = {}
+    for entry in PANEL_SETTINGS:
+        if entry.path not in COMMON_PATHS and entry.applies(settings):
+            groups.setdefault(entry.section, []).append(entry)
+    order = [s for s in ADVANCED_ORDER if s in groups] + [s for s in groups if s not in ADVANCED_ORDER]
+    out = []
+    for section in order:
+        title = job_fields.label_of(section) if section else "Job"
+        if section in job_fields.KIND_SETTINGS:
+            chosen = job_fields.chosen_class(settings, section)
+            title = f"{title}: {chosen.LABEL}" if chosen is not None else title
+        out.append((section or "job", title, groups[section]))
+    return out
+
+
+def draw_setting(layout: Any, settings: Any, entry: PanelSetting, **kwargs: Any) -> None:
+    """One setting: its property, with an "Auto" toggle in front for nullable numbers."""
+    if entry.has_auto_toggle:
+        row = layout.row(heading=entry.label)
+        row.prop(settings, entry.auto_name, text="Auto")
+        sub = row.row()
+        sub.active = not getattr(settings, entry.auto_name)
+        sub.prop(settings, entry.name, text="")
+    else:
+        layout.prop(settings, entry.name, **kwargs)
+
+
+def draw_seed(layout: Any, settings: Any, entry: PanelSetting) -> None:
+    row = layout.row(heading=entry.label)
+    row.prop(settings, "random_seed", text="Random")
+    sub = row.row()
+    sub.active = not settings.random_seed
+    sub.prop(settings, entry.name, text="")
 
 
 def _safe(draw: Callable[[Any, Any], None]) -> Callable[[Any, Any], None]:
@@ -52,8 +116,8 @@ class VIEW3D_PT_distill3d(_Distill3DPanel, bpy.types.Panel):
         settings = context.scene.distill3d
         layout = self.layout
         layout.use_property_split = False
-        layout.prop(settings, "prompt", text="", icon="OUTLINER_OB_FONT")
-        layout.prop(settings, "negative_prompt", text="", icon="CANCEL")
+        for entry in shown(MAIN_PATHS, settings):
+            layout.prop(settings, entry.name, text="", icon=MAIN_ICONS.get(entry.path, "NONE"))
         job = CONTROLLER.job
         col = layout.column(align=True)
         if CONTROLLER.busy:
@@ -66,6 +130,11 @@ class VIEW3D_PT_distill3d(_Distill3DPanel, bpy.types.Panel):
         status = layout.row()
         status.alert = CONTROLLER.status_is_error
         status.label(text=CONTROLLER.status, icon="ERROR" if CONTROLLER.status_is_error else "INFO")
+        problem = job_problem(settings)
+        if problem:
+            row = layout.row()
+            row.alert = True
+            row.label(text=problem, icon="ERROR")
         obj = context.active_object
         if obj is not None and "distill3d_job" in obj.keys():
             layout.operator("distill3d.regenerate_from_selected", icon="FILE_REFRESH")
@@ -81,32 +150,14 @@ class VIEW3D_PT_distill3d_method(_Distill3DPanel, bpy.types.Panel):
         layout = self.layout
         layout.use_property_split = True
         layout.use_property_decorate = False
-        layout.row().prop(settings, "method", expand=True)
+        for entry in shown((METHOD_MENU,), settings):
+            layout.row().prop(settings, entry.name, expand=True)
         col = layout.column()
-        if settings.method in ("esd", "esd-exact"):
-            col.prop(settings, "lam")
-        col.prop(settings, "prior")
-        if settings.method == "esd-exact" and settings.prior != "reference":
-            row = col.row()
-            row.alert = True
-            row.label(text="ESD exact needs the reference world", icon="ERROR")
-        if settings.prior == "sd":
-            col.prop(settings, "model")
-        row = col.row(heading="Guidance")
-        row.prop(settings, "guidance_auto", text="Auto")
-        sub = row.row()
-        sub.active = not settings.guidance_auto
-        sub.prop(settings, "guidance_scale", text="")
-        col.prop(settings, "iters")
-        row = col.row(heading="Seed")
-        row.prop(settings, "random_seed", text="Random")
-        sub = row.row()
-        sub.active = not settings.random_seed
-        sub.prop(settings, "seed", text="")
-        col.prop(settings, "resolution")
-        col.prop(settings, "batch_size")
-        col.prop(settings, "view_dependent")
-        col.prop(settings, "preview_every")
+        for entry in shown(METHOD_PATHS, settings):
+            if entry.path == "seed":
+                draw_seed(col, settings, entry)
+            else:
+                draw_setting(col, settings, entry)
 
 
 class VIEW3D_PT_distill3d_cameras(_Distill3DPanel, bpy.types.Panel):
@@ -149,9 +200,29 @@ class VIEW3D_PT_distill3d_export(_Distill3DPanel, bpy.types.Panel):
         layout.use_property_split = True
         layout.use_property_decorate = False
         col = layout.column()
-        col.prop(settings, "texture_size")
-        col.prop(settings, "faces")
-        col.prop(settings, "mc_resolution")
+        for entry in shown(EXPORT_PATHS, settings):
+            draw_setting(col, settings, entry)
+
+
+class VIEW3D_PT_distill3d_advanced(_Distill3DPanel, bpy.types.Panel):
+    bl_label = "Advanced"
+    bl_parent_id = "VIEW3D_PT_distill3d"
+    bl_options = {"DEFAULT_CLOSED"}
+
+    @_safe
+    def draw(self, context: Any) -> None:
+        settings = context.scene.distill3d
+        layout = self.layout
+        layout.use_property_split = True
+        layout.use_property_decorate = False
+        for ident, title, entries in advanced_sections(settings):
+            header, body = layout.panel(f"distill3d_advanced_{ident}", default_closed=True)
+            header.label(text=title)
+            if body is None:
+                continue
+            col = body.column()
+            for entry in entries:
+                draw_setting(col, settings, entry)
 
 
 class VIEW3D_PT_distill3d_connection(_Distill3DPanel, bpy.types.Panel):
@@ -185,6 +256,7 @@ CLASSES = (
     VIEW3D_PT_distill3d_method,
     VIEW3D_PT_distill3d_cameras,
     VIEW3D_PT_distill3d_export,
+    VIEW3D_PT_distill3d_advanced,
     VIEW3D_PT_distill3d_connection,
 )
 

@@ -1,39 +1,94 @@
 """The panel's settings (a PropertyGroup on the Scene) and their mapping to a backend job.
 
-``job_from_settings`` turns the settings into the JSON job the protocol's ``submit`` carries
-(GenerateConfig's field names); ``apply_job_to_settings`` loads a stored job back into the
-panel (for "Regenerate from selected").
+The properties are generated from the job description (``JobConfig`` in the protocol, seen
+through :mod:`.job_fields`): one Blender property per job setting, with its label, help,
+default, bounds, soft limits and menu items taken from the description, never retyped; see
+:mod:`.job_fields` for the identifiers (``method__lam``, ``renderer__samples_per_ray``, the
+kinds ``method``/``prior``/``field``) and how each kind of value is held. Written by hand
+here are only what the job description leaves to the add-on: the camera source (distribution
+ranges or the scene's cameras, which become the job's ``cameras``) and the random-seed toggle.
+
+``job_from_settings`` turns the settings into the nested job (the current ``CONFIG_VERSION``
+form, validated with ``parse_job``) that the protocol's ``submit`` carries;
+``apply_job_to_settings`` loads a stored job of any version back into the panel (for "Load
+settings from selected").
 """
 
 from __future__ import annotations
 
 import random
-from typing import Any
+from types import SimpleNamespace
+from typing import Any, Iterator
 
 import bpy
-from bpy.props import BoolProperty, EnumProperty, FloatProperty, FloatVectorProperty, IntProperty, PointerProperty, StringProperty
+from bpy.props import BoolProperty, EnumProperty, FloatProperty, FloatVectorProperty, IntProperty, IntVectorProperty, PointerProperty, StringProperty
 
-from . import scene_cameras
+from . import job_fields, scene_cameras
+from ._protocol import CONFIG_VERSION, ConfigError, migrate, parse_job, records
+from .job_fields import INT_MAX, INT_MIN, KIND_SETTINGS, PANEL_SETTINGS, PanelSetting, float32
 
-METHOD_ITEMS = [
-    ("sds", "SDS", "Score Distillation Sampling: fast, tends to over-saturate and collapse views"),
-    ("vsd", "VSD", "Variational Score Distillation: a camera-conditioned LoRA learns the render distribution"),
-    ("esd", "ESD", "Entropic Score Distillation: VSD plus an entropy term that keeps views diverse (fewer Janus faces)"),
-    ("ssd", "SSD", "Stein Score Distillation: SDS with a depth-based control variate that lowers gradient variance"),
-    ("esd-exact", "ESD exact", "ESD with its entropy term computed exactly from the batch of renders (reference world only; "
-     "with view-dependent prompts it restored the most views in our benchmark)"),
-]
-PRIOR_ITEMS = [
-    ("reference", "Reference world", "Built-in procedural objects with an exact score (offline, fast, for testing)"),
-    ("sd", "Stable Diffusion", "Stable Diffusion through diffusers (needs the model on the backend machine)"),
-]
 CAMERA_MODE_ITEMS = [
     ("DISTRIBUTION", "Random orbit", "Cameras drawn around the object from the ranges below"),
     ("SCENE", "Scene cameras", "Every camera object (or those of a collection) is one view of the rig"),
 ]
-RESOLUTION_ITEMS = [(str(n), f"{n} px", f"Render {n}x{n} pixels per view") for n in (16, 32, 64, 128, 256, 512)]
-TEXTURE_ITEMS = [(str(n), f"{n}", f"Bake a {n}x{n} texture") for n in (64, 128, 256, 512, 1024, 2048, 4096)]
-MAX_SEED = 2**31 - 1
+MAX_SEED = min(int(job_fields.BY_NAME["seed"].setting.hi), INT_MAX)  # the panel's seeds (32-bit)
+
+
+# ----------------------------------------------------------------------------- generated properties
+
+
+def _float_precision(entry: PanelSetting) -> int:
+    """Digits after the point that show the default (0.0001 shows as 0.00010, not 0.000)."""
+    values = [abs(v) for v in (entry.default if isinstance(entry.default, (list, tuple)) else [entry.default]) if isinstance(v, float) and v]
+    if not values:
+        return 3
+    digits = max(-int(f"{min(values):e}".split("e")[1]) + 1, 0)
+    return min(max(3, digits), 6)
+
+
+def _number_limits(entry: PanelSetting) -> dict:
+    s = entry.setting
+    integer = s.kind in ("int", "ints")
+    limits = {}
+    for key, value in (("min", s.lo), ("max", s.hi), ("soft_min", s.soft_lo), ("soft_max", s.soft_hi)):
+        if value is None:
+            continue
+        if integer:
+            value = min(max(int(value), INT_MIN), INT_MAX)
+        limits[key] = value if integer else float(value)
+    return limits
+
+
+def blender_properties(entry: PanelSetting) -> Iterator[tuple[str, Any]]:
+    """``(identifier, property)`` for one job setting: one property, plus the "Auto" toggle of a nullable number."""
+    s = entry.setting
+    common = {"name": entry.label, "description": entry.description}
+    default = entry.panel_default
+    if entry.is_menu:
+        prop = EnumProperty(items=entry.menu_items(), default=default, **common)
+    elif s.kind == "bool":
+        prop = BoolProperty(default=default, **common)
+    elif s.kind == "int":
+        prop = IntProperty(default=default, **_number_limits(entry), **common)
+    elif s.kind == "float":
+        prop = FloatProperty(default=default, precision=_float_precision(entry), **_number_limits(entry), **common)
+    elif entry.is_vector and s.kind == "floats":
+        prop = FloatVectorProperty(size=s.length, default=default, precision=_float_precision(entry), **_number_limits(entry), **common)
+    elif entry.is_vector:
+        prop = IntVectorProperty(size=s.length, default=default, **_number_limits(entry), **common)
+    else:  # str, comma-separated lists, JSON
+        hint = " (comma separated)" if entry.is_text_list else " (JSON; empty: none)" if s.kind == "json" else ""
+        prop = StringProperty(default=default, name=entry.label, description=entry.description + hint)
+    yield entry.name, prop
+    if entry.has_auto_toggle:
+        yield entry.auto_name, BoolProperty(
+            name="Auto", default=True, description=f"Leave {entry.label} to the backend: {entry.setting.help}"
+        )
+
+
+def generated_annotations() -> dict[str, Any]:
+    """Every job setting's Blender property, by identifier."""
+    return {name: prop for entry in PANEL_SETTINGS for name, prop in blender_properties(entry)}
 
 
 def _count_cameras(settings: Any, context: Any) -> int:
@@ -43,48 +98,39 @@ def _count_cameras(settings: Any, context: Any) -> int:
         return 0
 
 
+# The distribution ranges the Cameras panel starts with.
+CAMERA_DEFAULTS = {
+    "camera_mode": "DISTRIBUTION",
+    "elevation_range": (-10.0, 45.0),
+    "azimuth_range": (-180.0, 180.0),
+    "radius_range": (2.6, 3.2),
+    "fov_range": (40.0, 50.0),
+    "front_bias": 0.0,
+}
+
+
 class Distill3DSettings(bpy.types.PropertyGroup):
-    """Everything the panel sends with a job."""
+    """Everything the panel sends with a job: the generated job settings (added below) and these."""
 
-    prompt: StringProperty(name="Prompt", description="What to generate", default="a rubber duck")
-    negative_prompt: StringProperty(name="Negative", description="What the result should not look like", default="")
-    prior: EnumProperty(name="Prior", items=PRIOR_ITEMS, default="reference")
-    model: StringProperty(
-        name="Model",
-        description="Stable Diffusion hub id or a folder on the backend machine (empty: the backend's default)",
-        default="",
-    )
-    method: EnumProperty(name="Method", items=METHOD_ITEMS, default="esd")
-    lam: FloatProperty(
-        name="Lambda",
-        description="ESD: weight of the entropy (null-camera) term; 0 is VSD, 1 is the pure entropy term, 0.5 recommended",
-        default=0.5,
-        min=0.0,
-        max=1.0,
-    )
-    guidance_auto: BoolProperty(
-        name="Auto guidance",
-        description="Use the backend's default guidance scale (100 for SDS/SSD and 7.5 for VSD/ESD with Stable Diffusion)",
-        default=True,
-    )
-    guidance_scale: FloatProperty(name="Guidance", description="Classifier-free guidance scale", default=7.5, min=0.0, soft_max=200.0, max=1000.0)
-    iters: IntProperty(name="Iterations", description="Optimisation steps", default=600, min=1, soft_max=20000, max=1_000_000)
-    seed: IntProperty(name="Seed", description="Random seed (the one used is stored on the result)", default=0, min=0, max=MAX_SEED)
-    random_seed: BoolProperty(name="Random seed", description="Draw a new seed for every job", default=False)
-    resolution: EnumProperty(name="Resolution", description="Render resolution of each view", items=RESOLUTION_ITEMS, default="32")
-    batch_size: IntProperty(name="Views per step", description="Cameras rendered per iteration", default=4, min=1, max=64)
-    view_dependent: BoolProperty(name="View-dependent prompt", description="Add front/side/back/overhead view to the prompt", default=False)
-    preview_every: IntProperty(name="Preview every", description="Send a preview mesh every N steps (0: none)", default=100, min=0)
+    random_seed: BoolProperty(name="Random seed", description="Draw a new seed for every job (the one used is stored on the result)", default=False)
 
-    camera_mode: EnumProperty(name="Cameras", items=CAMERA_MODE_ITEMS, default="DISTRIBUTION")
-    elevation_range: FloatVectorProperty(name="Elevation", description="Lowest and highest elevation (degrees)", size=2, default=(-10.0, 45.0), min=-90.0, max=90.0)
-    azimuth_range: FloatVectorProperty(name="Azimuth", description="Azimuth range (degrees, 0 = front on -Y)", size=2, default=(-180.0, 180.0), min=-360.0, max=360.0)
-    radius_range: FloatVectorProperty(name="Radius", description="Camera distance from the origin", size=2, default=(2.6, 3.2), min=0.01, max=1e4)
-    fov_range: FloatVectorProperty(name="Field of view", description="Vertical field of view (degrees)", size=2, default=(40.0, 50.0), min=1.0, max=170.0)
+    camera_mode: EnumProperty(name="Cameras", items=CAMERA_MODE_ITEMS, default=CAMERA_DEFAULTS["camera_mode"])
+    elevation_range: FloatVectorProperty(
+        name="Elevation", description="Lowest and highest elevation (degrees)", size=2, default=CAMERA_DEFAULTS["elevation_range"], min=-90.0, max=90.0
+    )
+    azimuth_range: FloatVectorProperty(
+        name="Azimuth", description="Azimuth range (degrees, 0 = front on -Y)", size=2, default=CAMERA_DEFAULTS["azimuth_range"], min=-360.0, max=360.0
+    )
+    radius_range: FloatVectorProperty(
+        name="Radius", description="Camera distance from the origin", size=2, default=CAMERA_DEFAULTS["radius_range"], min=0.01, max=1e4
+    )
+    fov_range: FloatVectorProperty(
+        name="Field of view", description="Vertical field of view (degrees)", size=2, default=CAMERA_DEFAULTS["fov_range"], min=1.0, max=170.0
+    )
     front_bias: FloatProperty(
         name="Front bias",
         description="Concentration of azimuths around the front (von Mises kappa; 0 = uniform)",
-        default=0.0,
+        default=CAMERA_DEFAULTS["front_bias"],
         min=0.0,
         soft_max=20.0,
         max=1e6,
@@ -95,20 +141,41 @@ class Distill3DSettings(bpy.types.PropertyGroup):
         type=bpy.types.Collection,
     )
 
-    texture_size: EnumProperty(name="Texture", description="Baked texture size", items=TEXTURE_ITEMS, default="1024")
-    faces: IntProperty(name="Faces", description="Decimate to about this many faces (0: keep all)", default=0, min=0, max=10_000_000)
-    mc_resolution: IntProperty(name="Mesh resolution", description="Marching-cubes cells per axis", default=128, min=16, max=1024)
-
     def camera_count(self, context: Any) -> int:
         return _count_cameras(self, context)
 
 
+_GENERATED = generated_annotations()
+_clash = set(_GENERATED) & set(Distill3DSettings.__annotations__)
+if _clash:
+    raise TypeError(f"job settings clash with the panel's own properties: {sorted(_clash)}")
+Distill3DSettings.__annotations__.update(_GENERATED)
+
+
+def default_settings(**overrides: Any) -> Any:
+    """A plain object with every attribute ``job_from_settings`` reads, at the panel's defaults
+    (for scripts that build jobs without a Scene, e.g. scripts/batch_generate.py)."""
+    values: dict[str, Any] = {"random_seed": False, "camera_collection": None, **CAMERA_DEFAULTS}
+    for entry in PANEL_SETTINGS:
+        values[entry.name] = entry.panel_default
+        if entry.has_auto_toggle:
+            values[entry.auto_name] = True
+    unknown = set(overrides) - set(values)
+    if unknown:
+        raise TypeError(f"not panel settings: {', '.join(sorted(unknown))}")
+    values.update(overrides)
+    return SimpleNamespace(**values)
+
+
+# ----------------------------------------------------------------------------- settings -> job
+
+
 class JobSettingsError(ValueError):
-    """The panel's settings cannot make a job (empty prompt, no cameras, ...)."""
+    """The panel's settings cannot make a job (empty prompt, no cameras, a value out of range, ...)."""
 
 
 def _pair(values: Any) -> list[float]:
-    low, high = float(values[0]), float(values[1])
+    low, high = float32(values[0]), float32(values[1])
     if low > high:
         raise JobSettingsError(f"range ({low:g}, {high:g}) must be given low first")
     return [low, high]
@@ -131,101 +198,150 @@ def cameras_from_settings(settings: Any, scene: Any) -> dict:
             "azimuth_range": _pair(settings.azimuth_range),
             "radius_range": _pair(settings.radius_range),
             "fov_range": _pair(settings.fov_range),
-            "front_bias": float(settings.front_bias),
+            "front_bias": float32(settings.front_bias),
         }
     except JobSettingsError as exc:
         raise JobSettingsError(f"Camera {exc}") from None
 
 
-def job_from_settings(settings: Any, scene: Any, rng: random.Random | None = None) -> dict:
-    """The job dict for ``submit`` (GenerateConfig's JSON form). Draws the seed when random."""
-    prompt = " ".join(settings.prompt.split())
-    if not prompt:
-        raise JobSettingsError("Enter a prompt first")
-    seed = (rng or random.SystemRandom()).randint(0, MAX_SEED) if settings.random_seed else int(settings.seed)
-    job = {
-        "prompt": prompt,
-        "negative_prompt": settings.negative_prompt.strip(),
-        "prior": settings.prior,
-        "model": settings.model.strip(),
-        "method": settings.method,
-        "lam": float(settings.lam),
-        "guidance_scale": None if settings.guidance_auto else float(settings.guidance_scale),
-        "iters": int(settings.iters),
-        "resolution": int(settings.resolution),
-        "batch_size": int(settings.batch_size),
-        "seed": seed,
-        "view_dependent": bool(settings.view_dependent),
-        "preview_every": int(settings.preview_every),
-        "cameras": cameras_from_settings(settings, scene),
-        "export": {
-            "texture_size": int(settings.texture_size),
-            "faces": int(settings.faces),
-            "mc_resolution": int(settings.mc_resolution),
-        },
-    }
+def job_without_cameras(settings: Any, seed: int | None = None) -> dict:
+    """The nested job of every setting the chosen kinds have (``cameras`` left out); ConfigError
+    when a value cannot be one (e.g. unparsable comma-separated text)."""
+    job = job_fields.job_values(settings)
+    job["prompt"] = " ".join(str(settings.prompt).split())
+    job["negative_prompt"] = str(settings.negative_prompt).strip()
+    job["seed"] = int(settings.seed) if seed is None else seed
+    job["version"] = CONFIG_VERSION
     return job
 
 
-def _set_enum(settings: Any, name: str, value: Any, skipped: list[str]) -> None:
-    items = {item.identifier for item in settings.bl_rna.properties[name].enum_items}
-    if str(value) in items:
-        setattr(settings, name, str(value))
-    else:
-        skipped.append(f"{name}={value!r}")
+def job_from_settings(settings: Any, scene: Any, rng: random.Random | None = None, overrides: dict | None = None) -> dict:
+    """The job for ``submit``: the nested JobConfig form (version ``CONFIG_VERSION``), validated.
+
+    Draws the seed when random. ``overrides`` (dotted path -> value, e.g. ``{"method.lam": 0.3}``)
+    are put into the job before validation. Raises :class:`JobSettingsError` with the
+    description's message (naming the setting's dotted path and panel label) when invalid."""
+    if not " ".join(str(settings.prompt).split()):
+        raise JobSettingsError("Enter a prompt first")
+    seed = (rng or random.SystemRandom()).randint(0, MAX_SEED) if settings.random_seed else None
+    try:
+        job = job_without_cameras(settings, seed)
+    except ConfigError as exc:
+        raise JobSettingsError(job_fields.panel_message(exc)) from None
+    job["cameras"] = cameras_from_settings(settings, scene)
+    for path, value in (overrides or {}).items():
+        records.set_path(job, path, value)
+    try:
+        config = parse_job(job)
+    except ConfigError as exc:
+        raise JobSettingsError(job_fields.panel_message(exc)) from None
+    return config.to_dict()
+
+
+def job_problem(settings: Any) -> str | None:
+    """What makes the current settings an invalid job, ignoring the prompt and the cameras
+    (for the panel to show while drawing), or None."""
+    try:
+        job = job_without_cameras(settings, seed=0)
+        job["prompt"] = job["prompt"] or "a prompt"
+        parse_job(job)
+    except ConfigError as exc:
+        return job_fields.panel_message(exc)
+    except Exception as exc:  # noqa: BLE001 - used from draw()
+        return str(exc)
+    return None
+
+
+# ----------------------------------------------------------------------------- job -> settings
+
+_MISSING = object()
+
+
+def _lookup(data: Any, path: str) -> Any:
+    node = data
+    for part in path.split("."):
+        if not isinstance(node, dict) or part not in node:
+            return _MISSING
+        node = node[part]
+    return node
+
+
+def _leaf_paths_of(data: dict, prefix: str = "") -> Iterator[str]:
+    """Dotted paths of the values in a nested job dict (JSON values such as ``cameras`` whole)."""
+    for key, value in data.items():
+        path = prefix + str(key)
+        entries = job_fields.by_path(path)
+        json_value = any(e.setting.kind == "json" for e in entries) or path in job_fields.NOT_PROPERTIES
+        if isinstance(value, dict) and not json_value:
+            yield from _leaf_paths_of(value, path + ".")
+        else:
+            yield path
+
+
+def _kind_value(data: dict, entry: PanelSetting) -> Any:
+    union = _lookup(data, entry.union_path)
+    if union is _MISSING:
+        return entry.default
+    if isinstance(union, dict):
+        return union.get(records.KIND_KEY, entry.default)
+    return union  # None (null) or something invalid that check_value reports
 
 
 def apply_job_to_settings(settings: Any, job: dict) -> list[str]:
-    """Load a stored job into the panel; returns what could not be applied (as text)."""
+    """Load a stored job (any version: v1's flat form is migrated) into the panel.
+
+    Every setting is set: from the job, or to its default where the job leaves it out (so the
+    panel shows exactly that job). Returns what could not be applied, as text."""
+    if not isinstance(job, dict):
+        return [f"the stored job is not an object but {type(job).__name__}"]
     skipped: list[str] = []
-    simple = {
-        "prompt": str,
-        "negative_prompt": str,
-        "model": str,
-        "lam": float,
-        "iters": int,
-        "batch_size": int,
-        "view_dependent": bool,
-        "preview_every": int,
-    }
-    for name, cast in simple.items():
-        if name in job:
-            try:
-                setattr(settings, name, cast(job[name]))
-            except (TypeError, ValueError, OverflowError):
-                skipped.append(f"{name}={job[name]!r}")
-    for name in ("prior", "method", "resolution"):
-        if name in job:
-            _set_enum(settings, name, job[name], skipped)
-    if "seed" in job:
+    try:
+        data = migrate(job)
+    except Exception as exc:  # noqa: BLE001 - a damaged old job: apply what is there
+        skipped.append(f"the stored job could not be migrated ({exc}); loading it as it is")
+        data = job
+
+    def put(entry: PanelSetting, value: Any) -> None:
         try:
-            settings.seed = int(job["seed"])
-            settings.random_seed = False  # regenerate means: the same seed
-        except (TypeError, ValueError, OverflowError):
-            skipped.append(f"seed={job['seed']!r}")
-    if "guidance_scale" in job:
-        settings.guidance_auto = job["guidance_scale"] is None
-        if job["guidance_scale"] is not None:
-            settings.guidance_scale = float(job["guidance_scale"])
-    cams = job.get("cameras")
+            entry.write(settings, records.check_value(entry.path, entry.setting, value))
+        except (ConfigError, TypeError, ValueError, OverflowError) as exc:
+            skipped.append(str(exc))
+
+    for entry in KIND_SETTINGS.values():  # first: they decide which settings apply
+        put(entry, _kind_value(data, entry))
+    for entry in PANEL_SETTINGS:
+        if entry.registry is None and entry.applies(settings):
+            value = _lookup(data, entry.path)
+            put(entry, entry.default if value is _MISSING else value)
+    settings.random_seed = False  # regenerate means: the same seed
+    for path in _leaf_paths_of(data):
+        if path in job_fields.NOT_PROPERTIES or path in KIND_SETTINGS:
+            continue  # the cameras (below), the version, a null union (its kind was set above)
+        entries = job_fields.by_path(path)
+        if not entries:
+            skipped.append(f"{path}: not a setting of this add-on's job description")
+        elif not any(e.applies(settings) for e in entries):
+            union = entries[0].requires[-1][0]
+            chosen = job_fields.chosen_class(settings, union)
+            skipped.append(f"{path}: not a setting of the {union} {chosen.LABEL if chosen else 'chosen automatically'}")
+    _apply_cameras(settings, data.get("cameras"), skipped)
+    return skipped
+
+
+def _apply_cameras(settings: Any, cams: Any, skipped: list[str]) -> None:
     if isinstance(cams, dict) and cams.get("kind", "distribution") == "distribution":
         settings.camera_mode = "DISTRIBUTION"
-        for name in ("elevation_range", "azimuth_range", "radius_range", "fov_range"):
-            if name in cams:
-                setattr(settings, name, tuple(float(v) for v in cams[name]))
-        if "front_bias" in cams:
-            settings.front_bias = float(cams["front_bias"])
+        for name in ("elevation_range", "azimuth_range", "radius_range", "fov_range", "front_bias"):
+            if name not in cams:
+                continue
+            try:
+                value = cams[name]
+                setattr(settings, name, float(value) if name == "front_bias" else tuple(float(v) for v in value))
+            except (TypeError, ValueError, OverflowError):
+                skipped.append(f"cameras.{name}={cams[name]!r}")
     elif isinstance(cams, dict) and cams.get("kind") == "rig":
         settings.camera_mode = "SCENE"
         skipped.append("cameras: the stored rig is replaced by the scene's current cameras")
-    export = job.get("export")
-    if isinstance(export, dict):
-        if "texture_size" in export:
-            _set_enum(settings, "texture_size", export["texture_size"], skipped)
-        for name in ("faces", "mc_resolution"):
-            if name in export:
-                setattr(settings, name, int(export[name]))
-    return skipped
 
 
 CLASSES = (Distill3DSettings,)

@@ -25,6 +25,7 @@ from typing import Any
 import bpy
 import numpy as np
 
+from ._protocol import migrate
 from .png import encode_png_rgba
 
 log = logging.getLogger(__name__)
@@ -249,7 +250,7 @@ def create_result_object(
     t0 = time.perf_counter()
     obj.location = scene.cursor.location.copy()
     if job is not None:
-        obj[JOB_KEY] = json.dumps(job, sort_keys=True)
+        obj[JOB_KEY] = stored_job_text(job)
     if job_id:
         obj[JOB_ID_KEY] = str(job_id)
     link_object(obj, scene, collection)
@@ -298,6 +299,16 @@ def remove_preview_object(scene: Any) -> bool:
     if mesh is not None and mesh.users == 0:
         bpy.data.meshes.remove(mesh)
     return True
+
+
+def stored_job_text(job: dict) -> str:
+    """The job as stored on a result object: JSON of its current (nested, versioned) form;
+    a job in an older form (v1's flat dict, e.g. from an older backend) is migrated first."""
+    try:
+        job = migrate(job)
+    except Exception:  # noqa: BLE001 - keep what there is rather than lose the settings
+        log.warning("the job's settings could not be migrated; storing them as they are")
+    return json.dumps(job, sort_keys=True)
 
 
 def job_settings_of(obj: Any) -> dict | None:

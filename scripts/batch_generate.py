@@ -11,6 +11,9 @@ packed texture, job settings stored on the object), then ``DIR/NNN_<prompt>.blen
 input scene plus one result. ``DIR/batch_summary.json`` lists what happened. The exit code
 is 0 when every prompt succeeded, 1 when any failed, 2 on bad arguments.
 
+Job options left out keep the job description's defaults (as a fresh panel has them);
+``--set PATH=JSON`` sets any setting of the job by its dotted path (``--set method.lora_rank=8``,
+``--set field='{"kind": "hash"}'``) before the job is validated, exactly as the panel's job is.
 ``--scene-cameras`` uses the scene's cameras (or those of ``--camera-collection``) as the
 rig; ``--start-backend`` runs ``<python> -m distill3d serve`` on a free loopback port for
 the duration of the batch (``--python`` defaults to this interpreter when it has distill3d).
@@ -29,7 +32,7 @@ import socket
 import sys
 import time
 from pathlib import Path
-from types import ModuleType, SimpleNamespace
+from types import ModuleType
 from typing import Any, Sequence
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -73,28 +76,31 @@ def build_parser() -> argparse.ArgumentParser:
     src.add_argument("--out", type=Path, required=True, help="output folder")
     src.add_argument("--no-glb", action="store_true", help="save only the .blend files")
     src.add_argument("--scene", type=Path, default=None, help="open this .blend first (when not given to Blender itself)")
-    job = p.add_argument_group("job (as `distill3d generate`)")
-    job.add_argument("--negative-prompt", default="")
-    job.add_argument("--prior", default="reference", help="reference | sd")
-    job.add_argument("--model", default="")
-    job.add_argument("--method", default="sds", help="sds | vsd | esd | ssd")
-    job.add_argument("--lam", type=float, default=0.5, help="ESD lambda")
-    job.add_argument("--guidance-scale", type=float, default=None)
-    job.add_argument("--iters", type=int, default=600)
-    job.add_argument("--resolution", type=int, default=32)
-    job.add_argument("--batch-size", type=int, default=4)
-    job.add_argument("--seed", type=int, default=0)
+    job = p.add_argument_group("job (unset options keep the job description's defaults, as the panel starts)")
+    job.add_argument("--negative-prompt", default=None)
+    job.add_argument("--prior", default=None, help="reference | sd")
+    job.add_argument("--model", default=None, help="the Stable Diffusion weights (prior sd)")
+    job.add_argument("--method", default=None, help="sds | vsd | esd | esd-exact | ssd")
+    job.add_argument("--lam", type=float, default=None, help="ESD's lambda (methods esd, esd-exact)")
+    job.add_argument("--guidance-scale", type=float, default=None, help="default: the method's automatic value")
+    job.add_argument("--iters", type=int, default=None)
+    job.add_argument("--resolution", type=int, default=None)
+    job.add_argument("--batch-size", type=int, default=None)
+    job.add_argument("--seed", type=int, default=None)
     job.add_argument("--random-seed", action="store_true", help="a new seed per prompt (stored on each result)")
     job.add_argument("--view-dependent", action="store_true")
     job.add_argument("--preview-every", type=int, default=0, help="previews are not shown in batch mode (default 0)")
-    job.add_argument("--texture-size", type=int, default=1024)
-    job.add_argument("--faces", type=int, default=0)
-    job.add_argument("--mc-resolution", type=int, default=128)
+    job.add_argument("--texture-size", type=int, default=None)
+    job.add_argument("--faces", type=int, default=None)
+    job.add_argument("--mc-resolution", type=int, default=None)
     job.add_argument("--vertex-colors", action="store_true", help="vertex colours instead of a UV texture")
     job.add_argument("--cameras", type=_json_value, default=None, help="camera distribution or rig as JSON (or a JSON file)")
     job.add_argument("--scene-cameras", action="store_true", help="use the scene's cameras as the rig")
     job.add_argument("--camera-collection", default="", help="with --scene-cameras: only this collection's cameras")
-    job.add_argument("--set", type=_key_json, action="append", default=[], metavar="KEY=JSON", help="any other job field")
+    job.add_argument(
+        "--set", type=_key_json, action="append", default=[], metavar="PATH=JSON",
+        help="any setting of the job by its dotted path, e.g. --set method.lora_rank=8 --set renderer.shading=mixed (repeatable)",
+    )
     net = p.add_argument_group("backend")
     net.add_argument("--endpoint", default="", help="backend endpoint (default tcp://127.0.0.1:5555, or a free port with --start-backend)")
     net.add_argument("--start-backend", action="store_true", help="start a local backend for this batch and stop it at the end")
@@ -146,7 +152,7 @@ def load_addon() -> ModuleType:
         if importlib.util.find_spec("distill3d_protocol") is None:
             sys.path.insert(0, str(ROOT / "shared"))
     addon = importlib.import_module(package)
-    for sub in ("backend_process", "preferences", "properties", "jobs"):
+    for sub in ("backend_process", "preferences", "job_fields", "properties", "jobs"):
         importlib.import_module(f"{package}.{sub}")
     return addon
 
@@ -157,49 +163,52 @@ def default_python() -> str:
     return ""
 
 
-def panel_like_settings(args: argparse.Namespace, prompt: str, collection: Any) -> SimpleNamespace:
-    """The attributes ``properties.job_from_settings`` reads, from the command line."""
-    return SimpleNamespace(
-        prompt=prompt,
-        negative_prompt=args.negative_prompt,
-        prior=args.prior,
-        model=args.model,
-        method=args.method,
-        lam=args.lam,
-        guidance_auto=args.guidance_scale is None,
-        guidance_scale=args.guidance_scale or 0.0,
-        iters=args.iters,
-        seed=args.seed,
-        random_seed=args.random_seed,
-        resolution=args.resolution,
-        batch_size=args.batch_size,
-        view_dependent=args.view_dependent,
-        preview_every=args.preview_every,
-        camera_mode="SCENE" if args.scene_cameras else "DISTRIBUTION",
-        camera_collection=collection,
-        elevation_range=(-10.0, 45.0),
-        azimuth_range=(-180.0, 180.0),
-        radius_range=(2.6, 3.2),
-        fov_range=(40.0, 50.0),
-        front_bias=0.0,
-        texture_size=args.texture_size,
-        faces=args.faces,
-        mc_resolution=args.mc_resolution,
-    )
+# command-line option -> the panel property it sets (see blender_addon/job_fields.py for the names)
+PANEL_OPTIONS = {
+    "negative_prompt": "negative_prompt",
+    "prior": "prior",
+    "model": "prior__model",
+    "method": "method",
+    "lam": "method__lam",
+    "iters": "iters",
+    "resolution": "resolution",
+    "batch_size": "batch_size",
+    "seed": "seed",
+    "preview_every": "preview__every",
+    "texture_size": "export__texture_size",
+    "faces": "export__faces",
+    "mc_resolution": "export__mc_resolution",
+}
+
+
+def panel_like_settings(addon: ModuleType, args: argparse.Namespace, prompt: str, collection: Any) -> Any:
+    """The attributes ``properties.job_from_settings`` reads: the panel's defaults, then the command line."""
+    values: dict[str, Any] = {
+        "prompt": prompt,
+        "random_seed": args.random_seed,
+        "camera_mode": "SCENE" if args.scene_cameras else "DISTRIBUTION",
+        "camera_collection": collection,
+    }
+    for option, name in PANEL_OPTIONS.items():
+        value = getattr(args, option)
+        if value is not None and value != "":
+            values[name] = value
+    if args.view_dependent:
+        values["view_dependent"] = True
+    if args.guidance_scale is not None:
+        values["method__guidance_scale"], values["method__guidance_scale_auto"] = args.guidance_scale, False
+    return addon.properties.default_settings(**values)
 
 
 def make_job(addon: ModuleType, args: argparse.Namespace, prompt: str, scene: Any, collection: Any) -> dict:
-    job = addon.properties.job_from_settings(panel_like_settings(args, prompt, collection), scene)
+    """The validated job for one prompt (``--set`` values are put in before validation)."""
+    overrides: dict[str, Any] = {}
     if args.cameras is not None and not args.scene_cameras:
-        job["cameras"] = args.cameras
+        overrides["cameras"] = args.cameras
     if args.vertex_colors:
-        job["export"]["textured"] = False
-    for key, value in args.set:
-        if key.startswith("export."):
-            job["export"][key[len("export.") :]] = value
-        else:
-            job[key] = value
-    return job
+        overrides["export.textured"] = False
+    overrides.update(dict(args.set))
+    return addon.properties.job_from_settings(panel_like_settings(addon, args, prompt, collection), scene, overrides=overrides)
 
 
 def export_glb(obj: Any, path: Path) -> None:

@@ -22,7 +22,6 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Optional
 
-import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPTS = ROOT / "scripts"
@@ -35,7 +34,8 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))  # `blender_addon` from the source tree
 
 # The small job of the backend-dependent tests: reference prior, a few steps at 16 px.
-SMALL_JOB_SETTINGS = {"iters": 3, "resolution": "16", "mc_resolution": 32, "texture_size": "64", "preview_every": 1, "batch_size": 1}
+# Panel property names: see blender_addon/job_fields.py (dotted job paths with "__" for ".").
+SMALL_JOB_SETTINGS = {"iters": 3, "resolution": "16", "export__mc_resolution": 32, "export__texture_size": "64", "preview__every": 1, "batch_size": 1}
 JOB_TIMEOUT_S = 240.0  # generous: the suite shares two CPU cores
 
 
@@ -79,35 +79,6 @@ def wait_for(predicate: Callable[[], bool], timeout_s: float, interval_s: float 
 
 
 # ----------------------------------------------------------------------------- backend availability
-
-
-def backend_missing_reason() -> Optional[str]:
-    """Why a real generation cannot run here (None when the trainer, prior and server are present)."""
-    checks = (
-        ("distill3d.server.service", "Server"),
-        ("distill3d.trainer", "generate"),
-        ("distill3d.priors.reference", "ReferencePrior"),
-    )
-    for module, name in checks:
-        try:
-            if not hasattr(importlib.import_module(module), name):
-                return f"{module}.{name} is not implemented yet"
-        except ImportError as exc:
-            return f"{module} cannot be imported yet: {exc}"
-    return None
-
-
-def require_server() -> None:
-    try:
-        importlib.import_module("distill3d.server.service")
-    except ImportError as exc:
-        pytest.skip(f"the backend service cannot be imported yet: {exc}")
-
-
-def require_backend() -> None:
-    reason = backend_missing_reason()
-    if reason is not None:
-        pytest.skip(f"the backend cannot generate yet: {reason}")
 
 
 # ----------------------------------------------------------------------------- a backend process

@@ -16,6 +16,8 @@ import addon_support
 import numpy as np
 import pytest
 from addon_support import JOB_TIMEOUT_S, SMALL_JOB_SETTINGS, BackendServer, BlenderExtension, TcpRelay
+from distill3d_protocol import CONFIG_VERSION, FIELDS, METHODS, PRIORS, JobConfig, jobconfig, parse_job
+from distill3d_protocol import settings as records
 
 pytestmark = pytest.mark.bpy
 
@@ -33,7 +35,6 @@ def blender(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    addon_support.require_server()
     backend = BackendServer(tmp_path_factory.mktemp("backend") / "jobs").start()
     yield backend
     backend.stop()
@@ -41,7 +42,6 @@ def server(tmp_path_factory):
 
 @pytest.fixture
 def backend(server):
-    addon_support.require_backend()
     return server
 
 
@@ -110,7 +110,9 @@ def test_extension_registers_and_unregisters_cleanly(blender):
     for cycle in range(2):
         assert all(hasattr(bpy.types, n) for n in names)
         settings = bpy.context.scene.distill3d
-        assert settings.method == "esd" and settings.lam == pytest.approx(0.5)
+        defaults = JobConfig()  # the panel starts at the job description's defaults
+        assert settings.method == defaults.method.KIND and settings.iters == defaults.iters
+        assert settings.method__lam == pytest.approx(jobconfig.ESDConfig().lam)
         assert bpy.ops.distill3d.generate.poll()
         blender.disable()
         assert blender.module_name not in bpy.context.preferences.addons
@@ -120,12 +122,187 @@ def test_extension_registers_and_unregisters_cleanly(blender):
         blender.enable()
 
 
-def test_every_method_and_prior_the_panel_offers_is_one_the_backend_runs(blender):
-    from distill3d.config import METHODS, PRIORS
+def test_every_method_prior_and_field_the_panel_offers_is_one_of_the_job_description(blender):
+    settings = blender.bpy.context.scene.distill3d
+    for prop, registry in (("method", METHODS), ("prior", PRIORS), ("field", FIELDS)):
+        offered = {i.identifier: (i.name, i.description) for i in settings.bl_rna.properties[prop].enum_items}
+        if prop == "field":  # null: the backend picks the field
+            assert offered.pop("auto")[0] == "Automatic"
+        assert list(offered) == list(registry.names)
+        assert offered == {name: (cls.LABEL, cls.HELP) for name, cls in registry.classes.items()}
+    shading = _setting("renderer.shading")
+    assert [i.identifier for i in settings.bl_rna.properties["renderer__shading"].enum_items] == list(shading.choices)
 
+
+def _setting(path: str):
+    return next(s for p, s, _ in records.leaf_paths(JobConfig) if p == path)
+
+
+def test_properties_carry_the_descriptions_defaults_bounds_and_help(blender):
+    rna = blender.bpy.context.scene.distill3d.bl_rna.properties
+    iters = _setting("iters")
+    assert (rna["iters"].default, rna["iters"].hard_min, rna["iters"].hard_max, rna["iters"].soft_max) == (600, iters.lo, iters.hi, iters.soft_hi)
+    assert rna["iters"].name == iters.label and rna["iters"].description.lower() == iters.help.lower()
+    assert rna["seed"].hard_max == 2**31 - 1  # the description allows 2**63 - 1; Blender's ints are 32-bit
+    assert rna["method__lam"].name == "Lambda" and rna["method__lam"].description == jobconfig.LAM_HELP[:1].upper() + jobconfig.LAM_HELP[1:]
+    assert [i.identifier for i in rna["resolution"].enum_items] == ["8", "16", "32", "64", "128", "256", "512", "1024"]  # pow2 in [8, 1024]
+    assert rna["resolution"].default == "32" and rna["export__texture_size"].default == "1024"
+    # nullable numbers: a value plus an "Auto" toggle (on: null, the backend's default)
+    assert rna["method__guidance_scale_auto"].default is True and rna["method__guidance_scale"].hard_max == 1000.0
+    # a setting that two fields declare with different defaults: one property each
+    assert (rna["field__dense__hidden"].default, rna["field__hash__hidden"].default) == (32, 64)
+
+
+def _reset(settings) -> None:
+    """Every panel property back to its default."""
+    for prop in settings.bl_rna.properties:
+        if prop.identifier not in ("rna_type", "name") and not prop.is_readonly:
+            settings.property_unset(prop.identifier)
+
+
+def _lookup(job: dict, path: str):
+    node = job
+    for part in path.split("."):
+        assert isinstance(node, dict) and part in node, f"{path} is missing from the job"
+        node = node[part]
+    return node
+
+
+def _other_values(setting, default):
+    """Valid values of ``setting`` other than ``default``, to try in turn (a section's cross-field
+    rules may refuse one: a hash field has no "analytic" normals)."""
+    kind = setting.kind
+    if kind == "bool":
+        return [not default]
+    if kind == "choice":
+        return [c for c in setting.choices if c != default]
+    if kind == "int":
+        if setting.pow2:
+            return [default * 2 if default * 2 <= setting.hi else default // 2]
+        step = setting.multiple_of or 1
+        return [default + step if setting.hi is None or default + step <= setting.hi else default - step]
+    if kind == "float":
+        if default is None:
+            return [0.5]
+        return [default + 0.125 if setting.hi is None or default + 0.125 <= setting.hi else default - 0.125]
+    if kind == "floats":
+        return [[v + 0.125 for v in default]]
+    if kind == "ints":
+        return [[v + (setting.multiple_of or 1) for v in default]]
+    if kind == "strs":
+        return [list(default[:1]) or ["extra"]]
+    if kind == "str":
+        return ["fp16" if default is None else (default + " changed" if default else "changed")]
+    raise AssertionError(f"no test value for a {kind} setting")
+
+
+# JobConfig values the reachability test leaves out, and why (both have their own tests).
+NOT_PANEL_PROPERTIES = {
+    "cameras": "built by the Cameras panel (distribution ranges, or the scene's cameras as a rig): see the rig and stored-settings tests",
+    "version": "not a choice: every job the add-on submits has CONFIG_VERSION (asserted in the reachability test)",
+}
+UNIONS = {"prior": PRIORS, "method": METHODS, "field": FIELDS}
+
+
+def test_every_setting_of_the_job_description_is_reachable_from_the_panel(blender):
+    """For every value of JobConfig (a setting of some methods/priors/fields only: for every kind
+    that has it), a non-default value set in the panel arrives at its dotted path in the job."""
+    bpy = blender.bpy
+    fields = blender.submodule("job_fields")
     props = blender.submodule("properties")
-    assert {item[0] for item in props.METHOD_ITEMS} == set(METHODS)
-    assert {item[0] for item in props.PRIOR_ITEMS} == set(PRIORS)
+    scene = bpy.context.scene
+    settings = scene.distill3d
+    assert set(fields.NOT_PROPERTIES) == set(NOT_PANEL_PROPERTIES)
+    checked = set()
+    for path, setting, default in records.leaf_paths(JobConfig):
+        if path in NOT_PANEL_PROPERTIES:
+            continue
+        head, _, leaf = path.partition(".")
+        owners = [None]
+        if head in UNIONS and leaf != "kind":
+            owners = [cls for cls in records.owners(JobConfig, path)]
+        for owner in owners:
+            _reset(settings)
+            settings.prompt = "a rubber duck"
+            if owner is not None:
+                setattr(settings, head, owner.KIND)  # a union's kind menu has the union's name
+                default = {n: d for n, _, d in records.record_fields(owner)}[leaf]
+            entry = fields.applicable(path, settings)
+            where = f"{path} ({owner.KIND})" if owner is not None else path
+            assert entry is not None, f"{where} has no panel property"
+            assert entry.name in settings.bl_rna.properties, f"{where}: {entry.name} is not a Blender property"
+            refused = []
+            for value in _other_values(setting, records.to_dict(default)):
+                entry.write(settings, value)
+                try:
+                    job = props.job_from_settings(settings, scene)
+                    break
+                except props.JobSettingsError as exc:
+                    refused.append(str(exc))
+            else:
+                pytest.fail(f"{where}: no test value was accepted: {refused}")
+            got = _lookup(job, path)
+            assert got == (pytest.approx(value) if setting.kind in ("float", "floats") else value), f"{where}: {got!r} != {value!r}"
+            assert job["version"] == CONFIG_VERSION and job["cameras"]["kind"] == "distribution"
+            checked.add(where)
+    assert {"method.lam (esd)", "method.lam (esd-exact)", "field.hidden (hash)", "prior.model (sd)", "seed", "prompt"} <= checked
+    _reset(settings)
+
+
+def test_the_job_holds_only_the_settings_of_the_chosen_kinds_and_keeps_the_descriptions_rules(blender):
+    bpy = blender.bpy
+    props = blender.submodule("properties")
+    scene = bpy.context.scene
+    settings = scene.distill3d
+    _reset(settings)
+    settings.prompt = "a mug"
+    for kind, cls in METHODS.classes.items():
+        settings.method = kind
+        job = props.job_from_settings(settings, scene)
+        assert set(job["method"]) == {"kind"} | {name for name, _, _ in records.record_fields(cls)}, kind
+    settings.method = "sds"
+    assert props.job_from_settings(settings, scene) == JobConfig(prompt="a mug", cameras=props.cameras_from_settings(settings, scene)).to_dict()
+    settings.field = "auto"
+    assert props.job_from_settings(settings, scene)["field"] is None
+    # a rule between settings (esd-exact needs the reference prior) reaches the panel
+    settings.method, settings.prior = "esd-exact", "sd"
+    assert "reference prior" in props.job_problem(settings)
+    with pytest.raises(props.JobSettingsError, match="reference prior"):
+        props.job_from_settings(settings, scene)
+    settings.method, settings.prior, settings.optim__lr = "sds", "reference", 0.0
+    with pytest.raises(props.JobSettingsError, match=r"optim\.lr must lie in \(0, 10\].*panel: Optim › LR"):
+        props.job_from_settings(settings, scene)
+    settings.optim__lr, settings.method, settings.method__target_modules = 0.05, "vsd", "to_q, , "
+    assert props.job_from_settings(settings, scene)["method"]["target_modules"] == ["to_q"]
+    settings.method__channels = "32, wide"
+    with pytest.raises(props.JobSettingsError, match="method.channels"):
+        props.job_from_settings(settings, scene)
+    _reset(settings)
+
+
+def test_the_panel_draws_every_setting_for_the_kinds_that_have_it(blender):
+    """What panel.py draws (the common settings and the Advanced sections), over every
+    combination of prior, method and field: every property, only where the chosen kinds have it."""
+    settings = blender.bpy.context.scene.distill3d
+    panel = blender.submodule("panel")
+    fields = blender.submodule("job_fields")
+    drawn = set()
+    for prior in PRIORS.names:
+        for method in METHODS.names:
+            for field in ("auto", *FIELDS.names):
+                settings.prior, settings.method, settings.field = prior, method, field
+                common = panel.shown((*panel.MAIN_PATHS, panel.METHOD_MENU, *panel.METHOD_PATHS, *panel.EXPORT_PATHS), settings)
+                advanced = [e for _, _, entries in panel.advanced_sections(settings) for e in entries]
+                assert all(e.applies(settings) for e in common + advanced)
+                assert not {e.name for e in common} & {e.name for e in advanced}
+                names = {e.name for e in common + advanced}
+                assert ("method__lam" in names) == (method in ("esd", "esd-exact"))  # the lambda row follows the method
+                assert ("prior__model" in names) == (prior == "sd")
+                drawn |= names
+    assert drawn == set(fields.BY_NAME)
+    titles = [title for _, title, _ in panel.advanced_sections(settings)]
+    assert "Renderer" in titles and f"Field: {FIELDS.classes[settings.field].LABEL}" in titles
+    _reset(settings)
 
 
 def test_settings_stored_on_a_result_load_back_into_the_panel(blender):
@@ -133,21 +310,81 @@ def test_settings_stored_on_a_result_load_back_into_the_panel(blender):
     props = blender.submodule("properties")
     scene = bpy.context.scene
     settings = scene.distill3d
-    settings.prompt, settings.method, settings.lam, settings.iters = "a teapot", "esd", 0.25, 321
-    settings.random_seed, settings.guidance_auto, settings.guidance_scale = True, False, 12.5
-    settings.elevation_range, settings.front_bias, settings.texture_size = (5.0, 30.0), 3.0, "512"
+    _reset(settings)
+    settings.prompt, settings.method, settings.method__lam, settings.iters = "a teapot", "esd", 0.25, 321
+    settings.random_seed, settings.method__guidance_scale_auto, settings.method__guidance_scale = True, False, 12.5
+    settings.elevation_range, settings.front_bias, settings.export__texture_size = (5.0, 30.0), 3.0, "512"
+    settings.field, settings.field__hash__hidden, settings.renderer__shading = "hash", 16, "mixed"
     job = props.job_from_settings(settings, scene)
-    assert 0 <= job["seed"] <= props.MAX_SEED and job["guidance_scale"] == 12.5
+    assert 0 <= job["seed"] <= props.MAX_SEED and job["method"] == {**job["method"], "kind": "esd", "lam": 0.25, "guidance_scale": 12.5}
+    assert job["cameras"]["elevation_range"] == [5.0, 30.0] and job["field"]["hidden"] == 16
     obj = bpy.data.objects.new("stored", None)
     obj["distill3d_job"] = json.dumps(job)
     scene.collection.objects.link(obj)
     bpy.context.view_layer.objects.active = obj
     settings.property_unset("prompt")
-    settings.method, settings.iters, settings.elevation_range, settings.texture_size = "sds", 5, (-10.0, 10.0), "64"
+    settings.method, settings.iters, settings.elevation_range, settings.export__texture_size = "sds", 5, (-10.0, 10.0), "64"
+    settings.field, settings.renderer__shading = "dense", "albedo"
     assert bpy.ops.distill3d.regenerate_from_selected() == {"FINISHED"}
     assert settings.random_seed is False  # regenerate reproduces the stored seed
     assert props.job_from_settings(settings, scene) == job
     bpy.data.objects.remove(obj)
+    _reset(settings)
+
+
+V1_JOB = {  # the flat form older add-ons stored on their results
+    "prompt": "a mug", "negative_prompt": "", "prior": "reference", "model": "", "method": "esd", "lam": 0.3, "iters": 50,
+    "resolution": 64, "batch_size": 2, "seed": 7, "view_dependent": True, "guidance_scale": 3.0, "preview_every": 10,
+    "cameras": {"kind": "distribution", "elevation_range": [0.0, 30.0], "azimuth_range": [-90.0, 90.0],
+                "radius_range": [2.5, 3.0], "fov_range": [45.0, 50.0], "front_bias": 1.5},
+    "export": {"texture_size": 512, "faces": 0, "mc_resolution": 64},
+}
+
+
+def test_a_v1_job_stored_by_an_older_add_on_loads_and_regenerates_as_the_equivalent_v2_job(blender):
+    bpy = blender.bpy
+    props = blender.submodule("properties")
+    scene_import = blender.submodule("scene_import")
+    scene = bpy.context.scene
+    settings = scene.distill3d
+    expected = parse_job(V1_JOB).to_dict()
+    assert expected["method"]["lam"] == 0.3 and expected["version"] == CONFIG_VERSION
+    # straight into the settings
+    settings.method, settings.renderer__samples_per_ray, settings.random_seed = "ssd", 7, True  # all replaced by the job's
+    assert props.apply_job_to_settings(settings, V1_JOB) == []
+    assert (settings.method, settings.method__lam, settings.preview__every, settings.export__texture_size) == ("esd", pytest.approx(0.3), 10, "512")
+    assert props.job_from_settings(settings, scene) == expected
+    # through an object, as "Load settings from selected" finds it: raw v1 JSON, as older add-ons stored it
+    obj = bpy.data.objects.new("old result", None)
+    obj["distill3d_job"] = json.dumps(V1_JOB)
+    scene.collection.objects.link(obj)
+    bpy.context.view_layer.objects.active = obj
+    _reset(settings)
+    assert bpy.ops.distill3d.regenerate_from_selected() == {"FINISHED"}
+    assert props.job_from_settings(settings, scene) == expected
+    bpy.data.objects.remove(obj)
+    # a result imported now stores the v2 form, even for a v1 job (e.g. reported by an older backend)
+    result = scene_import.create_result_object(scene, "a mug", np.eye(3, dtype=np.float32), np.array([[0, 1, 2]]), None, None, job=V1_JOB)
+    stored = json.loads(result["distill3d_job"])
+    assert stored["version"] == CONFIG_VERSION and stored["method"] == {"kind": "esd", "lam": 0.3, "guidance_scale": 3.0}
+    assert parse_job(stored).to_dict() == expected
+    bpy.data.objects.remove(result)
+    _reset(settings)
+
+
+def test_what_a_stored_job_has_that_the_panel_cannot_show_is_reported(blender):
+    props = blender.submodule("properties")
+    settings = blender.bpy.context.scene.distill3d
+    job = {"version": CONFIG_VERSION, "prompt": "a mug", "iters": 5_000_000, "seed": 2**40, "method": {"kind": "sds", "lam": 0.5},
+           "renderer": {"shading": "mixed", "sparkle": 1}}
+    skipped = props.apply_job_to_settings(settings, job)
+    assert any(s.startswith("iters must be an integer in [1, 1000000]") for s in skipped)
+    assert any("seed" in s and "32-bit" in s for s in skipped)
+    assert "method.lam: not a setting of the method SDS" in skipped
+    assert "renderer.sparkle: not a setting of this add-on's job description" in skipped
+    assert settings.renderer__shading == "mixed" and settings.method == "sds"
+    assert props.apply_job_to_settings(settings, ["not", "a", "job"]) == ["the stored job is not an object but list"]
+    _reset(settings)
 
 
 def test_scene_camera_rig_matches_blenders_own_camera_frame(blender):
@@ -211,7 +448,6 @@ def test_test_connection_reaches_the_backend(blender, controller, server):
 
 
 def test_local_backend_starts_on_demand_and_stops_on_unregister(blender, controller, tmp_path):
-    addon_support.require_server()
     bpy = blender.bpy
     configure(blender, addon_support.free_endpoint())
     prefs = blender.preferences
@@ -312,7 +548,7 @@ def test_scene_cameras_become_the_backends_rig_and_cancel_stops_the_job(blender,
     bpy.context.view_layer.update()
     configure(blender, backend.endpoint)
     settings = scene.distill3d
-    small_job(settings, iters=5000, preview_every=0)
+    small_job(settings, iters=5000, preview__every=0)
     settings.camera_mode, settings.camera_collection = "SCENE", rig
     assert settings.camera_count(bpy.context) == 2  # the panel's count: only the collection's cameras
     assert bpy.ops.distill3d.generate() == {"FINISHED"}
@@ -343,7 +579,7 @@ def test_dropped_connection_mid_job_is_reported_and_the_result_fetched_when_back
     relay = TcpRelay(int(backend.endpoint.rsplit(":", 1)[1]))
     try:
         configure(blender, relay.endpoint, heartbeat=0.2, lost_after=1.0)
-        small_job(scene.distill3d, iters=3, preview_every=0)
+        small_job(scene.distill3d, iters=3, preview__every=0)
         assert bpy.ops.distill3d.generate() == {"FINISHED"}
         assert pump_until(controller, lambda: controller.job.job_id is not None or controller.job.finished, JOB_TIMEOUT_S)
         job = controller.job

@@ -30,6 +30,38 @@ def test_batch_usage_errors_exit_with_code_2(tmp_path):
     assert proc.returncode == 2 and "no prompts" in proc.stderr
 
 
+def test_batch_jobs_are_the_panels_jobs_with_command_line_and_set_overrides(tmp_path):
+    """make_job in-process: the panel's defaults (the job description's), the options, then
+    ``--set dotted.path=JSON`` before validation; a bad value names its dotted path."""
+    import importlib
+
+    from distill3d_protocol import CONFIG_VERSION, JobConfig
+
+    addon_support.fresh_blender()
+    batch = addon_support.load_script("batch_generate")
+    addon = importlib.import_module("blender_addon")
+    importlib.import_module("blender_addon.properties")
+
+    def job_for(*extra):
+        args = batch.build_parser().parse_args(["--prompt", "a mug", "--out", str(tmp_path), *extra])
+        return batch.make_job(addon, args, "a mug", None, None)
+
+    job = job_for()
+    defaults = JobConfig(prompt="a mug").to_dict()
+    assert job["version"] == CONFIG_VERSION and job["method"] == defaults["method"] and job["renderer"] == defaults["renderer"]
+    assert job["iters"] == defaults["iters"] and job["preview"]["every"] == 0  # no previews in batch mode
+    job = job_for("--method", "esd", "--lam", "0.25", "--iters", "5", "--resolution", "16", "--texture-size", "64", "--vertex-colors",
+                  "--guidance-scale", "7.5", "--set", "method.lora_rank=8", "--set", "renderer.shading=mixed", "--set", 'field={"kind": "hash"}')
+    assert job["method"]["kind"] == "esd" and job["method"]["lam"] == 0.25 and job["method"]["lora_rank"] == 8
+    assert job["method"]["guidance_scale"] == 7.5 and job["iters"] == 5 and job["resolution"] == 16
+    assert job["export"]["texture_size"] == 64 and job["export"]["textured"] is False
+    assert job["renderer"]["shading"] == "mixed" and job["field"]["kind"] == "hash" and job["field"]["levels"] == 16
+    with pytest.raises(addon.properties.JobSettingsError, match=r"method\.lora_rank must be .*256"):
+        job_for("--method", "vsd", "--set", "method.lora_rank=0")
+    with pytest.raises(addon.properties.JobSettingsError, match=r"method.*lam"):
+        job_for("--set", "method.lam=0.5")  # SDS has no lambda
+
+
 def _scene_with_cameras(path):
     bpy = addon_support.fresh_blender()
     rig = bpy.data.collections.new("rig")
@@ -46,7 +78,6 @@ def _scene_with_cameras(path):
 
 @pytest.mark.slow  # starts its own backend and generates two assets
 def test_batch_writes_a_blend_and_a_glb_per_prompt_using_the_scene_cameras(tmp_path):
-    addon_support.require_backend()
     import trimesh
 
     scene_file = tmp_path / "scene.blend"

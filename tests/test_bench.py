@@ -13,7 +13,16 @@ from pathlib import Path
 import pytest
 import torch
 
-from distill3d.bench.config import BUILTIN_METHODS, BenchConfig, BenchConfigError, MethodSpec, method_from_any, quick_config
+from distill3d.bench.config import (
+    BUILTIN_METHODS,
+    SHARED_FIELDS,
+    BenchConfig,
+    BenchConfigError,
+    MethodSpec,
+    method_from_any,
+    normalize_overrides,
+    quick_config,
+)
 from distill3d.bench.report import aggregate, mean_std
 from distill3d.bench.runner import eval_cameras, plan_jobs
 from distill3d.cli import main
@@ -25,38 +34,95 @@ TABLE_HEADER = "| method | agreement (↑) | ref. FID (↓) | IQ (↓) | IV (↑
 def test_default_methods_are_the_papers_set():
     names = list(BUILTIN_METHODS)
     assert names == ["sds", "sds-vd", "vsd", "esd-0.25", "esd-0.5", "esd-0.75", "esd-1", "esd-exact", "ssd"]
-    assert BUILTIN_METHODS["sds-vd"].overrides == {"method": "sds", "view_dependent": True}
+    assert BUILTIN_METHODS["sds-vd"].overrides == {"method.kind": "sds", "view_dependent": True}
+    assert BUILTIN_METHODS["esd-0.25"].overrides == {"method.kind": "esd", "method.lam": 0.25}
     assert [BUILTIN_METHODS[n].lam for n in ("vsd", "esd-0.25", "esd-1", "esd-exact")] == [0.0, 0.25, 1.0, 0.5]
     assert BUILTIN_METHODS["ssd"].lam is None
+    assert [n for n in names if BUILTIN_METHODS[n].learned] == ["vsd", "esd-0.25", "esd-0.5", "esd-0.75", "esd-1"]
+
+
+def test_builtin_methods_come_from_the_job_description():
+    from distill3d.config import METHODS
+
+    assert {BUILTIN_METHODS[n].method for n in BUILTIN_METHODS} == set(METHODS.names)
+    for name in METHODS.names:  # every method of the job description is benchmarked (ESD as its lambda sweep)
+        assert name in BUILTIN_METHODS or any(n.startswith(name + "-") for n in BUILTIN_METHODS)
 
 
 def test_method_specs_from_names_and_objects():
-    assert method_from_any("esd-0.9") == MethodSpec("esd-0.9", {"method": "esd", "lam": 0.9})
-    assert method_from_any("esd-exact-1") == MethodSpec("esd-exact-1", {"method": "esd-exact", "lam": 1.0})
-    assert method_from_any("esd-exact-1-vd") == MethodSpec("esd-exact-1-vd", {"method": "esd-exact", "lam": 1.0, "view_dependent": True})
-    assert method_from_any("vsd-vd").overrides == {"method": "vsd", "view_dependent": True}
+    assert method_from_any("esd-0.9") == MethodSpec("esd-0.9", {"method.kind": "esd", "method.lam": 0.9})
+    assert method_from_any("esd-exact-1") == MethodSpec("esd-exact-1", {"method.kind": "esd-exact", "method.lam": 1.0})
+    assert method_from_any("esd-exact-1-vd") == MethodSpec("esd-exact-1-vd", {"method.kind": "esd-exact", "method.lam": 1.0, "view_dependent": True})
+    assert method_from_any("vsd-vd").overrides == {"method.kind": "vsd", "view_dependent": True}
+    assert method_from_any("vsd-vd").view_dependent and not method_from_any("vsd").view_dependent
     assert method_from_any("sds-vd") == BUILTIN_METHODS["sds-vd"]
-    spec = method_from_any({"name": "ssd-x0", "overrides": {"method": "ssd", "ssd_depth_on": "x0_hat"}})
-    assert spec.method == "ssd" and spec.overrides["ssd_depth_on"] == "x0_hat"
-    for bad, words in (("esd-2", "unknown method"), ("dreamfusion", "unknown method"),
+    spec = method_from_any({"name": "ssd-x0", "overrides": {"method.kind": "ssd", "method.depth_on": "x0_hat"}})
+    assert spec.method == "ssd" and spec.overrides["method.depth_on"] == "x0_hat" and spec.method_record.depth_on == "x0_hat"
+    for bad, words in (("esd-2", "unknown method"), ("dreamfusion", "unknown method"), ("ssd-0.5", "unknown method"),
                        ({"name": "x", "overrides": {"iters": 5}}, "shared budget"),
-                       ({"name": "x", "overrides": {"method": "nope"}}, "method must be one of"),
+                       ({"name": "x", "overrides": {"prior.bias": 1.0}}, "shared budget"),
+                       ({"name": "x", "overrides": {"field.resolution": 8}}, "shared budget"),
+                       ({"name": "x", "overrides": {"preview.every": 5}}, "shared budget"),
+                       ({"name": "x", "overrides": {"method.kind": "nope"}}, "method.kind must be one of"),
+                       ({"name": "x", "overrides": {"method.kind": "sds", "method.lam": 0.5}}, "method .x.: .*lam"),
+                       ({"name": "x", "overrides": {"method.kind": "esd", "method.lam": 2}}, "method.lam must lie in"),
                        ({"name": "x y", "overrides": {}}, "letters, digits"), ({"overrides": {}}, "needs \"name\"")):
         with pytest.raises(BenchConfigError, match=words):
             method_from_any(bad)
 
 
+def test_old_form_overrides_still_load():
+    """Method objects written for the job's first (flat) form: read through jobconfig.migrate."""
+    old = method_from_any({"name": "esd-0.9", "overrides": {"method": "esd", "lam": 0.9}})
+    assert old == MethodSpec("esd-0.9", {"method.kind": "esd", "method.lam": 0.9}) == method_from_any("esd-0.9")
+    spec = method_from_any({"name": "ssd-x0", "overrides": {"method": "ssd", "ssd_depth_on": "x0_hat", "ssd_mu": "channel"}})
+    assert spec.overrides == {"method.kind": "ssd", "method.depth_on": "x0_hat", "method.mu": "channel"}
+    assert normalize_overrides({"method": "vsd", "lora_rank": 8, "view_dependent": True, "lr": 0.1, "t_schedule": "dreamtime"}) == {
+        "method.kind": "vsd", "method.lora_rank": 8, "view_dependent": True, "optim.lr": 0.1, "schedule.kind": "dreamtime"}
+    # nested (the job's current form) and dotted overrides, alone or mixed
+    assert normalize_overrides({"method": {"kind": "esd", "lam": 0.3}, "export": {"textured": False}}) == {
+        "method.kind": "esd", "method.lam": 0.3, "export.textured": False}
+    assert normalize_overrides({"method.kind": "esd", "view_dependent": True}) == {"method.kind": "esd", "view_dependent": True}
+    assert normalize_overrides({"guidance_scale": 3.0}) == {"method.guidance_scale": 3.0}  # no method named: no method.kind added
+    for bad in ({"method": "esd", "iters": 5}, {"grid_resolution": 8}, {"prior": "sd"}, {"preview_every": 3}):
+        with pytest.raises(BenchConfigError, match="shared budget"):
+            method_from_any({"name": "x", "overrides": bad})
+    # the results of a benchmark written before (old-form overrides in results.json) still load
+    cfg = BenchConfig.from_dict({"objects": ["mug"], "methods": [{"name": "esd-exact", "overrides": {"method": "esd-exact", "lam": 0.5}}]})
+    assert cfg.methods[0].overrides == {"method.kind": "esd-exact", "method.lam": 0.5}
+    assert cfg.job_config(cfg.methods[0], "mug", 0, "strong").to_dict() == cfg.job_config(BUILTIN_METHODS["esd-exact"], "mug", 0, "strong").to_dict()
+
+
+def test_shared_fields_are_paths_of_the_job():
+    from distill3d.config import JobConfig, leaf_paths
+
+    paths = [p for p, _, _ in leaf_paths(JobConfig)]
+    for shared in SHARED_FIELDS:
+        assert any(p == shared or p.startswith(shared + ".") for p in paths), shared
+
+
 def test_config_from_dict_validates_and_names_the_field(tmp_path):
     cfg = BenchConfig.from_dict({"objects": ["house"], "biases": ["mild", 2.5], "seeds": 2, "methods": ["sds", "esd-0.5"], "iters": 7})
     assert cfg.seeds == [0, 1] and cfg.biases == ["mild", 2.5] and [m.name for m in cfg.methods] == ["sds", "esd-0.5"]
-    gen = cfg.generate_config(cfg.methods[1], "house", 1)
-    assert (gen.method, gen.lam, gen.iters, gen.seed, gen.resolution) == ("esd", 0.5, 7, 1, 32) and "house" in gen.prompt
+    job = cfg.job_config(cfg.methods[1], "house", 1, 2.5)
+    assert (job.method.KIND, job.method.lam, job.iters, job.seed, job.resolution) == ("esd", 0.5, 7, 1, 32) and "house" in job.prompt
+    assert (job.field.KIND, job.field.resolution, job.renderer.samples_per_ray, job.preview.every, job.device) == ("dense", 32, 48, 0, "cpu")
+    assert (job.prior.KIND, job.prior.bias, tuple(job.prior.objects), job.prior.num_views) == ("reference", 2.5, ("house",), 256)
+    assert cfg.job_config(cfg.methods[0], "house", 0, "mild").prior.bias == 1.0  # the preset's kappa
+    assert cfg.prior_resolution == 32
+    vd = cfg.job_config(method_from_any("esd-exact-1-vd"), "house", 0, "mild")
+    assert vd.view_dependent and (vd.method.KIND, vd.method.lam) == ("esd-exact", 1.0)
     for bad, words in (({"objects": ["teapot"]}, "objects"), ({"biases": ["huge"]}, "bias"), ({"biases": ["strong", 4]}, "distinct"),
+                       ({"biases": [5000]}, "biases: prior.bias must lie in"),
                        ({"seeds": 0}, "seeds"), ({"seeds": [1, 1]}, "seeds"), ({"iters": 0}, "iters"), ({"resolution": 48}, "resolution"),
+                       ({"batch_size": 0}, "batch_size"), ({"grid_resolution": 1}, "grid_resolution: field.resolution"),
+                       ({"samples_per_ray": 0}, "samples_per_ray: renderer.samples_per_ray"), ({"num_views": 2}, "num_views: prior.num_views"),
+                       ({"iters": True}, "iters"), ({"views": 2}, "views"), ({"workers": 0}, "workers"),
                        ({"methods": ["sds", "sds"]}, "distinct"), ({"colour": 1}, "unknown benchmark config fields"),
                        ({"variance": {"samples": 4, "groups": 4}}, "variance"), ({"variance": {"nope": 1}}, "unknown variance")):
         with pytest.raises(BenchConfigError, match=words):
             BenchConfig.from_dict(bad)
+    assert BenchConfig.from_dict({"iters": 7.0}).iters == 7 and isinstance(BenchConfig.from_dict({"iters": 7.0}).iters, int)
     path = tmp_path / "c.json"
     path.write_text("{not json")
     with pytest.raises(BenchConfigError, match="not valid JSON"):
@@ -78,7 +144,7 @@ def test_plan_runs_every_combination_unit_by_unit_learned_first_and_instruments_
     for start in range(0, len(jobs), 9):  # units of (seed, bias, object): every method, learned ones first
         unit = jobs[start : start + 9]
         assert len({(j.seed, j.bias, j.object_name) for j in unit}) == 1 and {j.spec.name for j in unit} == set(BUILTIN_METHODS)
-        learned = [j.spec.method in ("vsd", "esd") for j in unit]
+        learned = [j.spec.learned for j in unit]
         assert learned == sorted(learned, reverse=True)
     instrumented = [j for j in jobs if j.measure_variance]
     assert len(instrumented) == 2 * 9 and all(j.bias == "strong" and j.seed == 0 for j in instrumented)
@@ -155,8 +221,23 @@ def test_tiny_benchmark_end_to_end_in_process(tmp_path, capsys):
 
 def test_bad_cli_arguments_are_reported(capsys):
     assert main(["bench", "--quick", "--methods", "sds,nope", "--out", "/nonexistent/x"]) == 2
-    assert "unknown method" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "unknown method" in err and "Traceback" not in err
     assert main(["bench", "--quick", "--config", "x.json"]) == 2
+    assert "exclusive" in capsys.readouterr().err
+    assert main(["bench", "--config", "/nonexistent/x.json"]) == 2
+    assert "cannot read benchmark config" in capsys.readouterr().err
+    assert main(["bench", "--quick", "--iters", "0", "--out", "/nonexistent/x"]) == 2
+    err = capsys.readouterr().err
+    assert "iters must be" in err and "Traceback" not in err
+
+
+def test_bad_variance_arguments_are_reported(tmp_path, capsys):
+    assert main(["variance", "--checkpoint", str(tmp_path / "nowhere"), "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert "no checkpoint" in err and "Traceback" not in err
+    assert main(["variance", "--run", str(tmp_path), "--methods", "sds,magic", "--out", str(tmp_path / "out")]) == 2
+    assert "methods must be" in capsys.readouterr().err
 
 
 @pytest.mark.slow

@@ -16,10 +16,10 @@ import pytest
 import torch
 
 from distill3d.cameras import orbit_cameras
-from distill3d.config import ConfigError, GenerateConfig
+from distill3d.config import LAM_HELP, ConfigError, parse_job
 from distill3d.distill import SDS, make_estimator
 from distill3d.distill.base import DistillBatch
-from distill3d.distill.esd import ESD, LAM_HELP, VSD, EstimatorError
+from distill3d.distill.esd import ESD, VSD, EstimatorError
 from distill3d.distill.learned_score import (
     CameraEmbedding,
     LearnedScoreConfig,
@@ -276,17 +276,17 @@ def test_lam_is_validated_and_documented(prior):
 
 # ---------------------------------------------------------------------- the factory
 def test_make_estimator_builds_each_method(prior):
-    cfg = GenerateConfig(prompt="a cat", prior="sd", method="esd", lam=0.3, lora_rank=2, lora_lr=2e-3, p_null=0.2).validate()
-    assert isinstance(make_estimator("sds", prior, cfg), SDS)
-    vsd = make_estimator("vsd", prior, cfg)
+    knobs = {"lora_rank": 2, "lora_lr": 2e-3, "p_null": 0.2}
+    job = lambda method: parse_job({"prompt": "a cat", "prior": {"kind": "sd"}, "method": method})  # noqa: E731
+    sds = make_estimator(prior, job({"kind": "sds"}))
+    assert isinstance(sds, SDS) and sds.schedule is not None
+    vsd = make_estimator(prior, job({"kind": "vsd", **knobs}))
     assert isinstance(vsd, VSD) and vsd.lam == 0.0
-    esd = make_estimator("esd", prior, cfg)
+    esd = make_estimator(prior, job({"kind": "esd", "lam": 0.3, **knobs}))
     assert type(esd) is ESD and esd.lam == 0.3
     assert isinstance(esd.learned, LoRAScore)
     assert esd.learned.config.lora_rank == 2 and esd.learned.config.lr == 2e-3 and esd.learned.config.p_null == 0.2
     assert esd.learned.optimizer.param_groups[0]["lr"] == 2e-3
-    with pytest.raises(ValueError, match="unknown method"):
-        make_estimator("dds", prior, cfg)
 
 
 def test_make_learned_score_picks_lora_for_sd(prior):
@@ -295,4 +295,4 @@ def test_make_learned_score_picks_lora_for_sd(prior):
 
 def test_esd_exact_is_refused_for_sd():
     with pytest.raises(ConfigError, match="esd-exact"):
-        GenerateConfig(prompt="a cat", prior="sd", method="esd-exact").validate()
+        parse_job({"prompt": "a cat", "prior": {"kind": "sd"}, "method": {"kind": "esd-exact"}})

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from distill3d.cameras import turntable
-from distill3d.config import ConfigError, GenerateConfig
+from distill3d.config import ConfigError, parse_job
 from distill3d.distill import SDS, make_estimator
 from distill3d.distill.base import DistillBatch
 from distill3d.distill.esd import ESD, ESDExact, EstimatorError, VSD
@@ -95,10 +95,9 @@ def test_pixel_score_changes_only_its_own_weights_and_round_trips(prior, renders
 
 def test_factory_builds_pixel_space_vsd_and_esd(prior, renders):
     x0, cams = renders
-    cfg = GenerateConfig(prompt="a mug", prior="reference", method="esd", lam=0.5).validate()
-    esd = make_estimator("esd", prior, cfg)
+    esd = make_estimator(prior, parse_job({"prompt": "a mug", "method": {"kind": "esd", "lam": 0.5}}))
     assert type(esd) is ESD and isinstance(esd.learned, PixelUNetScore)
-    vsd = make_estimator("vsd", prior, cfg)
+    vsd = make_estimator(prior, parse_job({"prompt": "a mug", "method": {"kind": "vsd"}}))
     assert isinstance(vsd, VSD)
     b = _batch(prior, x0[:2], cams.index(slice(0, 2)))
     d, _ = esd.direction(b)
@@ -171,11 +170,10 @@ def test_esd_exact_needs_a_pixel_space_prior():
 
 
 def test_factory_builds_esd_exact(prior):
-    cfg = GenerateConfig(prompt="a mug", prior="reference", method="esd-exact", lam=0.7).validate()
-    est = make_estimator("esd-exact", prior, cfg)
+    est = make_estimator(prior, parse_job({"prompt": "a mug", "method": {"kind": "esd-exact", "lam": 0.7}}))
     assert isinstance(est, ESDExact) and est.lam == 0.7
     assert est.bank_size == 0 and est.leave_one_out  # q over the current batch, each render left out
-    cfg = GenerateConfig(prompt="a mug", prior="reference", method="esd-exact", esd_exact_bank=6).validate()
-    assert make_estimator("esd-exact", prior, cfg).bank_size == 6
-    with pytest.raises(ConfigError, match="esd_exact_bank"):
-        GenerateConfig(prompt="a mug", method="esd-exact", esd_exact_bank=-1).validate()
+    assert make_estimator(prior, parse_job({"prompt": "a mug", "method": {"kind": "esd-exact", "bank": 6}})).bank_size == 6
+    with pytest.raises(ConfigError, match="method.bank must be an integer"):
+        parse_job({"prompt": "a mug", "method": {"kind": "esd-exact", "bank": -1}})
+    assert parse_job({"prompt": "a mug", "method": "esd-exact", "esd_exact_bank": 3}).method.bank == 3  # version 1 form

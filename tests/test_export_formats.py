@@ -245,7 +245,7 @@ def test_build_final_mesh_vertex_coloured():
 
 def test_textured_from_field_rejects_bad_config():
     m = trimesh.creation.icosphere(subdivisions=1)
-    with pytest.raises(ExportError, match="texture_size must be a power of two"):
+    with pytest.raises(ExportError, match="texture.size must be a power of two"):
         textured_from_field(Mesh(m.vertices, m.faces), colour_field, ExportConfig(texture_size=100))
     with pytest.raises(ExportError, match="texture_size"):
         textured_from_field(Mesh(m.vertices, m.faces), colour_field, {"texture_size": 0})

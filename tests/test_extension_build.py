@@ -76,6 +76,10 @@ def test_zip_without_wheels_validates_installs_and_enables(tmp_path):
     assert zip_path.name == "distill3d-0.1.0.zip"
     names = zipfile.ZipFile(zip_path).namelist()
     assert "blender_manifest.toml" in names and "__init__.py" in names and "protocol/codec.py" in names
+    # the job description the panel is generated from travels with the bundled protocol
+    assert {"job_fields.py", "properties.py", "protocol/jobconfig.py", "protocol/settings.py", "protocol/errors.py"} <= set(names)
+    shared = {p.name for p in (ROOT / "shared" / "distill3d_protocol").glob("*.py")}
+    assert {n.split("/", 1)[1] for n in names if n.startswith("protocol/") and n.endswith(".py")} == shared
     assert not any("__pycache__" in n or n.startswith("wheels/") for n in names)
     _install_and_enable(tmp_path, zip_path, "distill3d_zip")
 

@@ -1,11 +1,17 @@
-"""The service without training: requests, bad input over real sockets, auth, keys, recovery."""
+"""The service without training: requests, bad input over real sockets, auth, keys, recovery,
+the job configuration's forms (v1 flat, v2 nested, older servers' job.json files) and how job
+errors are reported. Jobs that "run" here use a stand-in for the trainer (``fake_training``)."""
 
 from __future__ import annotations
 
 import json
+import logging
 import threading
+import time
 from pathlib import Path
+from types import SimpleNamespace
 
+import numpy as np
 import pytest
 import zmq
 from hypothesis import HealthCheck, given, settings
@@ -14,8 +20,9 @@ from hypothesis import strategies as st
 import distill3d_protocol as proto
 from distill3d.cli import main as cli_main
 from distill3d.server import AuthError, Client, ClientKeys, Server, ServerConfig, ServerError, is_loopback, make_keys
-from distill3d.server.jobs import JobRecord, JobStore
-from distill3d_protocol import Kind, decode, encode
+from distill3d.config import ConfigError, Distill3DError, JobConfig, parse_job
+from distill3d.server.jobs import JobRecord, JobStore, new_job_id
+from distill3d_protocol import Kind, ProtocolError, decode, encode
 
 REPLY_TIMEOUT = 5.0
 
@@ -124,19 +131,40 @@ def test_ping_status_list(client):
     assert client.list_jobs() == [] and client.list_jobs(all_clients=True) == []
 
 
+def _submit_frames(config, req: str = "s1") -> list:
+    """A submit as a client that does not check its own messages sends it."""
+    return [json.dumps({"v": 1, "kind": "submit", "req": req, "config": config}).encode()]
+
+
 def test_unknown_jobs_and_bad_configs_get_clear_errors(client):
     for call in (lambda: client.status("nosuchjob"), lambda: client.fetch("nosuchjob"),
                  lambda: client.cancel("nosuchjob"), lambda: client.resume("nosuchjob")):
         with pytest.raises(ServerError) as info:
             call()
         assert info.value.code == "not_found" and "nosuchjob" in info.value.message
-    for config, needle in (({"prompt": "duck", "method": "magic"}, "method"),
-                           ({"prompt": "duck", "resolution": 24}, "power of two"),
-                           ({"prompt": "duck", "t_min": 0.9, "t_max": 0.5}, "t_min"),
-                           ({"prompt": "duck", "export": {"texture_size": 100}}, "texture_size")):
-        with pytest.raises(ServerError) as info:
+    # bad jobs, in the nested (v2) and the flat (v1) form: the wire's check (the job description)
+    # refuses them before they reach a handler, naming the dotted path below "config"
+    for config, code, expected in (
+        ({"prompt": "duck", "method": {"kind": "esd", "lam": 2}}, "bad_field", "method.lam must lie in [0, 1], got 2"),
+        ({"prompt": "duck", "method": "esd", "lam": 2}, "bad_field", "method.lam must lie in [0, 1], got 2"),  # v1
+        ({"prompt": "duck", "method": "magic"}, "bad_field", "method.kind must be one of sds, vsd, esd, esd-exact, ssd, got 'magic'"),
+        ({"prompt": "duck", "resolution": 24}, "bad_field", "resolution must be an integer in [8, 1024], a power of two, got 24"),
+        ({"prompt": "duck", "t_min": 0.9, "t_max": 0.5}, "bad_field", "schedule.t_min (0.9) must be below"),
+        ({"prompt": "duck", "schedule": {"t_min": 0.9, "t_max": 0.5}}, "bad_field", "schedule.t_min (0.9) must be below"),
+        ({"prompt": "duck", "export": {"texture_size": 100}}, "bad_field", "export.texture_size must be an integer in [64, 4096], a power of two, got 100"),
+        ({"prompt": "duck", "method": {"kind": "sds", "lam": 0.5}}, "unknown_field", "lam"),
+    ):
+        msg = _raw_reply(client, _submit_frames(config))
+        assert msg.kind == Kind.ERROR and msg.header["code"] == code, (config, msg.header)
+        assert expected in msg.header["message"] and "config" in msg.header["message"], (config, msg.header["message"])
+        assert msg.header["req"] == "s1"
+        # a client that checks what it sends (this one, the add-on) finds the same before sending
+        with pytest.raises(ProtocolError, match="config"):
             client.submit(config)
-        assert info.value.code == "bad_job" and needle in info.value.message
+    # the backend's own check (the camera maths) answers bad_job from the server
+    with pytest.raises(ServerError) as info:
+        client.submit({"prompt": "duck", "cameras": {"kind": "distribution", "elevation_range": [30, -10]}})
+    assert info.value.code == "bad_job" and info.value.message.startswith("cameras: elevation_range")
     assert client.list_jobs(all_clients=True) == []
 
 
@@ -165,6 +193,8 @@ def test_bad_input_gets_errors_and_the_server_keeps_answering(client):
         ([json.dumps({"v": 1, "kind": "submit", "config": {"prompt": "duck", "iters": -3}}).encode()], "bad_field"),
         ([json.dumps({"v": 1, "kind": "submit", "config": {"prompt": "duck", "seed": -1}}).encode()], "bad_field"),
         ([json.dumps({"v": 1, "kind": "submit", "config": {"prompt": "duck", "hack": 1}}).encode()], "unknown_field"),
+        ([json.dumps({"v": 1, "kind": "submit", "config": ["prompt", "duck"]}).encode()], "bad_field"),
+        ([json.dumps({"v": 1, "kind": "submit", "config": {"prompt": "duck"}, "hack": 1}).encode()], "unknown_field"),
         ([json.dumps({"v": 1, "kind": "progress", "job": "j", "step": 1, "total": 2}).encode()], "unexpected_kind"),
         ([json.dumps({"v": 1, "kind": "list", "reply": True, "jobs": []}).encode()], "unexpected_kind"),
         ([json.dumps({"v": 1, "kind": "fetch", "job": "../../etc/passwd"}).encode()], "bad_field"),
@@ -238,7 +268,7 @@ def test_fuzzed_messages_against_a_live_server(server):
 
 def test_restart_marks_running_jobs_interrupted(tmp_path):
     store = JobStore(tmp_path / "jobs")
-    rec = store.create({"prompt": "a rubber duck", "iters": 10}, owner="artist")
+    rec = store.create(parse_job({"prompt": "a rubber duck", "iters": 10}), owner="artist")
     rec.state, rec.step = "running", 4
     store.save(rec)
     (store.job_dir("broken-job")).mkdir()
@@ -270,6 +300,234 @@ def test_clean_stop_closes_the_socket(tmp_path):
     try:
         with Client(again.endpoint, timeout=REPLY_TIMEOUT) as c:
             assert c.ping().kind == Kind.PONG
+    finally:
+        again.stop()
+
+
+# ----------------------------------------------------------------------------- jobs without training
+
+
+class FakeTraining:
+    """Stands in for the prior loader and ``distill3d.job.generate``: records every run and
+    returns a one-triangle result, or raises ``error`` (from the prior loader or the job)."""
+
+    def __init__(self) -> None:
+        self.runs: list = []
+        self.loads = 0
+        self.load_error = None
+        self.error = None
+
+    def load_prior(self, job, device):
+        self.loads += 1
+        if self.load_error is not None:
+            raise self.load_error
+        return SimpleNamespace(name="fake prior")
+
+    def generate(self, config, out_dir, callbacks=None, cancel=None, checkpoint_dir=None, resume=False, prior=None, **_):
+        from distill3d.job import GenerationResult
+
+        self.runs.append(SimpleNamespace(config=config, resume=resume, prior=prior))
+        if self.error is not None:
+            raise self.error
+        if callbacks is not None and callbacks.on_progress:
+            callbacks.on_progress(config.iters, config.iters, {"loss": 0.5}, 0.01, 0.0)
+        mesh = SimpleNamespace(vertices=np.array([[0, 0, 0], [1, 0, 0], [0, 1, 0]], np.float32), faces=np.array([[0, 1, 2]], np.int32))
+        return GenerationResult(mesh=mesh, preview_image=np.zeros((4, 4, 3), np.uint8), summary={"steps": config.iters})
+
+
+@pytest.fixture
+def fake_training(monkeypatch):
+    import distill3d.job
+    import distill3d.priors.factory
+
+    fake = FakeTraining()
+    monkeypatch.setattr(distill3d.priors.factory, "load_prior", fake.load_prior)
+    monkeypatch.setattr(distill3d.job, "generate", fake.generate)
+    return fake
+
+
+def _wait_state(c: Client, job_id: str, states, timeout: float = 30.0) -> dict:
+    deadline = time.monotonic() + timeout
+    while True:
+        info = c.status(job_id).header["info"]
+        if info["state"] in states or time.monotonic() > deadline:
+            return info
+        time.sleep(0.05)
+
+
+V2_JOB = {"prompt": "a rubber duck", "iters": 5, "resolution": 16, "method": {"kind": "esd", "lam": 0.3},
+          "preview": {"every": 2}, "export": {"mc_resolution": 32, "texture_size": 64}}
+V1_JOB = {"prompt": "a rubber duck", "iters": 5, "resolution": 16, "method": "esd", "lam": 0.3, "lora_rank": 4,
+          "preview_every": 2, "export": {"mc_resolution": 32, "texture_size": 64}}  # what clients sent before version 2
+
+
+def test_v1_and_v2_submits_run_the_same_typed_job_validated_once(fake_training, tmp_path, monkeypatch):
+    import distill3d.server.jobs
+    import distill3d.server.service
+
+    calls = []
+
+    def counting(name, parse):
+        def wrapped(data):
+            calls.append(name)
+            return parse(data)
+        return wrapped
+
+    monkeypatch.setattr(distill3d.server.service, "parse_job", counting("service", distill3d.server.service.parse_job))
+    monkeypatch.setattr(distill3d.server.jobs, "parse_job", counting("jobs", distill3d.server.jobs.parse_job))
+    running = RunningServer(tmp_path / "jobs", checkpoint_every=7)
+    try:
+        with Client(running.endpoint, name="artist", timeout=REPLY_TIMEOUT) as c:
+            accepted = [c.request(Kind.SUBMIT, {"config": job}) for job in (V2_JOB, V1_JOB, {**V2_JOB, "checkpoint_every": 3})]
+            results = [c.wait(a.job_id, 30) for a in accepted]
+            assert [r.kind for r in results] == [Kind.RESULT] * 3, [r.header for r in results]
+            infos = {j["job"]: j for j in c.list_jobs()}
+    finally:
+        running.stop()
+    assert calls == ["service"] * 3  # once per submit: not again at scheduling, in the worker or the trainer
+    v2, v1, own = (a.header["config"] for a in accepted)
+    assert v1 == v2 == parse_job(V2_JOB).to_dict()  # the accepted config: the nested v2 form, defaults filled in
+    assert v2["version"] == 2 and v2["method"]["kind"] == "esd" and v2["method"]["lam"] == 0.3 and "lam" not in v2
+    assert v2["preview"] == {"every": 2, "resolution": 48} and v2["prior"]["kind"] == "reference"
+    for a in accepted:
+        info = infos[a.job_id]
+        assert (info["state"], info["method"], info["prior"], info["prompt"]) == ("done", "esd", "reference", "a rubber duck")
+    # the worker got typed JobConfig records; the server's checkpoint interval only where the job set none
+    runs = fake_training.runs
+    assert all(isinstance(r.config, JobConfig) for r in runs) and [r.resume for r in runs] == [False] * 3
+    assert runs[0].config == runs[1].config and runs[0].config.method.lam == 0.3 and runs[0].config.preview.every == 2
+    assert [r.config.checkpoint_every for r in runs] == [7, 7, 3]
+    assert runs[0].prior is not None and fake_training.loads == 1  # the second job leased the cached prior
+    # job.json holds the job's own config, in the nested form
+    stored = json.loads((tmp_path / "jobs" / accepted[1].job_id / "job.json").read_text())
+    assert stored["config"] == v1 and stored["config"]["checkpoint_every"] == 0
+
+
+def test_a_failing_job_is_reported_without_a_traceback_and_a_bug_with_one(fake_training, tmp_path, caplog):
+    caplog.set_level(logging.INFO)
+    running = RunningServer(tmp_path / "jobs")
+    try:
+        with Client(running.endpoint, name="artist", timeout=REPLY_TIMEOUT) as c:
+            # an error the user can act on (bad prior weights): its message, no traceback
+            fake_training.load_error = Distill3DError("prior.model: no diffusers weights in /models/nope")
+            job = c.submit(V2_JOB)
+            failed = c.wait(job, 30)
+            assert failed.kind == Kind.ERROR and failed.header["code"] == "job_failed"
+            assert failed.header["message"] == "prior.model: no diffusers weights in /models/nope"
+            info = c.status(job).header["info"]
+            assert info["state"] == "failed" and info["message"] == failed.header["message"]
+            mine = [r for r in caplog.records if job in r.getMessage()]
+            assert any(r.levelno >= logging.WARNING and "no diffusers weights" in r.getMessage() for r in mine)
+            assert not any(r.exc_info for r in caplog.records)
+            # a bad setting found while running (a ConfigError) reads the same
+            fake_training.load_error, fake_training.error = None, ConfigError("device 'cuda' requested but CUDA is not available")
+            job = c.submit(V2_JOB)
+            assert c.wait(job, 30).header["message"] == "device 'cuda' requested but CUDA is not available"
+            assert not any(r.exc_info for r in caplog.records)
+            # anything else is a bug: logged with its traceback, reported with its type
+            fake_training.error = ZeroDivisionError("division by zero")
+            job = c.submit(V2_JOB)
+            bug = c.wait(job, 30)
+            assert bug.header["code"] == "job_failed" and bug.header["message"].startswith("ZeroDivisionError: division by zero")
+            traced = [r for r in caplog.records if r.exc_info and job in r.getMessage()]
+            assert len(traced) == 1 and traced[0].exc_info[0] is ZeroDivisionError
+            # the server keeps serving, and the next job runs
+            fake_training.error = None
+            assert c.wait(c.submit(V1_JOB), 30).kind == Kind.RESULT
+    finally:
+        running.stop()
+
+
+# The full flat config as servers before version 2 wrote it into job.json
+# (JobStore.create(GenerateConfig.to_dict()), i.e. dataclasses.asdict of the flat GenerateConfig).
+V1_STORED_CONFIG = {
+    "prompt": "a rubber duck", "negative_prompt": "", "prior": "reference", "model": "", "method": "esd", "lam": 0.3,
+    "esd_exact_bank": 0, "guidance_scale": None, "iters": 6, "resolution": 16, "batch_size": 4, "seed": 0,
+    "view_dependent": False, "cameras": None, "field": "auto", "grid_resolution": 64, "samples_per_ray": 48,
+    "shading": "albedo", "t_schedule": "annealed", "t_min": 0.02, "t_max": 0.98, "t_max_final": 0.5, "weighting": "sds",
+    "lr": 0.05, "lr_background": 0.01, "lambda_orient": 0.0, "lambda_sparsity": 0.0, "ssd_mu": "scalar",
+    "ssd_depth_on": "x_t", "lora_rank": 4, "lora_lr": 0.001, "p_null": 0.1, "preview_every": 2, "preview_resolution": 48,
+    "checkpoint_every": 0, "device": "auto", "cpu_threads": 1,
+    "export": {"mc_resolution": 32, "threshold": None, "textured": True, "texture_size": 64, "faces": 0,
+               "smooth_iterations": 0, "min_component_fraction": 0.05},
+}
+
+
+def write_v1_job(jobs_dir: Path, state: str, owner: str = "artist", **config) -> str:
+    """A job folder as a server before version 2 left it: job.json with the flat config."""
+    job_id = new_job_id()
+    while (jobs_dir / job_id).exists():
+        job_id = new_job_id()
+    (jobs_dir / job_id).mkdir(parents=True)
+    cfg = {**V1_STORED_CONFIG, **config}
+    record = {"job_id": job_id, "config": cfg, "owner": owner, "state": state, "created": time.time(), "updated": time.time(),
+              "step": 0, "total": cfg["iters"], "message": None, "checkpoint_step": None, "resume": False, "files": []}
+    (jobs_dir / job_id / "job.json").write_text(json.dumps(record, indent=1))
+    return job_id
+
+
+def test_job_folders_of_older_servers_are_listed_fetched_run_and_resumed(fake_training, tmp_path):
+    jobs = tmp_path / "jobs"
+    done = write_v1_job(jobs, "done")
+    store = JobStore(jobs)
+    mesh = {"vertices": np.array([[0, 0, 0], [1, 0, 0], [0, 1, 0]], np.float32), "faces": np.array([[0, 1, 2]], np.int32)}
+    store.write_mesh(done, mesh)
+    (jobs / done / "summary.json").write_text(json.dumps({"steps": 6, "config": V1_STORED_CONFIG}))
+    interrupted = write_v1_job(jobs, "running", seed=5)  # the old server died while it ran
+    queued = write_v1_job(jobs, "queued", method="sds", lam=0.5, preview_every=0)
+    broken = write_v1_job(jobs, "queued", lam=2.0)  # a stored config the job description refuses
+    running = RunningServer(jobs)
+    try:
+        with Client(running.endpoint, name="artist", timeout=REPLY_TIMEOUT) as c:
+            infos = {j["job"]: j for j in c.list_jobs()}
+            assert set(infos) == {done, interrupted, queued, broken}
+            assert {(j["prompt"], j["prior"]) for j in infos.values()} == {("a rubber duck", "reference")}
+            assert infos[done]["method"] == infos[interrupted]["method"] == infos[broken]["method"] == "esd"
+            assert infos[queued]["method"] == "sds"
+            # done: fetched as before
+            fetched = c.fetch(done)
+            assert fetched.header["info"]["state"] == "done" and fetched.header["summary"]["steps"] == 6
+            np.testing.assert_array_equal(fetched.arrays["faces"], mesh["faces"])
+            # running when the old server stopped: interrupted, and it resumes
+            info = c.status(interrupted).header["info"]
+            assert info["state"] == "interrupted" and "resume" in info["message"]
+            accepted = c.resume(interrupted)
+            assert accepted.kind == Kind.ACCEPTED and accepted.header["resumed_from"] is None
+            assert c.wait(interrupted, 30).kind == Kind.RESULT
+            # queued: picked up and run at start
+            assert _wait_state(c, queued, ("done", "failed"))["state"] == "done"
+            # a stored config that no longer parses: listed, failed with the reason, not resumable
+            info = c.status(broken).header["info"]
+            assert info["state"] == "failed"
+            assert info["message"] == "stored config is no longer valid: method.lam must lie in [0, 1], got 2.0"
+            with pytest.raises(ServerError) as err:
+                c.resume(broken)
+            assert err.value.code == "bad_job" and "method.lam must lie in [0, 1]" in err.value.message
+    finally:
+        running.stop()
+    # the runs got the migrated, typed configs
+    by_seed = {r.config.seed: r for r in fake_training.runs}
+    assert len(fake_training.runs) == 2 and set(by_seed) == {0, 5}
+    resumed, ran = by_seed[5], by_seed[0]
+    assert resumed.resume is True and isinstance(resumed.config, JobConfig)
+    assert resumed.config.method.KIND == "esd" and resumed.config.method.lam == 0.3 and resumed.config.preview.every == 2
+    assert resumed.config.export.mc_resolution == 32 and resumed.config.field is None and resumed.config.iters == 6
+    assert ran.resume is False and ran.config.method.KIND == "sds" and ran.config.preview.every == 0
+    assert resumed.config.checkpoint_every == ran.config.checkpoint_every == 100  # the server's default interval
+    # records the server wrote again are in the nested form (with the job's own checkpoint interval);
+    # the broken one's config stays as it was read
+    for job_id, expected in ((interrupted, resumed.config), (queued, ran.config)):
+        record = json.loads((jobs / job_id / "job.json").read_text())
+        assert record["state"] == "done" and record["config"]["version"] == 2
+        assert record["config"] == {**expected.to_dict(), "checkpoint_every": 0}
+    record = json.loads((jobs / broken / "job.json").read_text())
+    assert record["state"] == "failed" and record["config"] == {**V1_STORED_CONFIG, "lam": 2.0}
+    # ...and a restarted server reads all of them again
+    again = RunningServer(jobs)
+    try:
+        with Client(again.endpoint, name="artist", timeout=REPLY_TIMEOUT) as c:
+            states = {j["job"]: j["state"] for j in c.list_jobs()}
+            assert states == {done: "done", interrupted: "done", queued: "done", broken: "failed"}
     finally:
         again.stop()
 

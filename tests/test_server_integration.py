@@ -2,7 +2,8 @@
 
 Default run (kept small: a job costs tens of seconds on a busy 2-core machine):
 submit -> accepted -> progress -> preview -> result, fetched again after a server restart;
-cancel mid-run (then resume and cancel again). Marked slow: resume after cancel to a result,
+cancel mid-run (then resume and cancel again), submitted in the flat form of version-1
+clients; a job folder an older server left behind (flat job.json) resumed to a result. Marked slow: resume after cancel to a result,
 two clients at once, the GLB fallback of fetch, a client that never reads, a server process
 killed with SIGKILL mid-job (interrupted after restart, resumed from its checkpoint) and a
 clean SIGTERM shutdown.
@@ -27,13 +28,20 @@ from distill3d.server import Client, ServerError
 from distill3d_protocol import Kind, encode, mesh_from_message
 from test_server import REPLY_TIMEOUT, RunningServer
 
-SMALL_JOB = {"prompt": "a rubber duck", "iters": 6, "resolution": 16, "preview_every": 2,
+SMALL_JOB = {"prompt": "a rubber duck", "iters": 6, "resolution": 16, "preview": {"every": 2},
              "export": {"mc_resolution": 32, "texture_size": 64}}
+# the same job as clients before version 2 wrote it (one flat object): still accepted
+SMALL_JOB_V1 = {"prompt": "a rubber duck", "iters": 6, "resolution": 16, "preview_every": 2,
+                "export": {"mc_resolution": 32, "texture_size": 64}}
 JOB_TIMEOUT = 240.0  # generous: the default suite shares two CPU cores
 
 
 def _long_job(iters: int = 400, **extra) -> dict:
-    return {**SMALL_JOB, "iters": iters, "preview_every": 0, **extra}
+    return {**SMALL_JOB, "iters": iters, "preview": {"every": 0}, **extra}
+
+
+def _long_job_v1(iters: int = 400, **extra) -> dict:
+    return {**SMALL_JOB_V1, "iters": iters, "preview_every": 0, **extra}
 
 
 def _check_textured_mesh(msg) -> None:
@@ -61,7 +69,9 @@ def test_submit_streams_progress_previews_and_a_textured_result_fetchable_after_
         with Client(running.endpoint, name="artist", timeout=REPLY_TIMEOUT) as c:
             accepted = c.request(Kind.SUBMIT, {"config": SMALL_JOB})
             assert accepted.kind == Kind.ACCEPTED and accepted.header["state"] == "queued"
-            assert accepted.header["config"]["iters"] == 6  # the validated config, defaults filled in
+            config = accepted.header["config"]  # the validated config in its nested form, defaults filled in
+            assert config["iters"] == 6 and config["preview"]["every"] == 2 and config["method"]["kind"] == "sds"
+            assert config["renderer"]["samples_per_ray"] == 48 and config["version"] == 2
             job = accepted.job_id
             kinds, steps = [], []
             result = None
@@ -106,7 +116,9 @@ def test_submit_streams_progress_previews_and_a_textured_result_fetchable_after_
 
 def test_cancel_stops_within_an_iteration(server):
     with Client(server.endpoint, name="artist", timeout=REPLY_TIMEOUT) as c:
-        job = c.submit(_long_job(400))
+        accepted = c.request(Kind.SUBMIT, {"config": _long_job_v1(400)})  # an old client's flat form
+        assert accepted.header["config"]["preview"] == {"every": 0, "resolution": 48}
+        job = accepted.job_id
         seen = None
         for msg in c.events(job, JOB_TIMEOUT):
             if msg.kind == Kind.PROGRESS and msg.header["step"] >= 2:
@@ -132,6 +144,37 @@ def test_cancel_stops_within_an_iteration(server):
         accepted = c.resume(job)
         assert accepted.kind == Kind.ACCEPTED and accepted.header["resumed_from"] == step
         assert c.cancel(job, timeout=60).kind == Kind.CANCELLED  # queued or running: either way it stops
+
+
+def test_a_job_folder_of_an_older_server_resumes_to_a_result(tmp_path):
+    """job.json in the flat form of servers before version 2, left "running": after a restart
+    the job is interrupted, resumes through the real trainer, and its record is rewritten."""
+    from test_server import write_v1_job
+
+    jobs = tmp_path / "jobs"
+    job = write_v1_job(jobs, "running", method="esd", lam=0.3, iters=4, preview_every=2, lora_rank=2)
+    running = RunningServer(jobs, preview_interval_s=0.0)
+    try:
+        with Client(running.endpoint, name="artist", timeout=REPLY_TIMEOUT) as c:
+            listed = c.list_jobs()
+            assert [(j["job"], j["state"], j["method"], j["prior"]) for j in listed] == [(job, "interrupted", "esd", "reference")]
+            assert c.resume(job).header["resumed_from"] is None  # it had no checkpoint: starts over
+            kinds, final = [], None
+            for final in c.events(job, JOB_TIMEOUT):
+                kinds.append(final.kind)
+            assert final.kind == Kind.RESULT, final.header
+            assert Kind.PROGRESS in kinds and Kind.PREVIEW in kinds
+            _check_textured_mesh(final)
+            config = final.header["summary"]["config"]
+            assert config["method"]["kind"] == "esd" and config["method"]["lam"] == 0.3 and config["method"]["lora_rank"] == 2
+            assert config["preview"]["every"] == 2 and config["iters"] == 4 and final.header["summary"]["steps"] == 4
+            fetched = c.fetch(job)
+            assert fetched.header["info"]["state"] == "done"
+            np.testing.assert_array_equal(fetched.arrays["faces"], final.arrays["faces"])
+    finally:
+        running.stop()
+    record = json.loads((jobs / job / "job.json").read_text())
+    assert record["state"] == "done" and record["config"]["version"] == 2 and record["config"]["method"]["lam"] == 0.3
 
 
 @pytest.mark.slow
@@ -200,7 +243,7 @@ def test_a_client_that_never_reads_does_not_stall_training(tmp_path):
     lazy.setsockopt(zmq.LINGER, 0)
     try:
         lazy.connect(running.endpoint)
-        lazy.send_multipart(encode(Kind.SUBMIT, {"config": {**SMALL_JOB, "iters": 10, "preview_every": 1}, "client": "lazy"}))
+        lazy.send_multipart(encode(Kind.SUBMIT, {"config": {**SMALL_JOB, "iters": 10, "preview": {"every": 1}}, "client": "lazy"}))
         with Client(running.endpoint, name="observer", timeout=REPLY_TIMEOUT) as observer:
             deadline = time.monotonic() + JOB_TIMEOUT
             state = None

@@ -337,14 +337,21 @@ def test_registry_and_validation(prior):
 
 
 def test_make_ssd_follows_the_config(prior):
-    from distill3d.config import GenerateConfig
+    from distill3d.config import parse_job
+    from distill3d.distill import make_estimator
+    from distill3d.distill.schedules import TimestepSchedule
 
-    cfg = GenerateConfig(prompt="x", method="ssd", ssd_mu="channel", ssd_depth_on="x0_hat").validate()
-    ssd = make_ssd(prior, cfg)
-    assert ssd.mu_mode == "channel" and ssd.num_mu == 3
-    assert isinstance(ssd.baseline, DepthCorrelationBaseline) and ssd.baseline.depth_on == "x0_hat"
+    job = parse_job({"prompt": "x", "method": {"kind": "ssd", "mu": "channel", "depth_on": "x0_hat"}})
+    cfg = job.method
+    schedule = TimestepSchedule(job.schedule, job.iters, prior.alphas_cumprod)
     t = torch.tensor([100, 900])
-    torch.testing.assert_close(ssd.weights(t), (1 - prior.alphas_cumprod[t]).double())
+    for ssd in (make_ssd(prior, cfg, schedule=schedule), make_estimator(prior, job)):
+        assert isinstance(ssd, SSD)
+        assert ssd.mu_mode == "channel" and ssd.num_mu == 3
+        assert isinstance(ssd.baseline, DepthCorrelationBaseline) and ssd.baseline.depth_on == "x0_hat"
+        torch.testing.assert_close(ssd.weights(t), (1 - prior.alphas_cumprod[t]).double())
+    default = make_ssd(prior)  # no record: SSD's defaults
+    assert default.mu_mode == "scalar" and default.baseline.depth_on == "x_t"
 
     class NoDepth(MixturePrior):
         @property
@@ -389,12 +396,12 @@ def test_trainer_with_method_ssd_runs_and_resumes_exactly(tmp_path):
     """`--method ssd` through the estimator factory in the real trainer (reference world), and
     a checkpoint restores SSD's online statistics so the resumed run is bit-identical."""
     pytest.importorskip("distill3d.priors.reference")
-    from distill3d.config import GenerateConfig
+    from distill3d.config import parse_job
     from distill3d.trainer import Trainer
 
-    cfg = dict(prompt="a rubber duck", method="ssd", resolution=8, grid_resolution=12, samples_per_ray=8, batch_size=2,
-               iters=6, preview_every=0, seed=1)
-    a = Trainer(GenerateConfig(**cfg))
+    cfg = {"prompt": "a rubber duck", "method": {"kind": "ssd"}, "resolution": 8, "field": {"kind": "dense", "resolution": 12},
+           "renderer": {"samples_per_ray": 8}, "batch_size": 2, "iters": 6, "preview": {"every": 0}, "seed": 1}
+    a = Trainer(parse_job(cfg))
     assert isinstance(a.estimator, SSD) and a.estimator.baseline.depth_on == "x_t"
     a.estimator.warmup_steps = 1  # let mu move within this short run
     for _ in range(3):
@@ -402,7 +409,7 @@ def test_trainer_with_method_ssd_runs_and_resumes_exactly(tmp_path):
     assert {"ssd_mu", "ssd_phi", "ssd_cv_norm"} <= set(losses) and all(math.isfinite(v) for v in losses.values())
     a.save_checkpoint(tmp_path)
     after_a = [a.train_step() for _ in range(2)]
-    b = Trainer(GenerateConfig(**cfg), prior=a.prior)
+    b = Trainer(parse_job(cfg), prior=a.prior)
     b.estimator.warmup_steps = 1
     assert b.load_checkpoint(tmp_path)
     after_b = [b.train_step() for _ in range(2)]

@@ -5,15 +5,16 @@ import threading
 import pytest
 import torch
 
-from distill3d.config import ConfigError, GenerateConfig
+from distill3d.config import ConfigError, JobConfig, parse_job
 from distill3d.priors.base import scaled_linear_alphas_cumprod
-from distill3d.trainer import Cancelled, Trainer, TrainerCallbacks, TimestepSampler, dreamtime_schedule, timestep_weight
+from distill3d.distill.schedules import TimestepSchedule, dreamtime_schedule, timestep_weight
+from distill3d.trainer import Cancelled, Trainer, TrainerCallbacks
 
 TINY = dict(prompt="a rubber duck", resolution=16, batch_size=2, grid_resolution=24, samples_per_ray=24, preview_every=0, seed=3)
 
 
-def tiny_config(**kw) -> GenerateConfig:
-    return GenerateConfig.from_dict({**TINY, **kw})
+def tiny_config(**kw) -> JobConfig:
+    return parse_job({**TINY, **kw})  # the flat (version 1) form, migrated
 
 
 def test_dreamtime_schedule_is_monotone_and_in_range():
@@ -27,7 +28,7 @@ def test_dreamtime_schedule_is_monotone_and_in_range():
 
 def test_annealed_schedule_shrinks_t_max():
     cfg = tiny_config(iters=100, t_schedule="annealed", t_max=0.98, t_max_final=0.5)
-    sampler = TimestepSampler(cfg, scaled_linear_alphas_cumprod())
+    sampler = TimestepSchedule(cfg.schedule, cfg.iters, scaled_linear_alphas_cumprod())
     gen = torch.Generator().manual_seed(0)
     late = sampler.sample(99, 2000, gen)
     early = sampler.sample(0, 2000, gen)

@@ -11,9 +11,7 @@ import math
 import pytest
 import torch
 
-from distill3d.config import GenerateConfig
-from distill3d.distill.base import SDS, Estimator
-from distill3d.distill.variance import (
+from distill3d.bench.variance import (
     VarianceConfig,
     VarianceError,
     _CountSketch,
@@ -23,6 +21,8 @@ from distill3d.distill.variance import (
     plot_variance,
     ratio_interval,
 )
+from distill3d.config import parse_job
+from distill3d.distill.base import SDS, Estimator
 from distill3d.trainer import Trainer
 from test_ssd import MixturePrior
 
@@ -45,7 +45,8 @@ class ScaledSDS(Estimator):
 @pytest.fixture(scope="module")
 def trainer():
     prior = MixturePrior(size=8, smoothing=0.3)
-    cfg = GenerateConfig(prompt="mixture", method="sds", resolution=8, grid_resolution=12, samples_per_ray=12, batch_size=2, iters=20, preview_every=0, seed=3)
+    cfg = parse_job({"prompt": "mixture", "method": {"kind": "sds"}, "resolution": 8, "field": {"kind": "dense", "resolution": 12},
+                     "renderer": {"samples_per_ray": 12}, "batch_size": 2, "iters": 20, "preview": {"every": 0}, "seed": 3})
     tr = Trainer(cfg, prior=prior)
     for _ in range(3):
         tr.train_step()
@@ -181,6 +182,52 @@ def test_config_validation():
     assert cfg.methods == ("sds", "ssd", "vsd")
 
 
+def test_checkpoints_load_with_one_shared_prior_from_any_job_form(trainer, tmp_path):
+    """`load_trainer` reads the job stored in a checkpoint (the current form, or the first flat
+    form of older checkpoints), on the device asked for, and takes its prior from a PriorCache:
+    the checkpoints of one run share one prior."""
+    from distill3d.bench.variance import load_trainer
+    from distill3d.config import to_dict
+    from distill3d.device import resolve_device
+    from distill3d.priors.factory import PriorCache
+
+    trainer.save_checkpoint(tmp_path / "new")
+    state = torch.load(tmp_path / "new" / "checkpoint.pt", weights_only=False)
+    state["config"] = {"prompt": "mixture", "method": "sds", "resolution": 8, "grid_resolution": 12, "samples_per_ray": 12,
+                       "batch_size": 2, "iters": 20, "preview_every": 0, "seed": 3, "device": "auto"}  # a version-1 checkpoint
+    (tmp_path / "old").mkdir()
+    torch.save(state, tmp_path / "old" / "checkpoint.pt")
+    cache = PriorCache(max_idle=1)
+    job = trainer.config
+    cache.give_back(job, resolve_device("cpu"), trainer.prior)  # as if loaded by an earlier checkpoint
+    a = load_trainer(tmp_path / "new", device="cpu", priors=cache)
+    b = load_trainer(tmp_path / "old" / "checkpoint.pt", device="cpu", priors=cache)
+    assert a.prior is trainer.prior and b.prior is trainer.prior
+    assert to_dict(a.config) == to_dict(b.config) == {**to_dict(job), "device": "cpu"}
+    assert a.step == b.step == trainer.step
+    for k, v in trainer.field.state_dict().items():
+        assert torch.equal(a.field.state_dict()[k], v) and torch.equal(b.field.state_dict()[k], v), k
+    cfg = VarianceConfig(samples=8, groups=2, pilot=2, methods=("sds", "ssd"), seed=4)
+    ra, rb = measure_variance(a, cfg), measure_variance(b, cfg)
+    assert ra.estimators["ssd"].variance == rb.estimators["ssd"].variance and ra.run_method == "sds"
+    with pytest.raises(VarianceError, match="no checkpoint"):
+        load_trainer(tmp_path / "nowhere")
+
+
+def test_measuring_another_method_carries_the_shared_knobs(trainer):
+    from distill3d.bench.variance import job_for_method
+    from distill3d.config import with_overrides
+
+    esd = with_overrides(trainer.config, {"method.kind": "esd", "method.lam": 0.25, "method.lora_rank": 8})
+    assert job_for_method(esd, "esd") is esd
+    exact = job_for_method(esd, "esd-exact")
+    assert (exact.method.KIND, exact.method.lam, exact.method.bank) == ("esd-exact", 0.25, 0)
+    vsd = job_for_method(esd, "vsd")
+    assert (vsd.method.KIND, vsd.method.lora_rank) == ("vsd", 8)
+    ssd = job_for_method(esd, "ssd")
+    assert (ssd.method.KIND, ssd.method.mu, ssd.method.depth_on) == ("ssd", "scalar", "x_t")
+
+
 @pytest.mark.slow  # builds the full reference prior three times; ~15 s of CPU
 def test_variance_command_on_a_reference_run(tmp_path, capsys):
     """End to end in the reference world: a short SDS run keeping numbered checkpoints, then
@@ -190,8 +237,8 @@ def test_variance_command_on_a_reference_run(tmp_path, capsys):
 
     from distill3d.cli import main
 
-    cfg = GenerateConfig(prompt="a rubber duck", method="sds", resolution=8, grid_resolution=12, samples_per_ray=8, batch_size=1, iters=2,
-                         preview_every=0, checkpoint_every=1, seed=0)
+    cfg = parse_job({"prompt": "a rubber duck", "method": {"kind": "sds"}, "resolution": 8, "field": {"kind": "dense", "resolution": 12},
+                     "renderer": {"samples_per_ray": 8}, "batch_size": 1, "iters": 2, "preview": {"every": 0}, "checkpoint_every": 1, "seed": 0})
     tr = Trainer(cfg)
     tr.keep_checkpoints = True
     tr.run(checkpoint_dir=tmp_path / "run")

@@ -1,79 +1,161 @@
 """What the benchmark runs: method specs, bias presets, objects, seeds and the shared budget.
 
-A :class:`MethodSpec` is a name plus :class:`~distill3d.config.GenerateConfig` overrides
-(``{"method": "esd", "lam": 0.25}``); every method of a benchmark shares the same iteration
-budget, resolution, batch size, field and camera distribution (the prior's recommendation:
-full azimuth circle, the references' elevation band), so only the estimator differs.
+A :class:`MethodSpec` is a name plus overrides of the job description by dotted path
+(``{"method.kind": "esd", "method.lam": 0.25}``, ``{"view_dependent": True}``), applied with
+:func:`distill3d.config.with_overrides`; every method of a benchmark shares the same iteration
+budget, resolution, batch size, field, prior and camera distribution (the prior's
+recommendation: full azimuth circle, the references' elevation band), so only the estimator
+differs. The built-in specs are the methods of the job description
+(:data:`distill3d.config.METHODS`), ESD as a lambda sweep, and SDS with view-dependent prompts.
 
 :class:`BenchConfig` is validated at the edge (:meth:`BenchConfig.from_dict` for JSON files,
 :meth:`BenchConfig.validate` after CLI overrides) and raises :class:`BenchConfigError` with a
-message naming the field and what is allowed. JSON form (every key optional)::
+message naming the field and what is allowed; the settings a run's job has too (iterations,
+resolution, batch size, grid resolution, samples per ray, references, bias) are checked by
+building that job. JSON form (every key optional)::
 
     {"objects": ["mug", "rubber_duck"], "biases": ["strong", "mild"], "seeds": 3,
-     "methods": ["sds", "esd-0.5", {"name": "esd-0.9", "overrides": {"method": "esd", "lam": 0.9}}],
+     "methods": ["sds", "esd-0.5", {"name": "esd-0.9", "overrides": {"method.kind": "esd", "method.lam": 0.9}}],
      "iters": 200, "resolution": 32, "batch_size": 4, "grid_resolution": 32, "views": 120}
 
-``seeds`` is a count (seeds 0..n-1) or an explicit list; a bias is a preset name of
-:data:`~distill3d.priors.reference.KAPPA_PRESETS` or a concentration kappa >= 0.
+Method overrides may also be written nested (``{"method": {"kind": "esd", "lam": 0.9}}``) or in
+the job's old flat form (``{"method": "esd", "lam": 0.9}``, read through
+:func:`distill3d_protocol.jobconfig.migrate`). ``seeds`` is a count (seeds 0..n-1) or an
+explicit list; a bias is a preset name of :data:`~distill3d.priors.reference.KAPPA_PRESETS` or
+a concentration kappa >= 0.
 """
 
 from __future__ import annotations
 
-from distill3d_protocol.errors import Distill3DError
-
 import json
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
-from ..config import ConfigError, GenerateConfig, record_from_dict
+from distill3d_protocol.errors import Distill3DError
+
+from ..config import METHODS, ConfigError, JobConfig, LearnedScoreConfig, VSDConfig, leaf_paths, migrate, parse_job, with_overrides
 
 
 class BenchConfigError(Distill3DError, ValueError):
     """A benchmark setting is missing, unknown or out of range."""
 
 
+#: the job's settings by dotted path (a nested override is flattened down to these)
+_JOB_LEAVES = frozenset(path for path, _, _ in leaf_paths(JobConfig))
+
+
+def _dotted(data: dict, prefix: str = "") -> dict[str, Any]:
+    """A nested job dict as ``{dotted path: value}``, down to the job's settings (a JSON-valued
+    setting such as ``cameras`` stays whole)."""
+    out: dict[str, Any] = {}
+    for key, value in data.items():
+        path = prefix + str(key)
+        if isinstance(value, dict) and path not in _JOB_LEAVES:
+            out.update(_dotted(value, path + "."))
+        else:
+            out[path] = value
+    return out
+
+
+def normalize_overrides(overrides: Any) -> dict[str, Any]:
+    """Method-spec overrides as dotted paths of the job description.
+
+    Dotted keys pass through; nested sections are flattened; flat keys of the job's first form
+    (``{"method": "esd", "lam": 0.9, "ssd_depth_on": "x0_hat"}``) go through
+    :func:`~distill3d_protocol.jobconfig.migrate` (which drops a knob the chosen method does not
+    have, as that form carried every knob for every method)."""
+    if not isinstance(overrides, dict):
+        raise BenchConfigError(f"method overrides must be an object, got {type(overrides).__name__}")
+    dotted = {k: v for k, v in overrides.items() if isinstance(k, str) and "." in k}
+    rest = {k: v for k, v in overrides.items() if k not in dotted}
+    data = {"prompt": "x", **rest}  # (a job needs a prompt to be read as one)
+    migrated = migrate(data)
+    if migrated is not data:  # the first form: leave out what the migration added and was not asked for
+        migrated.pop("version", None)
+        if "prior" not in rest and "model" not in rest:
+            migrated.pop("prior", None)
+        if "method" not in rest and isinstance(migrated.get("method"), dict):
+            migrated["method"].pop("kind", None)
+            if not migrated["method"]:
+                migrated.pop("method")
+    out = _dotted(migrated)
+    out.pop("prompt", None)
+    out.update(dotted)
+    return out
+
+
+def _is_shared(path: str) -> bool:
+    return any(path == s or path.startswith(s + ".") for s in SHARED_FIELDS)
+
+
 @dataclass(frozen=True)
 class MethodSpec:
-    """One benchmarked method: a display name and the GenerateConfig fields it sets."""
+    """One benchmarked method: a display name and the job settings it sets, by dotted path."""
 
     name: str
     overrides: dict = field(default_factory=dict)
 
     @property
+    def method_record(self) -> Any:
+        """The validated method record these overrides give (defaults filled in)."""
+        return with_overrides({"prompt": "x"}, self.overrides).method
+
+    @property
     def method(self) -> str:
-        return str(self.overrides.get("method", "sds"))
+        """The estimator's name in the job description (``esd``, ``esd-exact``, ...)."""
+        return type(self.method_record).KIND
+
+    @property
+    def learned(self) -> bool:
+        """Whether the method trains eps_psi (VSD, ESD): the slow ones."""
+        return isinstance(self.method_record, LearnedScoreConfig)
+
+    @property
+    def view_dependent(self) -> bool:
+        return bool(self.overrides.get("view_dependent", False))
 
     @property
     def lam(self) -> Optional[float]:
-        """ESD's lambda (paper convention) for esd / esd-exact specs, 0 for VSD, else None."""
-        if self.method == "vsd":
+        """ESD's lambda (paper convention) for methods that have one, 0 for VSD, else None."""
+        record = self.method_record
+        if isinstance(record, VSDConfig):
             return 0.0
-        if self.method in ("esd", "esd-exact"):
-            return float(self.overrides.get("lam", 0.5))
-        return None
+        lam = getattr(record, "lam", None)
+        return None if lam is None else float(lam)
 
     def to_dict(self) -> dict[str, Any]:
         return {"name": self.name, "overrides": dict(self.overrides)}
 
 
-#: fields a method spec may not set: they are the shared budget of the benchmark
-SHARED_FIELDS = ("prompt", "iters", "resolution", "batch_size", "seed", "cameras", "grid_resolution", "prior", "device",
-                 "preview_every", "checkpoint_every")
+#: job settings (dotted paths, with everything below them) a method spec may not set: the
+#: shared budget of the benchmark
+SHARED_FIELDS = ("prompt", "iters", "resolution", "batch_size", "seed", "cameras", "field.resolution", "prior", "device",
+                 "preview.every", "checkpoint_every")
 
 ESD_LAMBDAS = (0.25, 0.5, 0.75, 1.0)
+#: methods benchmarked as a sweep over lambda instead of at their default
+LAMBDA_SWEEPS = {"esd": ESD_LAMBDAS}
+#: methods whose view-dependent variant (``<name>-vd``) is a built-in spec
+VIEW_DEPENDENT_BUILTINS = ("sds",)
+VD_SUFFIX = "-vd"
+
+
+def lambda_methods() -> tuple[str, ...]:
+    """The methods of the job description that have a lambda (``esd-<lambda>`` names)."""
+    return tuple(name for name, cls in METHODS.classes.items() if "lam" in {f.name for f in fields(cls)})
 
 
 def _builtin_methods() -> dict[str, MethodSpec]:
-    specs = [
-        MethodSpec("sds", {"method": "sds"}),
-        MethodSpec("sds-vd", {"method": "sds", "view_dependent": True}),
-        MethodSpec("vsd", {"method": "vsd"}),
-        *[MethodSpec(f"esd-{lam:g}", {"method": "esd", "lam": lam}) for lam in ESD_LAMBDAS],
-        MethodSpec("esd-exact", {"method": "esd-exact", "lam": 0.5}),
-        MethodSpec("ssd", {"method": "ssd"}),
-    ]
+    specs = []
+    for name in METHODS.names:
+        if name in LAMBDA_SWEEPS:
+            specs += [MethodSpec(f"{name}-{lam:g}", {"method.kind": name, "method.lam": lam}) for lam in LAMBDA_SWEEPS[name]]
+        else:
+            specs.append(MethodSpec(name, {"method.kind": name}))
+        if name in VIEW_DEPENDENT_BUILTINS:
+            specs.append(MethodSpec(name + VD_SUFFIX, {"method.kind": name, "view_dependent": True}))
     return {s.name: s for s in specs}
 
 
@@ -83,42 +165,44 @@ DEFAULT_METHODS = tuple(BUILTIN_METHODS)
 
 
 def method_from_any(item: Any) -> MethodSpec:
-    """A :class:`MethodSpec` from a built-in name, ``esd-<lambda>``, ``esd-exact-<lambda>``, any of
-    those with ``-vd`` (view-dependent prompting), or ``{"name", "overrides"}``."""
+    """A :class:`MethodSpec` from a built-in name, ``<method>-<lambda>`` for a method with a
+    lambda (``esd-0.9``, ``esd-exact-1``), any of those with ``-vd`` (view-dependent prompting),
+    or ``{"name", "overrides"}``."""
     if isinstance(item, MethodSpec):
-        spec = item
+        spec = MethodSpec(item.name, normalize_overrides(item.overrides))
     elif isinstance(item, str):
         if item in BUILTIN_METHODS:
             return BUILTIN_METHODS[item]
-        if item.endswith("-vd"):  # any method with view-dependent prompting
-            base = method_from_any(item[: -len("-vd")])
+        if item.endswith(VD_SUFFIX):  # any method with view-dependent prompting
+            base = method_from_any(item[: -len(VD_SUFFIX)])
             return MethodSpec(item, {**base.overrides, "view_dependent": True})
-        if item.startswith(("esd-exact-", "esd-")):
-            head, _, tail = item.rpartition("-")
+        head, _, tail = item.rpartition("-")
+        if head in lambda_methods():
             try:
                 lam = float(tail)
             except ValueError:
                 lam = math.nan
-            if head in ("esd", "esd-exact") and 0.0 <= lam <= 1.0:
-                return MethodSpec(item, {"method": head, "lam": lam})
+            if 0.0 <= lam <= 1.0:
+                return MethodSpec(item, {"method.kind": head, "method.lam": lam})
         raise BenchConfigError(
-            f"unknown method {item!r}; built-in: {', '.join(BUILTIN_METHODS)} (or esd-<lambda>, esd-exact-<lambda> "
-            "with lambda in [0, 1], any of these with -vd for view-dependent prompting, or an object {\"name\": ..., \"overrides\": {GenerateConfig fields}})"
+            f"unknown method {item!r}; built-in: {', '.join(BUILTIN_METHODS)} (or "
+            f"{', '.join(m + '-<lambda>' for m in lambda_methods())} with lambda in [0, 1], any of these with {VD_SUFFIX} for "
+            "view-dependent prompting, or an object {\"name\": ..., \"overrides\": {job settings by dotted path, e.g. \"method.lam\"}})"
         )
     elif isinstance(item, dict):
         unknown = set(item) - {"name", "overrides"}
         if unknown or "name" not in item:
             raise BenchConfigError(f"a method object needs \"name\" and optional \"overrides\", got keys {sorted(item)}")
-        spec = MethodSpec(str(item["name"]), dict(item.get("overrides") or {}))
+        spec = MethodSpec(str(item["name"]), normalize_overrides(item.get("overrides") or {}))
     else:
         raise BenchConfigError(f"a method must be a name or an object, got {item!r}")
     if not spec.name or not all(c.isalnum() or c in "-_.+" for c in spec.name):
         raise BenchConfigError(f"method name {spec.name!r} must be non-empty and use letters, digits and -_.+")
-    shared = [k for k in spec.overrides if k in SHARED_FIELDS]
+    shared = [k for k in spec.overrides if _is_shared(k)]
     if shared:
         raise BenchConfigError(f"method {spec.name!r} may not override the shared budget fields {', '.join(shared)}")
     try:
-        GenerateConfig.from_dict({"prompt": "x", **spec.overrides})
+        with_overrides({"prompt": "x"}, spec.overrides)
     except ConfigError as exc:
         raise BenchConfigError(f"method {spec.name!r}: {exc}") from None
     return spec
@@ -172,6 +256,14 @@ class VarianceSettings:
         return self
 
 
+#: benchmark settings that are settings of each run's job too, and the job's name for them:
+#: their bounds are the job's (checked by building a run's job)
+JOB_SETTINGS = {
+    "iters": "iters", "resolution": "resolution", "batch_size": "batch_size", "grid_resolution": "field.resolution",
+    "samples_per_ray": "renderer.samples_per_ray", "num_views": "prior.num_views", "biases": "prior.bias",
+}
+
+
 @dataclass
 class BenchConfig:
     """The whole benchmark (see the module docstring)."""
@@ -217,34 +309,64 @@ class BenchConfig:
         names = [m.name for m in self.methods]
         if not names or len(set(names)) != len(names):
             raise BenchConfigError(f"methods must be a non-empty list of distinct names; got {names}")
-        for name, lo, hi in (("iters", 1, 1_000_000), ("batch_size", 1, 64), ("grid_resolution", 8, 256), ("samples_per_ray", 4, 512),
-                             ("num_views", 8, 10_000), ("views", 8, 10_000), ("turntable_views", 8, 3600), ("mesh_resolution", 16, 256),
+        for name, lo, hi in (("views", 8, 10_000), ("turntable_views", 8, 3600), ("mesh_resolution", 16, 256),
                              ("chamfer_points", 100, 1_000_000), ("strip_views", 1, 64), ("workers", 1, 64)):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or not lo <= v <= hi:
                 raise BenchConfigError(f"{name} must be an integer in [{lo}, {hi}], got {v!r}")
-        if self.resolution not in (8, 16, 32, 64):
-            raise BenchConfigError(f"resolution must be 8, 16, 32 or 64 (the reference prior works at 32 or 64 px), got {self.resolution!r}")
+        # the settings a run's job shares are the job's: build the jobs (every bias, every method)
+        for bias in self.biases:
+            job = self._job(self._job_data(self.objects[0], self.seeds[0], bias))
+        self.iters, self.resolution, self.batch_size = job.iters, job.resolution, job.batch_size
+        self.grid_resolution, self.samples_per_ray, self.num_views = job.field.resolution, job.renderer.samples_per_ray, job.prior.num_views
+        for spec in self.methods:
+            try:
+                self.job_config(spec, self.objects[0], self.seeds[0], self.biases[0])
+            except BenchConfigError as exc:
+                raise BenchConfigError(f"method {spec.name!r}: {exc}") from None
         if isinstance(self.variance, dict):
             self.variance = variance_from_dict(self.variance)
         self.variance.validate()
         return self
 
-    def generate_config(self, spec: MethodSpec, object_name: str, seed: int) -> GenerateConfig:
-        """The job one run trains: the shared budget plus the method's overrides."""
+    # ------------------------------------------------------------------ the runs' jobs
+    def _job_data(self, object_name: str, seed: int, bias: Any) -> dict[str, Any]:
+        """The shared budget of one run as a job dict (a new dict each call)."""
         from ..priors.reference import get_object
 
-        data = {
+        return {
             "prompt": f"a {get_object(object_name).keywords[0]}",
             "iters": self.iters, "resolution": self.resolution, "batch_size": self.batch_size, "seed": seed,
-            "grid_resolution": self.grid_resolution, "samples_per_ray": self.samples_per_ray,
-            "preview_every": 0, "device": "cpu", **spec.overrides,
+            "prior": {"kind": "reference", "bias": bias_kappa(bias), "objects": list(self.objects), "num_views": self.num_views},
+            "field": {"kind": "dense", "resolution": self.grid_resolution},
+            "renderer": {"samples_per_ray": self.samples_per_ray},
+            "preview": {"every": 0}, "device": "cpu",
         }
-        return GenerateConfig.from_dict(data)
+
+    @staticmethod
+    def _job(data: dict[str, Any], overrides: Optional[dict[str, Any]] = None) -> JobConfig:
+        try:
+            return with_overrides(data, overrides) if overrides else parse_job(data)
+        except ConfigError as exc:
+            message = str(exc)
+            for name, path in JOB_SETTINGS.items():  # say which benchmark setting it was
+                if name != path and message.startswith(path + " "):
+                    raise BenchConfigError(f"{name}: {message}") from None
+            raise BenchConfigError(message) from None
+
+    def base_job(self, object_name: str, seed: int, bias: Any) -> JobConfig:
+        """The job of a run before its method's overrides: the shared budget, the prior of ``bias``."""
+        return self._job(self._job_data(object_name, seed, bias))
+
+    def job_config(self, spec: MethodSpec, object_name: str, seed: int, bias: Any) -> JobConfig:
+        """The job one run trains: the shared budget plus the method's overrides."""
+        return self._job(self._job_data(object_name, seed, bias), spec.overrides)
 
     @property
     def prior_resolution(self) -> int:
-        return 32 if self.resolution <= 32 else 64
+        from ..priors.factory import reference_image_size
+
+        return reference_image_size(self.base_job(self.objects[0], self.seeds[0], self.biases[0]))
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -253,7 +375,7 @@ class BenchConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "BenchConfig":
-        return record_from_dict(cls, data, "benchmark config", BenchConfigError, nested={"variance": variance_from_dict})
+        return _record_from_dict(cls, data, "benchmark config", nested={"variance": variance_from_dict}).validate()
 
     @classmethod
     def from_file(cls, path: str | Path) -> "BenchConfig":
@@ -266,8 +388,25 @@ class BenchConfig:
         return cls.from_dict(data)
 
 
+def _record_from_dict(cls: type, data: Any, what: str, nested: Optional[dict[str, Any]] = None) -> Any:
+    """``cls(**data)`` for a JSON object ``data`` describing ``what``; unknown fields raise."""
+    if isinstance(data, cls):
+        return data
+    if not isinstance(data, dict):
+        raise BenchConfigError(f"{what} must be an object, got {type(data).__name__}")
+    names = {f.name for f in fields(cls)}
+    unknown = set(data) - names
+    if unknown:
+        raise BenchConfigError(f"unknown {what} fields: {', '.join(sorted(map(str, unknown)))}; allowed: {', '.join(sorted(names))}")
+    kwargs = dict(data)
+    for name, make in (nested or {}).items():
+        if name in kwargs:
+            kwargs[name] = make(kwargs[name])
+    return cls(**kwargs)
+
+
 def variance_from_dict(data: Any) -> VarianceSettings:
-    return record_from_dict(VarianceSettings, data, "variance", BenchConfigError)
+    return _record_from_dict(VarianceSettings, data, "variance").validate()
 
 
 def quick_config() -> BenchConfig:
@@ -295,6 +434,7 @@ def describe(config: BenchConfig) -> str:
 
 
 __all__: Sequence[str] = (
-    "BUILTIN_METHODS", "BenchConfig", "BenchConfigError", "DEFAULT_METHODS", "ESD_LAMBDAS", "MethodSpec", "VarianceSettings",
-    "bias_kappa", "bias_label", "describe", "method_from_any", "parse_list", "quick_config",
+    "BUILTIN_METHODS", "BenchConfig", "BenchConfigError", "DEFAULT_METHODS", "ESD_LAMBDAS", "JOB_SETTINGS", "MethodSpec",
+    "SHARED_FIELDS", "VD_SUFFIX", "VarianceSettings", "bias_kappa", "bias_label", "describe", "lambda_methods", "method_from_any",
+    "normalize_overrides", "parse_list", "quick_config",
 )

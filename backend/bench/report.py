@@ -141,7 +141,7 @@ def headline(config: BenchConfig, summary: dict[str, Any], variance: dict[str, A
         parts = [f"{n}: IV {iv(n):.3f}, front = 1 in {one(n)}" for n in names if n in ov]
         lines.append(f"- **{b} bias**: " + "; ".join(parts) + ".")
         for spec in esd_specs:
-            suffix = "-vd" if spec.overrides.get("view_dependent") else ""  # compare like with like
+            suffix = "-vd" if spec.view_dependent else ""  # compare like with like
             baselines = [n for n in ("sds" + suffix, "vsd" + suffix) if n in ov]
             if spec.name not in ov or not baselines:
                 continue
@@ -187,7 +187,7 @@ def write_markdown(path: Path, config: BenchConfig, result: dict[str, Any], summ
         f"- {config.iters} iterations, batch {config.batch_size} cameras, renders {config.resolution} px (prior {config.prior_resolution} px, "
         f"{config.num_views} references per object), dense grid {config.grid_resolution}³, {config.samples_per_ray} samples per ray; "
         "training cameras: the prior's recommendation (azimuth uniform over the full circle, the references' elevation band, "
-        "radius and fov); every other GenerateConfig field at its default except the method's own.",
+        "radius and fov); every other job setting at its default except the method's own (overrides by dotted path).",
         "- methods: " + "; ".join(f"`{m.name}` = {json.dumps(m.overrides)}" for m in config.methods),
         "",
     ]
@@ -259,7 +259,7 @@ def write_markdown(path: Path, config: BenchConfig, result: dict[str, Any], summ
         L += ["## Gradient variance", "",
               f"Per-sample variance of the parameter gradient (trace of its covariance over draws of t, camera and eps at a fixed field; "
               f"{config.variance.samples} samples = {config.variance.samples // config.variance.eps_per_draw} draws × {config.variance.eps_per_draw} eps, "
-              "common random numbers, `distill3d.distill.variance.measure_variance`) at evenly spaced steps of the first seed's "
+              "common random numbers, `distill3d.bench.variance.measure_variance`) at evenly spaced steps of the first seed's "
               f"{bias_label(config.biases[0])}-bias run of each method; SDS is measured at the same fields, so the ratio isolates the estimator. "
               "Interval: batch-means delta method, 95%.", "",
               "| object | method | step | variance | SDS variance | ratio [95% CI] |", "|---|---|---|---|---|---|"]
@@ -293,13 +293,13 @@ def plot_lambda(path: Path, config: BenchConfig, records: list[dict[str, Any]], 
     with SDS, SDS with view-dependent prompts, ESD-exact and the ground truth as references.
     The front-feature count is shown as shares of runs (0 = erased, 1 = right, >= 2 = Janus),
     since its mean hides the two opposite failures."""
-    lam_specs = [m for m in config.methods if m.method in ("vsd", "esd", "esd-exact")]
+    lam_specs = [m for m in config.methods if m.lam is not None]  # VSD (lambda 0), ESD, ESD-exact
     if not lam_specs:
         return None
 
     def series_of(spec: MethodSpec) -> str:
         family = "ESD-exact" if spec.method == "esd-exact" else "ESD"
-        return family + (" + vd" if spec.overrides.get("view_dependent") else "")
+        return family + (" + vd" if spec.view_dependent else "")
 
     series: dict[str, list[MethodSpec]] = {}
     for m in lam_specs:

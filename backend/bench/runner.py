@@ -1,8 +1,10 @@
 """Runs the benchmark: one training run per (object, bias, seed, method), then its metrics.
 
-Every run trains a field with :class:`~distill3d.trainer.Trainer` on a
-:class:`~distill3d.priors.reference.ReferencePrior` built for the run's bias (one prior per
-bias and worker, reused across runs) and then measures, on the trained field:
+Every run trains a field with :class:`~distill3d.trainer.Trainer` on the job
+:meth:`BenchConfig.job_config <distill3d.bench.config.BenchConfig.job_config>` builds (the
+shared budget, the method's overrides and the reference prior of the run's bias, taken from
+the process's :class:`~distill3d.priors.factory.PriorCache`: one prior per bias and worker,
+reused across runs) and then measures, on the trained field:
 
 * 120 (``views``) rendered views at evenly spaced azimuths, elevations cycling through three
   levels of the references' band, at the classifiers' 32 px: text-image agreement, IQ, IV
@@ -14,7 +16,7 @@ bias and worker, reused across runs) and then measures, on the trained field:
 * training wall time per iteration (render + prior + backward + estimator update, so the
   measurement below is excluded);
 * for the first seed's run at the first bias, per-sample gradient variance
-  (:func:`distill3d.distill.variance.measure_variance`) of SDS and of the run's own estimator
+  (:func:`distill3d.bench.variance.measure_variance`) of SDS and of the run's own estimator
   at ``variance.checkpoints`` evenly spaced steps including 0 and the end, on the live field.
 
 Runs go to a pool of worker processes (``workers``; torch single-threaded in each); each run's
@@ -37,13 +39,14 @@ from typing import Any, Callable, Optional
 import numpy as np
 import torch
 
+from ..device import resolve_device
+from ..priors.factory import PriorCache
 from .config import BenchConfig, MethodSpec, bias_kappa, bias_label
 
 log = logging.getLogger(__name__)
 
 EVAL_RESOLUTION = 32  # the classifiers' resolution
 STRIP_RESOLUTION = 48
-LEARNED = ("vsd", "esd")
 
 
 @dataclass(frozen=True)
@@ -68,27 +71,35 @@ def plan_jobs(config: BenchConfig) -> list[RunJob]:
         for bias_i, bias in enumerate(config.biases):
             for obj in config.objects:
                 unit = [RunJob(obj, bias, seed, spec, config.variance.enabled and bias_i == 0 and seed_i == 0) for spec in config.methods]
-                jobs += sorted(unit, key=lambda j: j.spec.method not in LEARNED)
+                jobs += sorted(unit, key=lambda j: not j.spec.learned)
     return jobs
 
 
 # ---------------------------------------------------------------------------- per-process state
-_STATE: dict[str, Any] = {}
+_STATE: dict[str, Any] = {}  # the classifiers
+_PRIORS: Optional[PriorCache] = None  # the process's loaded priors, one per bias
 
 
 def _worker_init(threads: int = 1) -> None:
+    global _PRIORS
     torch.set_num_threads(threads)
     _STATE.clear()
+    _PRIORS = None
 
 
-def get_prior(config: BenchConfig, bias):
-    """The reference prior of ``bias`` for the benchmark's objects (built once per process)."""
-    from ..priors.reference import ReferencePrior
+def prior_cache(config: BenchConfig) -> PriorCache:
+    """The process's prior cache, keeping one prior per bias of the benchmark."""
+    global _PRIORS
+    if _PRIORS is None:
+        _PRIORS = PriorCache(max_idle=len(config.biases))
+    _PRIORS.max_idle = max(_PRIORS.max_idle, len(config.biases))
+    return _PRIORS
 
-    key = ("prior", bias_kappa(bias), tuple(config.objects), config.prior_resolution, config.num_views)
-    if key not in _STATE:
-        _STATE[key] = ReferencePrior(objects=config.objects, resolution=config.prior_resolution, num_views=config.num_views, kappa=bias_kappa(bias))
-    return _STATE[key]
+
+def get_prior(config: BenchConfig, bias, job=None):
+    """The reference prior of ``bias`` for the benchmark's objects (loaded once per process)."""
+    job = job if job is not None else config.base_job(config.objects[0], config.seeds[0], bias)
+    return prior_cache(config).get(job, resolve_device(job.device))
 
 
 def get_classifiers():
@@ -178,7 +189,7 @@ def ground_truth_metrics(config: BenchConfig, bias, object_name: str) -> dict[st
 
 # ---------------------------------------------------------------------------- one run
 def _variance_point(trainer, spec: MethodSpec, config: BenchConfig, seed: int) -> dict[str, Any]:
-    from ..distill.variance import VarianceConfig, measure_variance
+    from .variance import VarianceConfig, measure_variance
 
     v = config.variance
     methods = ("sds",) if spec.method == "sds" else ("sds", spec.method)
@@ -197,9 +208,9 @@ def run_job(config: BenchConfig, job: RunJob) -> tuple[dict[str, Any], np.ndarra
     """Train one run and measure it; returns (record, turntable strip HxWx3 uint8)."""
     from ..trainer import Trainer, TrainerCallbacks
 
-    prior = get_prior(config, job.bias)
+    run = config.job_config(job.spec, job.object_name, job.seed, job.bias)
+    prior = get_prior(config, job.bias, run)
     clf = get_classifiers()
-    gen = config.generate_config(job.spec, job.object_name, job.seed)
     variance: list[dict[str, Any]] = []
     steps: set[int] = set()
     if job.measure_variance:
@@ -212,7 +223,7 @@ def run_job(config: BenchConfig, job: RunJob) -> tuple[dict[str, Any], np.ndarra
         if step in steps and step != 0:
             variance.append(_variance_point(holder["trainer"], job.spec, config, job.seed))
 
-    trainer = Trainer(gen, TrainerCallbacks(on_progress=on_progress if steps else None), prior=prior)
+    trainer = Trainer(run, TrainerCallbacks(on_progress=on_progress if steps else None), prior=prior)
     holder["trainer"] = trainer
     if 0 in steps:
         variance.append(_variance_point(trainer, job.spec, config, job.seed))

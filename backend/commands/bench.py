@@ -21,6 +21,8 @@ import sys
 import time
 from pathlib import Path
 
+from distill3d_protocol.errors import Distill3DError
+
 log = logging.getLogger(__name__)
 
 
@@ -31,8 +33,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--quick", action="store_true", help="small CI subset (1 object, SDS and ESD-exact, 1 seed, 12 iterations at 16 px)")
     p.add_argument("--config", default=None, help="JSON benchmark config (objects, biases, seeds, methods, iters, resolution, ...)")
     p.add_argument("--objects", default=None, help="comma-separated built-in objects (see `distill3d reference list`)")
+    from ..bench.config import BUILTIN_METHODS, VD_SUFFIX, lambda_methods
+
     p.add_argument("--methods", default=None,
-                   help="comma-separated methods: sds, sds-vd, vsd, esd-0.25, esd-0.5, esd-0.75, esd-1, esd-exact, ssd, or esd-<lambda>")
+                   help=f"comma-separated methods: {', '.join(BUILTIN_METHODS)}, or {', '.join(m + '-<lambda>' for m in lambda_methods())}, "
+                        f"any of them with {VD_SUFFIX} (view-dependent prompts)")
     p.add_argument("--seeds", type=int, default=None, help="number of seeds (0..N-1)")
     p.add_argument("--iters", type=int, default=None, help="iterations per run (the same for every method)")
     p.add_argument("--resolution", type=int, default=None, help="render resolution in pixels (16, 32 or 64)")
@@ -51,10 +56,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 def build_config(args: argparse.Namespace):
     """The benchmark config from --quick / --config plus the command-line overrides."""
-    from ..bench.config import BenchConfig, parse_list, quick_config
+    from ..bench.config import BenchConfig, BenchConfigError, parse_list, quick_config
 
     if args.quick and args.config:
-        raise ValueError("--quick and --config are exclusive")
+        raise BenchConfigError("--quick and --config are exclusive")
     config = quick_config() if args.quick else (BenchConfig.from_file(args.config) if args.config else BenchConfig())
     if args.objects is not None:
         config.objects = parse_list(args.objects)
@@ -89,14 +94,14 @@ def command_line(args: argparse.Namespace) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..bench.config import BenchConfigError, describe
+    from ..bench.config import describe
     from ..bench.report import write_outputs
     from ..bench.runner import run_benchmark
 
     try:
         config = build_config(args)
-    except (BenchConfigError, ValueError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
+    except Distill3DError as exc:
+        print(f"distill3d bench: error: {exc}", file=sys.stderr)
         return 2
     out = Path(args.out)
     work = Path(args.work_dir) if args.work_dir else out / "runs"
@@ -109,7 +114,11 @@ def run(args: argparse.Namespace) -> int:
     def progress(done: int, total: int, run_id: str, seconds: float) -> None:
         print(f"[{done}/{total}] {run_id} {seconds:.1f}s (elapsed {(time.time() - t0) / 60:.1f} min)", flush=True)
 
-    result = run_benchmark(config, work, resume=not args.fresh, progress=progress, deadline=deadline)
+    try:
+        result = run_benchmark(config, work, resume=not args.fresh, progress=progress, deadline=deadline)
+    except Distill3DError as exc:
+        print(f"distill3d bench: error: {exc}", file=sys.stderr)
+        return 2
     result["total_seconds"] = time.time() - t0
     result["command"] = command_line(args)
     files = write_outputs(out, config, result)

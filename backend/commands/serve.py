@@ -51,9 +51,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..server.auth import AuthError
-    from ..server.jobs import JobStoreError
-    from ..server.service import Server, ServerConfig, ServerConfigError
+    from distill3d_protocol.errors import Distill3DError
+
+    from ..server.service import Server, ServerConfig
 
     if args.log_json:
         handler = logging.StreamHandler()
@@ -70,7 +70,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         server = Server(config)
         endpoint = server.start()
-    except (AuthError, ServerConfigError, JobStoreError, OSError) as exc:
+    except (Distill3DError, OSError) as exc:  # bad options, keys, jobs folder, port: the message says what to change
         print(f"distill3d serve: error: {exc}", file=sys.stderr)
         return 2
 

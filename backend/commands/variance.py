@@ -1,6 +1,6 @@
 """`distill3d variance`: per-sample gradient variance of SDS/SSD/VSD/ESD at fixed checkpoints.
 
-Measures at one or more trainer checkpoints (see :mod:`distill3d.distill.variance`), prints a
+Measures at one or more trainer checkpoints (see :mod:`distill3d.bench.variance`), prints a
 table per checkpoint, writes ``variance.json`` into ``--out`` and, with two or more
 checkpoints, ``variance.png`` (variance against iteration per method, and the ratio to SDS
 with its confidence interval).
@@ -14,7 +14,9 @@ import math
 import sys
 from pathlib import Path
 
-from ..distill.variance import METHODS, SSD_MU_SOURCES
+from distill3d_protocol.errors import Distill3DError
+
+from ..bench.variance import METHODS, SSD_MU_SOURCES
 
 
 def _t_range(text: str) -> tuple[float, float]:
@@ -68,9 +70,8 @@ def _json_safe(value):
 def run(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
-    from ..config import ConfigError
-    from ..distill.variance import VarianceConfig, VarianceError, find_checkpoints, format_table, load_trainer, measure_variance, plot_variance
-    from ..priors.base import PriorError
+    from ..bench.variance import VarianceConfig, find_checkpoints, format_table, load_trainer, measure_variance, plot_variance
+    from ..priors.factory import PriorCache
 
     try:
         config = VarianceConfig(
@@ -80,16 +81,16 @@ def run(args: argparse.Namespace) -> int:
             ssd_baseline=args.ssd_baseline, ssd_depth_on=args.ssd_depth_on,
         ).validate()
         paths = find_checkpoints(args.run) if args.run else list(args.checkpoint)
-    except VarianceError as exc:
+    except Distill3DError as exc:
         print(f"distill3d variance: error: {exc}", file=sys.stderr)
         return 2
     args.out.mkdir(parents=True, exist_ok=True)
     reports = []
-    priors: dict = {}  # one prior shared by the checkpoints of a run
+    priors = PriorCache(max_idle=1)  # one prior shared by the checkpoints of a run
     for path in paths:
         try:
             trainer = load_trainer(path, device=args.device, priors=priors)
-        except (VarianceError, ConfigError, PriorError) as exc:
+        except Distill3DError as exc:
             print(f"distill3d variance: error: {path}: {exc}", file=sys.stderr)
             return 2
         bar = tqdm(total=config.samples // config.eps_per_draw, desc=f"step {trainer.step}", unit="draw", disable=args.no_progress, dynamic_ncols=True)
@@ -100,7 +101,7 @@ def run(args: argparse.Namespace) -> int:
 
         try:
             report = measure_variance(trainer, config, checkpoint=str(path), progress=progress)
-        except (VarianceError, PriorError, ValueError) as exc:
+        except Distill3DError as exc:
             bar.close()
             print(f"distill3d variance: error: {path}: {exc}", file=sys.stderr)
             return 2

@@ -15,6 +15,7 @@ from typing import Any, Optional
 import torch
 
 from ..cameras import CameraBatch
+from ..config import SDSConfig
 from ..priors.base import Prior, PromptEmbedding
 
 
@@ -62,7 +63,7 @@ class Estimator(abc.ABC):
 class SDS(Estimator):
     """Score Distillation Sampling: d = eps_pre(x_t, y) - eps."""
 
-    name = "sds"
+    name = SDSConfig.KIND
 
     def direction(self, batch: DistillBatch) -> tuple[torch.Tensor, dict[str, float]]:
         with torch.no_grad():

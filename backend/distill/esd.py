@@ -48,6 +48,7 @@ from typing import Any, Optional
 import torch
 
 from ..cameras import CameraBatch
+from ..config import ESDConfig, ESDExactConfig, VSDConfig
 from ..priors.base import Prior, PromptEmbedding
 from .base import DistillBatch, Estimator
 from .learned_score import LearnedScore
@@ -70,7 +71,7 @@ def _check_lam(lam: Any) -> float:
 class ESD(Estimator):
     """Entropic Score Distillation with a learned eps_psi; ``lam`` is the paper's lambda."""
 
-    name = "esd"
+    name = ESDConfig.KIND
 
     def __init__(self, prior: Prior, learned: LearnedScore, lam: float = 0.5) -> None:
         super().__init__(prior)
@@ -109,7 +110,7 @@ class ESD(Estimator):
 class VSD(ESD):
     """Variational Score Distillation: ESD with lam = 0, d = eps_pre - eps_psi(x_t, y, c)."""
 
-    name = "vsd"
+    name = VSDConfig.KIND
 
     def __init__(self, prior: Prior, learned: LearnedScore) -> None:
         super().__init__(prior, learned, lam=0.0)
@@ -124,7 +125,7 @@ class ESDExact(Estimator):
     ``leave_one_out`` each current render is left out of its own mixture (see the module
     docstring); a lone render with nothing else to compare against falls back to eps."""
 
-    name = "esd-exact"
+    name = ESDExactConfig.KIND
 
     def __init__(self, prior: Prior, bank_size: int = DEFAULT_BANK_SIZE, lam: float = 0.5, s0: float = 0.0,
                  leave_one_out: bool = True) -> None:

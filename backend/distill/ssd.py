@@ -92,7 +92,7 @@ def control_variate(eps: torch.Tensor, phi: torch.Tensor, grad_phi: torch.Tensor
 class SSD(Estimator):
     """Stein Score Distillation (see module doc). ``base_estimator=None`` means SDS."""
 
-    name = "ssd"
+    name = SSDConfig.KIND
 
     def __init__(
         self,

@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import time
 
-from ..config import ConfigError, ExportConfig, export_config_from_dict
+from ..config import ConfigError, ExportConfig, build
 from .bake import bake_texture_details, vertex_colors
 from .cleanup import decimate, remove_small_components, smooth
 from .fields import DEFAULT_CHUNK, FieldFn
@@ -28,9 +28,11 @@ def default_padding(texture_size: int) -> int:
 
 
 def _config(export_config) -> ExportConfig:
+    """A job's export record passes as it is (validated at the edge); a dict is built once."""
+    if isinstance(export_config, ExportConfig):
+        return export_config
     try:
-        cfg = export_config_from_dict(export_config)
-        return cfg.validate()
+        return build(ExportConfig, export_config, "export")
     except ConfigError as exc:
         raise ExportError(f"bad export configuration: {exc}") from None
 

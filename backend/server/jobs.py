@@ -2,18 +2,22 @@
 
 Layout of ``<jobs_dir>/<job_id>/``::
 
-    job.json          state record (queued/running/done/failed/cancelled/interrupted), atomic writes
-    result.glb, texture.png, preview.png, summary.json   written by distill3d.trainer.generate
+    job.json          state record (queued/running/done/failed/cancelled/interrupted) and the
+                      job's configuration (its current nested form), atomic writes
+    result.glb, texture.png, preview.png, summary.json   written by distill3d.job.generate
     mesh.npz          the exact wire arrays of the result (no pickle), for fast ``fetch``
     checkpoint/       the trainer's checkpoint (kept until the job is done)
 
 Only the server's main loop mutates :class:`JobRecord` objects and writes ``job.json``;
 worker threads write result files into the job folder before they report completion.
+
+A record holds its job as a typed :class:`~distill3d.config.JobConfig`, validated once: at
+submit, or when ``job.json`` is read (:func:`distill3d.config.parse_job` also reads the flat
+form of older servers' files). A stored config that no longer parses keeps the record
+listable; the job cannot run (``config_error`` says why) and its text is written back as read.
 """
 
 from __future__ import annotations
-
-from distill3d_protocol.errors import Distill3DError
 
 import json
 import logging
@@ -21,13 +25,16 @@ import math
 import os
 import secrets
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
 import numpy as np
 
 from distill3d_protocol import ARRAY_SLOTS, JOB_ID_RE, JOB_STATES
+from distill3d_protocol.errors import Distill3DError
+
+from ..config import ConfigError, JobConfig, parse_job
 
 log = logging.getLogger(__name__)
 
@@ -83,7 +90,7 @@ class JobRecord:
     """What the server knows about one job (persisted as job.json)."""
 
     job_id: str
-    config: Dict[str, Any]
+    config: Optional[JobConfig]  # None only when the stored config no longer parses (config_error)
     owner: str  # client name, or "peer:<routing id hex>" for anonymous clients
     state: str = "queued"
     created: float = field(default_factory=time.time)
@@ -94,15 +101,29 @@ class JobRecord:
     checkpoint_step: Optional[int] = None
     resume: bool = False  # the next run continues from the checkpoint
     files: List[str] = field(default_factory=list)
+    # not persisted: why a stored config cannot run, and its JSON as read (written back unchanged)
+    config_error: Optional[str] = field(default=None, repr=False, compare=False)
+    stored_config: Optional[Dict[str, Any]] = field(default=None, repr=False, compare=False)
+
+    _TRANSIENT = ("config_error", "stored_config")
+
+    def config_json(self) -> Dict[str, Any]:
+        """The job's configuration as saved: the current nested form (or the unparsable text as read)."""
+        return self.config.to_dict() if self.config is not None else dict(self.stored_config or {})
 
     def info(self, position: Optional[int] = None) -> Dict[str, Any]:
         """The protocol's job-info record."""
+        if self.config is not None:
+            prompt, method, prior = self.config.prompt, self.config.method.KIND, self.config.prior.KIND
+        else:  # best effort from the stored text, of any version
+            raw = self.stored_config or {}
+            prompt, method, prior = raw.get("prompt", ""), _kind(raw.get("method")), _kind(raw.get("prior"))
         out: Dict[str, Any] = {
             "job": self.job_id,
             "state": self.state,
-            "prompt": str(self.config.get("prompt", ""))[:4000],
-            "method": str(self.config.get("method", ""))[:64],
-            "prior": str(self.config.get("prior", ""))[:64],
+            "prompt": str(prompt)[:4000],
+            "method": str(method)[:64],
+            "prior": str(prior)[:64],
             "client": self.owner[:64],
             "step": max(int(self.step), 0),
             "total": max(int(self.total), 0),
@@ -116,17 +137,35 @@ class JobRecord:
         return out
 
     def to_json(self) -> Dict[str, Any]:
-        return json_safe(asdict(self))
+        out = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in self._TRANSIENT}
+        out["config"] = self.config_json()
+        return json_safe(out)
 
     @classmethod
     def from_json(cls, data: Dict[str, Any]) -> "JobRecord":
+        """A record from job.json; its config (current or older form) is parsed here, once."""
         if not isinstance(data, dict):
             raise ValueError("job.json must hold an object")
-        known = {f for f in cls.__dataclass_fields__}
-        rec = cls(**{k: v for k, v in data.items() if k in known})
-        if not JOB_ID_RE.match(str(rec.job_id)) or rec.state not in JOB_STATES or not isinstance(rec.config, dict):
-            raise ValueError(f"job.json has a bad id, state or config: {rec.job_id!r} {rec.state!r}")
+        known = {f.name for f in fields(cls)} - set(cls._TRANSIENT)
+        values = {k: v for k, v in data.items() if k in known}
+        raw = values.pop("config", None)
+        if not isinstance(raw, dict):
+            raise ValueError(f"job.json of {values.get('job_id')!r} has no config object")
+        rec = cls(config=None, **values)
+        if not JOB_ID_RE.match(str(rec.job_id)) or rec.state not in JOB_STATES:
+            raise ValueError(f"job.json has a bad id or state: {rec.job_id!r} {rec.state!r}")
+        try:
+            rec.config = parse_job(raw)
+        except ConfigError as exc:
+            rec.config_error, rec.stored_config = str(exc), raw
         return rec
+
+
+def _kind(value: Any) -> str:
+    """A section's kind in a stored config: the v1 name or the v2 object's ``kind``."""
+    if isinstance(value, dict):
+        value = value.get("kind", "")
+    return value if isinstance(value, str) else ""
 
 
 class JobStore:
@@ -149,12 +188,15 @@ class JobStore:
     def checkpoint_dir(self, job_id: str) -> Path:
         return self.job_dir(job_id) / CHECKPOINT_DIR
 
-    def create(self, config: Dict[str, Any], owner: str) -> JobRecord:
+    def create(self, config: JobConfig, owner: str) -> JobRecord:
+        """A new job folder and record for a validated ``config``."""
+        if not isinstance(config, JobConfig):
+            raise TypeError(f"JobStore.create takes a JobConfig (distill3d.config.parse_job), got {type(config).__name__}")
         job_id = new_job_id()
         while self.job_dir(job_id).exists():
             job_id = new_job_id()
         self.job_dir(job_id).mkdir(parents=True)
-        rec = JobRecord(job_id=job_id, config=json_safe(config), owner=owner, total=int(config.get("iters", 0) or 0))
+        rec = JobRecord(job_id=job_id, config=config, owner=owner, total=config.iters)
         self.save(rec)
         return rec
 

@@ -9,12 +9,19 @@ Outbound traffic never blocks: sends are non-blocking with ``ROUTER_MANDATORY``;
 whose queue is full (send high-water mark) misses progress and previews (the next one
 replaces them) while results, cancellations and errors are retried for a while (and stay
 fetchable from the jobs folder). Progress and previews are throttled per job.
+
+A job is validated once, at submit, by :func:`distill3d.config.parse_job` (the nested form,
+or the flat one of older clients; a config that breaks the job description is already refused
+by the wire's decode, naming ``config.<dotted path>``, and what only the backend can check is
+answered ``bad_job``); the record, the scheduler and the worker carry the typed
+:class:`~distill3d.config.JobConfig` from there on, and job.json files are parsed when read. A job that fails with a
+:class:`~distill3d_protocol.errors.Distill3DError` is reported by its message (``job_failed``)
+and logged without a traceback; any other exception is a bug, logged with its traceback.
 """
 
 from __future__ import annotations
 
-from distill3d_protocol.errors import Distill3DError
-
+import dataclasses
 import json
 import logging
 import math
@@ -39,12 +46,14 @@ from distill3d_protocol import (
     encode,
     error_frames,
 )
+from distill3d_protocol.errors import Distill3DError
 
 from .. import __version__
-from ..config import ConfigError, GenerateConfig
+from ..config import ConfigError, parse_job
+from ..priors.factory import PriorCache
 from .auth import AuthError, ServerKeys, is_loopback, load_server_keys, secure_socket, start_authenticator
-from .jobs import FINAL_STATES, RESUMABLE_STATES, JobRecord, JobStore
-from .worker import Event, EventBus, JobWorker, PriorPool
+from .jobs import RESUMABLE_STATES, JobRecord, JobStore
+from .worker import Event, EventBus, JobWorker
 
 log = logging.getLogger("distill3d.server")
 
@@ -133,7 +142,7 @@ class Server:
         self.gpus = _gpu_count()
         self.workers = config.workers or max(self.gpus, 1)
         self.bus = EventBus()
-        self.priors = PriorPool(config.keep_priors)
+        self.priors = PriorCache(config.keep_priors)
         self.context = zmq.Context()
         self.socket: Optional[zmq.Socket] = None
         self.endpoint: Optional[str] = None
@@ -222,7 +231,12 @@ class Server:
                 self.store.save(rec)
                 log.warning("job=%s state=interrupted step=%d checkpoint=%s", rec.job_id, rec.step, rec.checkpoint_step)
             elif rec.state == "queued":
-                self._queue.append(rec.job_id)
+                if rec.config is None:
+                    rec.state, rec.message = "failed", f"stored config is no longer valid: {rec.config_error}"
+                    self.store.save(rec)
+                    log.warning("job=%s state=failed %s", rec.job_id, rec.message)
+                else:
+                    self._queue.append(rec.job_id)
             self._jobs[rec.job_id] = rec
         if records:
             log.info("recovered jobs=%d queued=%d", len(records), len(self._queue))
@@ -263,6 +277,9 @@ class Server:
         handler = getattr(self, f"_on_{msg.kind}")
         try:
             handler(envelope, msg, owner)
+        except Distill3DError as exc:  # e.g. the jobs folder cannot be written: the message says it all
+            log.error("handler failed client=%s kind=%s job=%s: %s", owner, msg.kind, msg.job_id, exc)
+            self._error(envelope, msg, "internal", f"{msg.kind} failed: {exc}")
         except Exception as exc:
             log.exception("handler failed client=%s kind=%s job=%s", owner, msg.kind, msg.job_id)
             self._error(envelope, msg, "internal", f"internal server error while handling {msg.kind}: {type(exc).__name__}: {exc}")
@@ -328,16 +345,17 @@ class Server:
             self._error(envelope, msg, "queue_full", f"{len(self._queue)} jobs are queued (limit {self.config.max_queue}); try later")
             return
         try:
-            config = GenerateConfig.from_dict(msg.header["config"])
-        except (ConfigError, TypeError) as exc:
+            config = parse_job(msg.header["config"])  # the one validation of this job (v1 flat or v2 nested form)
+        except ConfigError as exc:
             self._error(envelope, msg, "bad_job", str(exc))
             return
-        rec = self.store.create(config.to_dict(), owner)
+        rec = self.store.create(config, owner)
         self._jobs[rec.job_id] = rec
         self._queue.append(rec.job_id)
         self._subscribers[rec.job_id] = [envelope]
-        log.info("job=%s client=%s kind=submit prompt=%r method=%s iters=%d", rec.job_id, owner, config.prompt, config.method, config.iters)
-        self._reply(envelope, msg, Kind.ACCEPTED, {"state": "queued", "position": len(self._queue) - 1, "config": rec.config},
+        log.info("job=%s client=%s kind=submit prompt=%r prior=%s method=%s iters=%d", rec.job_id, owner, config.prompt,
+                 config.prior.KIND, config.method.KIND, config.iters)
+        self._reply(envelope, msg, Kind.ACCEPTED, {"state": "queued", "position": len(self._queue) - 1, "config": config.to_dict()},
                     job_id=rec.job_id)
 
     def _resume(self, envelope: Envelope, msg: Message, owner: str) -> None:
@@ -346,6 +364,10 @@ class Server:
             return
         if rec.state not in RESUMABLE_STATES:
             self._error(envelope, msg, "bad_state", f"job {rec.job_id} is {rec.state}; only {', '.join(RESUMABLE_STATES)} jobs can be resumed",
+                        job_id=rec.job_id)
+            return
+        if rec.config is None:
+            self._error(envelope, msg, "bad_job", f"job {rec.job_id} cannot run: its stored config is no longer valid: {rec.config_error}",
                         job_id=rec.job_id)
             return
         rec.checkpoint_step = self.store.last_checkpoint_step(rec.job_id)
@@ -440,13 +462,9 @@ class Server:
         while self._queue and len(self._running) < self.workers and not self._stop.is_set():
             job_id = self._queue.popleft()
             rec = self._jobs[job_id]
-            try:
-                config = GenerateConfig.from_dict(rec.config)
-            except (ConfigError, TypeError) as exc:
-                self._finish_failed(rec, f"stored config is no longer valid: {exc}")
-                continue
+            config = rec.config  # typed and validated when the job was submitted (or its job.json read)
             if config.checkpoint_every == 0 and self.config.checkpoint_every:
-                config.checkpoint_every = self.config.checkpoint_every
+                config = dataclasses.replace(config, checkpoint_every=self.config.checkpoint_every)  # the record keeps the job's own
             slot = len(self._running)
             worker = JobWorker(job_id, config, self.store, self.bus, resume=rec.resume, gpu_slot=slot, priors=self.priors)
             rec.state, rec.total, rec.message = "running", config.iters, None

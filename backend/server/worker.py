@@ -1,10 +1,16 @@
-"""One job on its own thread: runs ``distill3d.trainer.generate`` and reports through an event bus.
+"""One job on its own thread: runs ``distill3d.job.generate`` and reports through an event bus.
 
 The worker never touches the ZeroMQ socket. It hands the server's main loop
 * lifecycle events (``started``, ``done``, ``cancelled``, ``failed``) through a queue, and
 * progress / preview payloads through a latest-wins slot per job and stream, so a slow
   client or a busy main loop can never make training wait (old previews are overwritten).
 Result files (GLB, texture, summary, mesh.npz) are written before ``done`` is posted.
+
+The job arrives as a typed, validated :class:`~distill3d.config.JobConfig` (parsed once, at
+submit or when its job.json was read); the worker does not check it again. Priors come from
+the server's :class:`~distill3d.priors.factory.PriorCache`. A failure that is a
+:class:`~distill3d_protocol.errors.Distill3DError` (missing weights, no CUDA, ...) is reported
+by its message alone; any other exception is a bug and is logged with its traceback.
 """
 
 from __future__ import annotations
@@ -16,14 +22,16 @@ import queue
 import socket
 import threading
 import time
-from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any, Dict, Optional, Tuple
 
 import numpy as np
 
 from distill3d_protocol import mesh_arrays
+from distill3d_protocol.errors import Distill3DError
 
+from ..config import JobConfig
+from ..priors.factory import PriorCache
 from .jobs import JobStore, arrays_from_mesh, json_safe
 
 log = logging.getLogger("distill3d.server.worker")
@@ -96,44 +104,6 @@ class EventBus:
         self._wake_send.close()
 
 
-class PriorPool:
-    """Keeps loaded priors between jobs (loading Stable Diffusion takes tens of seconds).
-
-    A prior is leased to one job at a time: a job takes an idle prior with the same key
-    (prior kind, model, render resolution, device) or builds a new one, and gives it back
-    when it ends normally or is cancelled; after a failure it is dropped. At most
-    ``max_idle`` idle priors are kept (least recently used first out); 0 disables reuse.
-    """
-
-    def __init__(self, max_idle: int = 1) -> None:
-        self.max_idle = max_idle
-        self._idle: "OrderedDict[tuple, Any]" = OrderedDict()
-        self._lock = threading.Lock()
-
-    @staticmethod
-    def key(config: Any, device: Any) -> tuple:
-        return (config.prior, config.model, config.resolution, str(device))
-
-    def lease(self, config: Any, device: Any) -> Optional[Any]:
-        """An idle prior for this config and device, or None (build one)."""
-        with self._lock:
-            return self._idle.pop(self.key(config, device), None)
-
-    def give_back(self, config: Any, device: Any, prior: Any) -> None:
-        if prior is None or self.max_idle <= 0:
-            return
-        key = self.key(config, device)
-        with self._lock:
-            self._idle[key] = prior
-            self._idle.move_to_end(key)
-            while len(self._idle) > self.max_idle:
-                self._idle.popitem(last=False)
-
-    def clear(self) -> None:
-        with self._lock:
-            self._idle.clear()
-
-
 def _finite_or_none(value: Any) -> Optional[float]:
     try:
         v = float(value)
@@ -145,8 +115,8 @@ def _finite_or_none(value: Any) -> Optional[float]:
 class JobWorker(threading.Thread):
     """Runs one job; ``cancel`` stops it at the next iteration (the trainer checkpoints first)."""
 
-    def __init__(self, job_id: str, config: Any, store: JobStore, bus: EventBus, resume: bool = False, gpu_slot: int = 0,
-                 priors: Optional[PriorPool] = None) -> None:
+    def __init__(self, job_id: str, config: JobConfig, store: JobStore, bus: EventBus, resume: bool = False, gpu_slot: int = 0,
+                 priors: Optional[PriorCache] = None) -> None:
         super().__init__(name=f"job-{job_id}", daemon=True)
         self.job_id = job_id
         self.config = config
@@ -187,7 +157,10 @@ class JobWorker(threading.Thread):
 
     # ------------------------------------------------------------------ the run
     def run(self) -> None:
-        from ..trainer import Cancelled, TrainerCallbacks, generate, make_prior, resolve_device
+        from ..device import resolve_device
+        from ..job import generate
+        from ..priors.factory import load_prior
+        from ..trainer import Cancelled, TrainerCallbacks
 
         started = time.perf_counter()
         self.bus.post(Event("started", self.job_id))
@@ -195,7 +168,7 @@ class JobWorker(threading.Thread):
         try:
             device = self._select_gpu(resolve_device(self.config.device))
             if self.priors is not None:
-                prior = self.priors.lease(self.config, device) or make_prior(self.config, device)
+                prior = self.priors.lease(self.config, device) or load_prior(self.config, device)
             callbacks = TrainerCallbacks(on_progress=self._on_progress, on_preview=self._on_preview)
             result = generate(
                 self.config,
@@ -218,9 +191,13 @@ class JobWorker(threading.Thread):
             if self.priors is not None:
                 self.priors.give_back(self.config, device, prior)
             self.bus.post(Event("cancelled", self.job_id, {"step": exc.step, "callback_cpu_s": self.callback_cpu_s}))
-        except Exception as exc:
-            log.exception("job=%s failed", self.job_id)
-            self.bus.post(Event("failed", self.job_id, {"message": f"{type(exc).__name__}: {exc}"[:4000]}))
+        except Distill3DError as exc:  # the user can act on it: its message says what to change (the main loop logs it)
+            self.bus.post(Event("failed", self.job_id, {"message": (str(exc) or type(exc).__name__)[:4000],
+                                                          "callback_cpu_s": self.callback_cpu_s}))
+        except Exception as exc:  # a bug: the traceback goes to the log
+            log.exception("job=%s failed with an unexpected error", self.job_id)
+            message = f"{type(exc).__name__}: {exc} (an internal error; the server log has the traceback)"
+            self.bus.post(Event("failed", self.job_id, {"message": message[:4000], "callback_cpu_s": self.callback_cpu_s}))
         finally:
             prior = None
             self._free_memory()

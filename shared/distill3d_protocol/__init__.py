@@ -14,7 +14,7 @@ pairs of the same kind; the reply carries ``"reply": true``):
 =========== ======== =========================================================================
 kind        sender   fields (besides v, kind, job, arrays; every message may carry req, client)
 =========== ======== =========================================================================
-submit      client   config (the job, GenerateConfig's JSON form) | resume=true with job=<id>
+submit      client   config (the job, jobconfig.JobConfig's JSON form) | resume=true with job=<id>
 accepted    server   state, position, resumed_from, config
 progress    server   step, total, losses, elapsed_s, eta_s
 preview     server   step, total; arrays vertices+faces[+vertex_colors] and/or image

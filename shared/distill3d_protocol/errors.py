@@ -24,7 +24,7 @@ PROTOCOL_ERROR_CODES = (
 )
 
 SERVER_ERROR_CODES = (
-    "bad_job",  # the job config failed semantic validation (GenerateConfig.from_dict)
+    "bad_job",  # the job config failed validation (distill3d.config.parse_job)
     "not_found",  # no such job (or not visible to this client)
     "bad_state",  # the request does not fit the job's state (e.g. cancel a finished job)
     "queue_full",  # too many queued jobs
@@ -40,7 +40,13 @@ class Distill3DError(Exception):
 
 
 class ConfigError(Distill3DError, ValueError):
-    """A job or component setting that is missing, unknown or out of range (names its dotted path)."""
+    """A job or component setting that is missing, unknown or out of range (names its dotted path).
+
+    ``code`` is the wire's name for the kind of fault: bad_field, unknown_field or missing_field."""
+
+    def __init__(self, message: str, code: str = "bad_field") -> None:
+        super().__init__(message)
+        self.code = code
 
 
 class ProtocolError(Distill3DError, ValueError):

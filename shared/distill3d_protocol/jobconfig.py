@@ -321,15 +321,13 @@ class JobConfig:
     preview: PreviewConfig = section(PreviewConfig, "previews while the job runs")
 
     def check(self, path: str) -> None:
-        if not self.prompt.strip():
-            raise ConfigError("prompt must be a non-empty string")
         if isinstance(self.method, ESDExactConfig) and not isinstance(self.prior, ReferencePriorConfig):
-            raise ConfigError("method esd-exact (the exact oracle) exists only for the reference prior")
+            raise ConfigError(f"{path + ': ' if path else ''}method esd-exact (the exact oracle) exists only for the reference prior")
         if self.cameras is not None:
             from .schema import check_cameras  # the camera records live with the wire's other records
 
             try:
-                check_cameras("cameras", self.cameras)
+                check_cameras(f"{path}.cameras" if path else "cameras", self.cameras)
             except ProtocolError as exc:
                 raise ConfigError(exc.message) from None
 
@@ -349,11 +347,12 @@ class JobConfig:
 # ----------------------------------------------------------------------------- the entry point
 
 
-def parse_job(data: Any) -> JobConfig:
-    """A validated :class:`JobConfig` from its JSON form, of this version or an older one."""
+def parse_job(data: Any, path: str = "") -> JobConfig:
+    """A validated :class:`JobConfig` from its JSON form, of this version or an older one;
+    errors name dotted paths below ``path`` (the wire says ``config.method.lam``)."""
     if isinstance(data, JobConfig):
-        return build(JobConfig, data)
-    return build(JobConfig, migrate(data))
+        return build(JobConfig, data, path)
+    return build(JobConfig, migrate(data), path)
 
 
 def job_schema() -> dict:

@@ -283,9 +283,9 @@ def check_job(path: str, value: Any) -> dict:
 
     v_json_object()(path, value)
     try:
-        parse_job(value)
+        parse_job(value, path)
     except ConfigError as exc:
-        raise ProtocolError("bad_field", f"{path}: {exc}") from None
+        raise ProtocolError(exc.code, str(exc)) from None
     return value
 
 

@@ -74,7 +74,7 @@ class Setting:
         elif self.kind == "strs":
             text = f"a list of at least {self.min_items} non-empty strings"
         elif self.kind == "str":
-            text = f"a string of at most {self.max_len} characters"
+            text = f"a {'non-empty ' if self.required else ''}string of at most {self.max_len} characters"
         else:
             text = "a JSON value"
         return text + (" or null" if self.nullable else "")
@@ -309,13 +309,13 @@ def build(cls: type, data: Any, path: str = "") -> Any:
     unknown = sorted(str(k) for k in data if k not in allowed)
     if unknown:
         owner = f"{where} ({cls.KIND})" if getattr(cls, "KIND", None) and path else where
-        raise ConfigError(f"{owner}: unknown field(s) {', '.join(unknown)}; allowed: {', '.join(sorted(allowed))}")
+        raise ConfigError(f"{owner}: unknown field(s) {', '.join(unknown)}; allowed: {', '.join(sorted(allowed))}", "unknown_field")
     kwargs = {}
     for name, (spec, default) in specs.items():
         sub = f"{path}.{name}" if path else name
         if name not in data:
             if isinstance(spec, Setting) and spec.required:
-                raise ConfigError(f"{sub} is required")
+                raise ConfigError(f"{sub} is required", "missing_field")
             continue
         value = data[name]
         if isinstance(spec, Setting):
@@ -342,6 +342,14 @@ def build_union(spec: Section, value: Any, path: str, default: Any = None) -> An
         raise ConfigError(f"{path} must be an object with kind one of {', '.join(spec.registry.names)}, got {type(value).__name__}")
     name = value.get(KIND_KEY, getattr(default, "KIND", None))
     cls = spec.registry.get(name, f"{path}.{KIND_KEY}")
+    own = {f.name for f in dataclasses.fields(cls)} | {KIND_KEY}
+    foreign = [k for k in value if k not in own]
+    if foreign:
+        others = {k: [n for n, c in spec.registry.classes.items() if k in {f.name for f in dataclasses.fields(c)}] for k in foreign}
+        said = "; ".join(f"{k} is a setting of {', '.join(v)}" if v else f"{k} is no setting of any {spec.registry.what}"
+                         for k, v in others.items())
+        raise ConfigError(f"{path} ({cls.KIND}) has no setting {', '.join(foreign)} ({said}); "
+                          f"its settings: {', '.join(sorted(own - {KIND_KEY})) or 'none'}", "unknown_field")
     return build(cls, {k: v for k, v in value.items() if k != KIND_KEY}, path)
 
 

@@ -58,22 +58,25 @@ sqrt(2 / projection_dim) relative).
 
 from __future__ import annotations
 
-from distill3d_protocol.errors import Distill3DError
-
 import logging
 import math
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
 import torch
 
-from .base import SDS, DistillBatch, Estimator
+from distill3d_protocol.errors import Distill3DError
+
+from ..config import METHODS as JOB_METHODS
+from ..config import ESDExactConfig, JobConfig, LearnedScoreConfig, SDSConfig, SSDConfig, with_overrides
+from ..distill.base import SDS, DistillBatch, Estimator
 
 log = logging.getLogger(__name__)
 
-METHODS = ("sds", "ssd", "vsd", "esd", "esd-exact")
+#: the estimators that can be measured: every method of the job description
+METHODS = JOB_METHODS.names
 VARIANCE_ESD_BANK = 16  # renders of the fixed field forming q for esd-exact when the run kept no bank
 SSD_MU_SOURCES = ("pilot", "checkpoint")
 
@@ -134,7 +137,7 @@ class VarianceConfig:
         if self.ssd_mu not in SSD_MU_SOURCES:
             raise VarianceError(f"ssd_mu must be one of {', '.join(SSD_MU_SOURCES)}; got {self.ssd_mu!r}")
         if self.ssd_baseline is not None:
-            from .baselines import BASELINES
+            from ..distill.baselines import BASELINES
 
             if self.ssd_baseline not in BASELINES:
                 raise VarianceError(f"ssd_baseline must be one of {', '.join(sorted(BASELINES))}; got {self.ssd_baseline!r}")
@@ -315,53 +318,65 @@ class _CountSketch:
 
 
 # ---------------------------------------------------------------------------- estimators at the checkpoint
+def job_for_method(job: JobConfig, method: str) -> JobConfig:
+    """``job`` with ``method`` as its estimator: the knobs the run's method shares with it
+    (eps_psi's settings between VSD and ESD, lambda between ESD and ESD-exact, the guidance)
+    carried over, the others at ``method``'s defaults."""
+    if type(job.method).KIND == method:
+        return job
+    target = {f.name for f in fields(JOB_METHODS.classes[method])}
+    shared = {f"method.{f.name}": getattr(job.method, f.name) for f in fields(job.method) if f.name in target}
+    return with_overrides(job, {"method.kind": method, **shared})
+
+
 def _build_estimators(trainer, config: VarianceConfig, bank_generator: torch.Generator) -> tuple[dict[str, Estimator], dict[str, list[str]]]:
-    from . import make_estimator
-    from .baselines import DepthCorrelationBaseline, make_baseline
-    from .ssd import make_ssd
+    from ..distill import make_estimator
+    from ..distill.baselines import DepthCorrelationBaseline, make_baseline
+    from ..distill.ssd import make_ssd
 
     methods = config.methods
 
-    cfg = trainer.config
+    cfg: JobConfig = trainer.config
     own = trainer.estimator
-    run_method = cfg.method
+    run_method = type(cfg.method).KIND
     estimators: dict[str, Estimator] = {}
     notes: dict[str, list[str]] = {m: [] for m in methods}
     for m in methods:
-        if m == "sds":
+        record = JOB_METHODS.classes[m]
+        if record is SDSConfig:
             estimators[m] = SDS(trainer.prior)
-        elif m == "ssd":
+        elif record is SSDConfig:
             baseline = None
             if config.ssd_baseline not in (None, "depth"):
                 baseline = make_baseline(config.ssd_baseline)
                 notes[m].append(f"baseline {config.ssd_baseline!r}")
             elif config.ssd_depth_on is not None:
                 baseline = DepthCorrelationBaseline(depth_on=config.ssd_depth_on)
-            est = make_ssd(trainer.prior, cfg, baseline=baseline)
+            est = make_ssd(trainer.prior, job_for_method(cfg, m).method, baseline=baseline, schedule=trainer.schedule)
             if baseline is None or baseline.name == "depth":
                 notes[m].append(f"depth baseline on {est.baseline.depth_on}")
-            if run_method == "ssd":
+            if run_method == m:
                 est.load_state_dict(own.state_dict())  # a copy: measurement never touches the run's statistics
             estimators[m] = est
-        elif m in ("vsd", "esd"):
+        elif issubclass(record, LearnedScoreConfig):
             if run_method == m:
                 estimators[m] = own
                 notes[m].append("eps_psi as trained by the run")
             else:
-                est = make_estimator(m, trainer.prior, cfg)
-                learned_state = own.state_dict().get("learned") if run_method in ("vsd", "esd") else None
+                est = make_estimator(trainer.prior, job_for_method(cfg, m))
+                learned_state = own.state_dict().get("learned") if isinstance(cfg.method, LearnedScoreConfig) else None
                 if learned_state is not None:
                     est.learned.load_state_dict(learned_state)
                     notes[m].append(f"eps_psi trained by the run's {run_method}")
                 else:
                     notes[m].append(f"untrained eps_psi (the run used {run_method}); not representative of training")
                 estimators[m] = est
-        elif m == "esd-exact":
-            if run_method == "esd-exact" and getattr(own, "bank", None) is not None:
+        elif record is ESDExactConfig:
+            if run_method == m and getattr(own, "bank", None) is not None:
                 estimators[m] = own
                 notes[m].append("bank of renders from the run")
             else:
-                est = make_estimator("esd-exact", trainer.prior, cfg)
+                est = make_estimator(trainer.prior, job_for_method(cfg, m))
                 # one sample per draw has no batch-mates to form q from: give it a bank
                 est.bank_size = n = max(est.bank_size, VARIANCE_ESD_BANK)
                 saved = trainer.generator
@@ -375,6 +390,8 @@ def _build_estimators(trainer, config: VarianceConfig, bank_generator: torch.Gen
                     trainer.generator = saved
                 notes[m].append(f"bank of {n} renders of this field")
                 estimators[m] = est
+        else:  # a method without special handling: built as the job would build it
+            estimators[m] = make_estimator(trainer.prior, job_for_method(cfg, m))
     return estimators, notes
 
 
@@ -390,7 +407,7 @@ class _Sampler:
         if config.t_range is not None:
             self.t_lo, self.t_hi = config.t_range
         else:
-            self.t_lo, self.t_hi = trainer.timesteps.range_at(trainer.step)
+            self.t_lo, self.t_hi = trainer.schedule.range_at(trainer.step)
         self.T = T
 
     def t_fraction_range(self) -> tuple[float, float]:
@@ -407,8 +424,8 @@ class _Sampler:
         finally:
             tr.generator = saved
         x0 = tr.prior.encode(images)
-        if self.config.t_range is None and tr.timesteps.dreamtime is not None:
-            t = tr.timesteps.sample(tr.step, 1, g).to(tr.device)
+        if self.config.t_range is None and tr.schedule.dreamtime is not None:
+            t = tr.schedule.sample(tr.step, 1, g).to(tr.device)
         else:
             u = torch.rand(1, generator=g, dtype=torch.float64)
             t = ((self.t_lo + (self.t_hi - self.t_lo) * u) * (self.T - 1)).round().long().to(tr.device)
@@ -422,9 +439,7 @@ class _Sampler:
             cameras=CameraBatch.cat([cams] * R), guidance_scale=tr.config.effective_guidance_scale,
             render={k: extras[k].detach().expand(R, *extras[k].shape[1:]).contiguous() for k in ("rgb", "depth", "opacity") if k in extras},
         )
-        from ..trainer import timestep_weight
-
-        w = timestep_weight(tr.config.weighting, tr.prior.alphas_cumprod, t).to(x0.dtype)
+        w = tr.schedule.weight(t).to(x0.dtype)
         return x0, batch, w
 
 
@@ -461,7 +476,7 @@ def measure_variance(
     like the built-in ones, after them). The trainer is not modified (its generator, estimator
     statistics and parameters are left as they were; its field is put in training mode for
     the duration, as during training). ``progress(done, total)`` is called after each draw."""
-    from .ssd import SSD
+    from ..distill.ssd import SSD
 
     config = (config or VarianceConfig()).validate()
     start = time.perf_counter()
@@ -513,7 +528,7 @@ def measure_variance(
                 ssd.set_fixed_mu(mu)
                 ssd_info.update(mu_source=f"least squares on {len(pd) * R} pilot draws", mu=mu.tolist(), mu_mode=ssd.mu_mode)
         if ssd is not None and config.ssd_mu == "checkpoint":
-            if trainer.config.method != "ssd":
+            if not isinstance(trainer.config.method, SSDConfig):
                 raise VarianceError("ssd_mu='checkpoint' needs a checkpoint of an SSD run")
             mu = ssd.current_mu()
             ssd.set_fixed_mu(mu)
@@ -623,7 +638,7 @@ def measure_variance(
         step=int(trainer.step),
         checkpoint=checkpoint,
         prompt=trainer.config.prompt,
-        run_method=trainer.config.method,
+        run_method=type(trainer.config.method).KIND,
         samples=units * R,
         draws=units,
         eps_per_draw=R,
@@ -639,11 +654,12 @@ def measure_variance(
 
 
 # ---------------------------------------------------------------------------- checkpoints
-def load_trainer(path: Path | str, device: str = "auto", priors: Optional[dict] = None):
+def load_trainer(path: Path | str, device: str = "auto", priors: Optional[Any] = None):
     """A :class:`~distill3d.trainer.Trainer` restored from a checkpoint file or folder
-    (``checkpoint.pt`` inside it). ``priors`` (a dict, filled as a cache) lets the
-    checkpoints of one run share one prior."""
-    from ..config import GenerateConfig
+    (``checkpoint.pt`` inside it), on ``device``. ``priors`` (a
+    :class:`~distill3d.priors.factory.PriorCache`) lets the checkpoints of one run share one
+    prior. The checkpoint's job may be of any form :func:`~distill3d.config.parse_job` reads."""
+    from ..device import resolve_device
     from ..trainer import CHECKPOINT_NAME, Trainer
 
     path = Path(path)
@@ -653,14 +669,9 @@ def load_trainer(path: Path | str, device: str = "auto", priors: Optional[dict] 
     state = torch.load(file, map_location="cpu", weights_only=False)
     if not isinstance(state, dict) or "config" not in state or "field" not in state:
         raise VarianceError(f"{file} is not a distill3d trainer checkpoint")
-    data = dict(state["config"])
-    data["device"] = device
-    config = GenerateConfig.from_dict(data)
-    key = (config.prior, config.model, config.resolution, config.device)
-    prior = priors.get(key) if priors is not None else None
-    trainer = Trainer(config, prior=prior)
-    if priors is not None:
-        priors[key] = trainer.prior
+    job = with_overrides(dict(state["config"]), {"device": device})
+    prior = priors.get(job, resolve_device(job.device)) if priors is not None else None
+    trainer = Trainer(job, prior=prior)
     rng = torch.get_rng_state()
     trainer.load_state_dict(state)
     torch.set_rng_state(rng)  # loading a checkpoint must not change the caller's global RNG

@@ -1,0 +1,47 @@
+"""`distill3d config schema|show|paths`: the job description, for people and outside clients.
+
+* ``schema``: the JSON Schema of a job (draft 2020-12), for external clients and tools;
+* ``show [job flags]``: the effective job a command line describes (the flags of ``generate``);
+* ``paths``: every setting's dotted path, default, allowed values and help.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+from .job_args import add_job_arguments, job_from_args, settings_by_path
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("config", help="the job configuration: JSON Schema, effective config, settings",
+                       description="Print the job description: its JSON Schema, the effective job of a command line, "
+                                   "or every setting's dotted path.")
+    csub = p.add_subparsers(dest="config_command", metavar="ACTION")
+    schema = csub.add_parser("schema", help="print the JSON Schema of a job")
+    schema.set_defaults(func=run_schema)
+    show = csub.add_parser("show", help="print the effective job (JSON) of generate's flags")
+    add_job_arguments(show)
+    show.set_defaults(func=run_show)
+    paths = csub.add_parser("paths", help="list every setting (dotted path, default, allowed values, help)")
+    paths.set_defaults(func=run_paths)
+    p.set_defaults(func=lambda args: p.print_help() or 2)
+
+
+def run_schema(args: argparse.Namespace) -> int:
+    from ..config import job_schema
+
+    print(json.dumps(job_schema(), indent=2))
+    return 0
+
+
+def run_show(args: argparse.Namespace) -> int:
+    print(json.dumps(job_from_args(args).to_dict(), indent=2))
+    return 0
+
+
+def run_paths(args: argparse.Namespace) -> int:
+    for path, (spec, default) in settings_by_path().items():
+        shown = json.dumps(list(default) if isinstance(default, tuple) else default)
+        print(f"{path} = {shown}  ({spec.describe()})\n    {spec.help}")
+    return 0

@@ -1,0 +1,138 @@
+"""The job's command-line flags, derived from the job description.
+
+Every setting is reachable as ``--set dotted.path=VALUE`` (VALUE is JSON, or a plain string);
+the common ones also have a short flag (:data:`SHORT_FLAGS`) whose help text, choices and
+type come from the setting itself. ``--config FILE`` starts from a job file (any version).
+Order: the file, then the short flags, then ``--set`` in the order given.
+
+Used by ``distill3d generate`` and ``distill3d config show``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import difflib
+import json
+from pathlib import Path
+from typing import Any
+
+from ..config import ConfigError, JobConfig, leaf_paths, migrate, with_overrides
+
+#: flag -> dotted path (the flag's help, choices and type are the setting's)
+SHORT_FLAGS: dict[str, str] = {
+    "--negative-prompt": "negative_prompt",
+    "--prior": "prior.kind",
+    "--model": "prior.model",
+    "--method": "method.kind",
+    "--lam": "method.lam",
+    "--guidance-scale": "method.guidance_scale",
+    "--iters": "iters",
+    "--resolution": "resolution",
+    "--batch-size": "batch_size",
+    "--seed": "seed",
+    "--view-dependent": "view_dependent",
+    "--cameras": "cameras",
+    "--field": "field.kind",
+    "--t-schedule": "schedule.kind",
+    "--lr": "optim.lr",
+    "--preview-every": "preview.every",
+    "--device": "device",
+    "--cpu-threads": "cpu_threads",
+    "--texture-size": "export.texture_size",
+    "--faces": "export.faces",
+    "--mc-resolution": "export.mc_resolution",
+}
+AUTO_FIELD = "auto"  # --field auto: the device's default field (the job's field is null)
+
+
+def settings_by_path() -> dict[str, tuple[Any, Any]]:
+    """Every dotted path of a job -> (Setting, default)."""
+    return {path: (spec, default) for path, spec, default in leaf_paths(JobConfig)}
+
+
+def _json_or_file(text: str) -> Any:
+    path = Path(text)
+    try:
+        return json.loads(path.read_text() if path.is_file() else text)
+    except json.JSONDecodeError as exc:
+        raise argparse.ArgumentTypeError(f"not JSON (or a JSON file): {exc}") from None
+
+
+def _flag_type(spec: Any):
+    return {"int": int, "float": float}.get(spec.kind, str)
+
+
+def add_job_arguments(parser: argparse.ArgumentParser) -> None:
+    """The prompt, ``--config``, the short flags and ``--set``."""
+    paths = settings_by_path()
+    parser.add_argument("prompt", nargs="?", default=None, help=paths["prompt"][0].help)
+    parser.add_argument("--config", type=Path, default=None, metavar="FILE", help="start from this job file (JSON, any version)")
+    for flag, path in SHORT_FLAGS.items():
+        spec, default = paths[path]
+        dest = "flag_" + path.replace(".", "__")
+        shown = f" (default {default})" if default not in (None, "", ()) else ""
+        if spec.kind == "bool":
+            parser.add_argument(flag, dest=dest, action="store_true", default=None, help=spec.help)
+        elif path == "cameras":
+            parser.add_argument(flag, dest=dest, type=_json_or_file, default=None, help=spec.help + " (or a JSON file)")
+        elif spec.kind == "choice":
+            choices = list(spec.choices) + ([AUTO_FIELD] if path == "field.kind" else [])
+            parser.add_argument(flag, dest=dest, choices=choices, default=None, help=spec.help + shown)
+        else:
+            parser.add_argument(flag, dest=dest, type=_flag_type(spec), default=None, metavar=spec.kind.upper(), help=spec.help + shown)
+    parser.add_argument("--vertex-colors", dest="flag_vertex_colors", action="store_true", default=None,
+                        help="export vertex colours instead of a UV texture (export.textured=false)")
+    parser.add_argument("--set", dest="set_values", action="append", default=[], metavar="PATH=VALUE",
+                        help="any setting by its dotted path, e.g. --set method.lam=0.5 --set renderer.samples_per_ray=96 "
+                             "(`distill3d config paths` lists them all)")
+
+
+def parse_set(item: str, known: dict[str, Any]) -> tuple[str, Any]:
+    """``PATH=VALUE`` -> (path, value); the path must be a setting of the job."""
+    path, sep, text = item.partition("=")
+    path = path.strip()
+    if not sep:
+        raise ConfigError(f"--set expects PATH=VALUE, got {item!r}")
+    if path not in known and path not in ("field", "method", "prior"):
+        near = difflib.get_close_matches(path, list(known), n=3)
+        hint = f"; did you mean {', '.join(near)}?" if near else "; `distill3d config paths` lists every setting"
+        raise ConfigError(f"--set: {path!r} is not a job setting{hint}")
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError:
+        value = text
+    return path, value
+
+
+def job_from_args(args: argparse.Namespace) -> JobConfig:
+    """The validated job a command line describes (raises ConfigError)."""
+    base: dict[str, Any] = {}
+    if args.config is not None:
+        try:
+            base = json.loads(Path(args.config).read_text())
+        except (OSError, json.JSONDecodeError) as exc:
+            raise ConfigError(f"--config {args.config}: {exc}") from None
+        base = migrate(base)
+        if not isinstance(base, dict):
+            raise ConfigError(f"--config {args.config}: a job file holds a JSON object")
+    if args.prompt is not None:
+        base["prompt"] = args.prompt
+    overrides: dict[str, Any] = {}
+    for flag, path in SHORT_FLAGS.items():
+        value = getattr(args, "flag_" + path.replace(".", "__"))
+        if value is None:
+            continue
+        if path == "field.kind" and value == AUTO_FIELD:
+            overrides["field"] = None
+        else:
+            overrides[path] = value
+    if args.flag_vertex_colors:
+        overrides["export.textured"] = False
+    known = settings_by_path()
+    for item in args.set_values:
+        path, value = parse_set(item, known)
+        overrides.pop(path, None)
+        overrides[path] = value
+    if "prompt" not in base and "prompt" not in overrides:
+        raise ConfigError("a prompt is required (as the first argument, in --config, or --set prompt=...)")
+    return with_overrides(base, overrides)
