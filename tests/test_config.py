@@ -1,8 +1,8 @@
 """The job description: validated once at the edge, errors naming the dotted path, every setting
 reachable from the CLI and the wire, old job files migrated, a valid JSON Schema."""
 
+import ast
 import json
-import re
 from pathlib import Path
 
 import jsonschema
@@ -222,22 +222,28 @@ def _python_sources():
         yield from (ROOT / folder).rglob("*.py")
 
 
+def _code_strings(text: str) -> set:
+    """The string constants of a module's code (docstrings left out; comments are not code)."""
+    tree = ast.parse(text)
+    docstrings = {id(node.value) for node in ast.walk(tree) if isinstance(node, ast.Expr) and isinstance(node.value, ast.Constant)}
+    return {node.value for node in ast.walk(tree) if isinstance(node, ast.Constant) and isinstance(node.value, str) and id(node) not in docstrings}
+
+
 def test_method_names_and_help_texts_are_stated_once():
-    """Each method name is a string literal only in the job description (jobconfig.py);
-    the help text of each setting appears once in the source."""
-    jobconfig = ROOT / "shared" / "distill3d_protocol" / "jobconfig.py"
-    sources = {p: p.read_text() for p in _python_sources()}
+    """Each method name is a string in code only in the job description (jobconfig.py); the
+    help text of each setting appears once in the source."""
     from distill3d_protocol.settings import leaf_paths
 
+    jobconfig = ROOT / "shared" / "distill3d_protocol" / "jobconfig.py"
+    sources = {p: p.read_text() for p in _python_sources()}
+    strings = {p: _code_strings(text) for p, text in sources.items()}
     # a method name that is also another setting's choice ("sds" is a weighting w(t) too) can't be told apart
     other_choices = {c for path, spec, _ in leaf_paths(JobConfig) if spec.kind == "choice" and path != "method.kind" for c in spec.choices}
     for name in METHODS.names:
         if name in other_choices:
             continue
-        literal = re.compile(rf"[\"']{re.escape(name)}[\"']")
-        where = [str(p.relative_to(ROOT)) for p, text in sources.items() if p != jobconfig and literal.search(text)]
+        where = [str(p.relative_to(ROOT)) for p, found in strings.items() if p != jobconfig and name in found]
         assert not where, f"method name {name!r} retyped in {where}"
-
     for path, spec, _ in leaf_paths(JobConfig):
         if len(spec.help) < 25:
             continue

@@ -288,12 +288,12 @@ def test_incomplete_folder_names_the_missing_component(saved_model, tmp_path):
 
 
 def test_unknown_option_is_rejected():
-    with pytest.raises(PriorError, match="unknown Stable Diffusion options: colour"):
+    with pytest.raises(PriorError, match="sd prior: unknown field.s. colour"):
         StableDiffusionPrior.from_pretrained("x/y", colour="red")
 
 
 def test_bad_dtype_is_rejected():
-    with pytest.raises(PriorError, match="dtype must be one of"):
+    with pytest.raises(PriorError, match="dtype must be one of auto, float32, float16, bfloat16"):
         StableDiffusionPrior.from_pretrained("x/y", dtype="float8")
 
 

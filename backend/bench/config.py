@@ -35,7 +35,7 @@ from typing import Any, Optional, Sequence
 
 from distill3d_protocol.errors import Distill3DError
 
-from ..config import METHODS, ConfigError, JobConfig, LearnedScoreConfig, VSDConfig, leaf_paths, migrate, parse_job, with_overrides
+from ..config import METHODS, ConfigError, ESDConfig, ESDExactConfig, JobConfig, LearnedScoreConfig, SDSConfig, VSDConfig, leaf_paths, migrate, parse_job, with_overrides
 
 
 class BenchConfigError(Distill3DError, ValueError):
@@ -136,7 +136,7 @@ SHARED_FIELDS = ("prompt", "iters", "resolution", "batch_size", "seed", "cameras
 
 ESD_LAMBDAS = (0.25, 0.5, 0.75, 1.0)
 #: methods benchmarked as a sweep over lambda instead of at their default
-LAMBDA_SWEEPS = {"esd": ESD_LAMBDAS}
+LAMBDA_SWEEPS = {ESDConfig.KIND: ESD_LAMBDAS}
 #: methods whose view-dependent variant (``<name>-vd``) is a built-in spec
 VIEW_DEPENDENT_BUILTINS = ("sds",)
 VD_SUFFIX = "-vd"
@@ -413,7 +413,7 @@ def quick_config() -> BenchConfig:
     """The CI subset: one object, SDS and ESD-exact (the cheap pair whose difference is the
     point), both biases' strong end only, one seed, a few iterations at 16 px."""
     return BenchConfig(
-        objects=["mug"], biases=["strong"], seeds=[0], methods=[BUILTIN_METHODS["sds"], BUILTIN_METHODS["esd-exact"]],
+        objects=["mug"], biases=["strong"], seeds=[0], methods=[BUILTIN_METHODS[SDSConfig.KIND], BUILTIN_METHODS[ESDExactConfig.KIND]],
         iters=12, resolution=16, batch_size=2, grid_resolution=16, samples_per_ray=24, num_views=64, views=24,
         turntable_views=24, mesh_resolution=24, chamfer_points=500, strip_views=4,
         variance=VarianceSettings(checkpoints=2, samples=8, eps_per_draw=2, groups=2, pilot=2), workers=1,

@@ -18,6 +18,7 @@ from typing import Any, Optional, Sequence
 
 import numpy as np
 
+from ..config import ESDConfig, ESDExactConfig, SDSConfig, SSDConfig, VSDConfig
 from .config import BenchConfig, MethodSpec, bias_kappa, bias_label
 
 #: (key, column title, better direction) in the order of the tables
@@ -125,7 +126,7 @@ def headline(config: BenchConfig, summary: dict[str, Any], variance: dict[str, A
     """Plain statements of what the numbers say about the papers' claims."""
     lines: list[str] = []
     names = [m.name for m in config.methods]
-    esd_specs = [m for m in config.methods if m.method in ("esd", "esd-exact")]
+    esd_specs = [m for m in config.methods if isinstance(m.method_record, (ESDConfig, ESDExactConfig))]
     for bias in config.biases:
         b = bias_label(bias)
         ov = summary[b]["overall"]
@@ -142,7 +143,7 @@ def headline(config: BenchConfig, summary: dict[str, Any], variance: dict[str, A
         lines.append(f"- **{b} bias**: " + "; ".join(parts) + ".")
         for spec in esd_specs:
             suffix = "-vd" if spec.view_dependent else ""  # compare like with like
-            baselines = [n for n in ("sds" + suffix, "vsd" + suffix) if n in ov]
+            baselines = [n for n in (SDSConfig.KIND + suffix, VSDConfig.KIND + suffix) if n in ov]
             if spec.name not in ov or not baselines:
                 continue
             raise_iv = iv(spec.name) > max(iv(n) for n in baselines)
@@ -150,11 +151,11 @@ def headline(config: BenchConfig, summary: dict[str, Any], variance: dict[str, A
             lines.append(f"  - {spec.name} vs {' and '.join(baselines)}: IV {'higher' if raise_iv else 'NOT higher'} "
                          f"({iv(spec.name):.3f} vs {' / '.join(f'{iv(n):.3f}' for n in baselines)}); front = 1 "
                          f"{'more often' if more_one else 'NOT more often'} ({one(spec.name)} vs {' / '.join(one(n) for n in baselines)}).")
-    ratios = [p["ratio"] for obj in variance.values() for p in obj.get("ssd", []) if p["step"] > 0]
+    ratios = [p["ratio"] for obj in variance.values() for p in obj.get(SSDConfig.KIND, []) if p["step"] > 0]
     if ratios:
         lo = min(ratios)
         hi = max(ratios)
-        below = sum(1 for obj in variance.values() for p in obj.get("ssd", []) if p["step"] > 0 and p["ratio_ci"][1] < 1.0)
+        below = sum(1 for obj in variance.values() for p in obj.get(SSDConfig.KIND, []) if p["step"] > 0 and p["ratio_ci"][1] < 1.0)
         lines.append(f"- **SSD gradient variance / SDS** at the same fields (steps > 0 of the SSD runs): {lo:.4f} to {hi:.4f} over "
                      f"{len(ratios)} checkpoints; the 95% interval lies below 1 at {below} of them.")
     cost = summary["cost"]
@@ -298,7 +299,7 @@ def plot_lambda(path: Path, config: BenchConfig, records: list[dict[str, Any]], 
         return None
 
     def series_of(spec: MethodSpec) -> str:
-        family = "ESD-exact" if spec.method == "esd-exact" else "ESD"
+        family = "ESD-exact" if isinstance(spec.method_record, ESDExactConfig) else "ESD"
         return family + (" + vd" if spec.view_dependent else "")
 
     series: dict[str, list[MethodSpec]] = {}
@@ -333,7 +334,7 @@ def plot_lambda(path: Path, config: BenchConfig, records: list[dict[str, Any]], 
             axes[1].plot(lams, zero, marker="v", color=c, label=f"0 fronts, {label} ({b})")
             axes[1].plot(lams, janus, marker="^", ls="--", color=c, label=f">= 2 fronts, {label} ({b})")
             axes[2].plot(lams, one, marker=mk, color=c, label=f"{label} ({b})")
-        for name, style in (("sds", "--"), ("sds-vd", "-."), ("esd-exact", ":")):
+        for name, style in ((SDSConfig.KIND, "--"), (SDSConfig.KIND + "-vd", "-."), (ESDExactConfig.KIND, ":")):
             rs = [r for r in records if r["bias"] == b and r["method"] == name]
             if rs:
                 g = _group(rs)

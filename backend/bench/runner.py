@@ -39,6 +39,7 @@ from typing import Any, Callable, Optional
 import numpy as np
 import torch
 
+from ..config import SSDConfig
 from ..device import resolve_device
 from ..priors.factory import PriorCache
 from .config import BenchConfig, MethodSpec, bias_kappa, bias_label
@@ -200,7 +201,7 @@ def _variance_point(trainer, spec: MethodSpec, config: BenchConfig, seed: int) -
     return {
         "step": rep.step, "method": spec.method, "variance": own.variance, "variance_sds": sds.variance,
         "ratio": own.ratio, "ratio_ci": list(own.ratio_ci), "eps_share": own.eps_share, "mean_agrees_with_sds": own.mean_agrees_with_sds,
-        "samples": rep.samples, "seconds": rep.seconds, "ssd": {k: v for k, v in rep.ssd.items() if not isinstance(v, list)} | ({"mu": rep.ssd["mu"]} if "mu" in rep.ssd else {}),
+        "samples": rep.samples, "seconds": rep.seconds, SSDConfig.KIND: {k: v for k, v in rep.ssd.items() if not isinstance(v, list)} | ({"mu": rep.ssd["mu"]} if "mu" in rep.ssd else {}),
     }
 
 

@@ -71,6 +71,8 @@ from distill3d_protocol.errors import Distill3DError
 
 from ..config import METHODS as JOB_METHODS
 from ..config import ESDExactConfig, JobConfig, LearnedScoreConfig, SDSConfig, SSDConfig, with_overrides
+
+SDS_NAME, SSD_NAME = SDSConfig.KIND, SSDConfig.KIND  # the reference estimator and the one it is compared with
 from ..distill.base import SDS, DistillBatch, Estimator
 
 log = logging.getLogger(__name__)
@@ -93,7 +95,7 @@ class VarianceConfig:
     eps_per_draw: int = 2
     groups: int = 16
     pilot: int = 32
-    methods: tuple[str, ...] = ("sds", "ssd")
+    methods: tuple[str, ...] = (SDS_NAME, SSD_NAME)
     seed: int = 0
     confidence: float = 0.95
     t_range: Optional[tuple[float, float]] = None  # fractions of T; None = the run's schedule at the checkpoint step
@@ -126,7 +128,7 @@ class VarianceConfig:
         unknown = [m for m in self.methods if m not in METHODS]
         if unknown or not self.methods:
             raise VarianceError(f"methods must be a non-empty subset of {', '.join(METHODS)}; got {', '.join(self.methods) or 'none'}")
-        self.methods = ("sds",) + tuple(dict.fromkeys(m for m in self.methods if m != "sds"))
+        self.methods = (SDS_NAME,) + tuple(dict.fromkeys(m for m in self.methods if m != SDS_NAME))
         if not (isinstance(self.confidence, float) and 0.5 <= self.confidence < 1.0):
             raise VarianceError(f"confidence must be a number in [0.5, 1), got {self.confidence!r}")
         if self.t_range is not None:
@@ -143,7 +145,7 @@ class VarianceConfig:
                 raise VarianceError(f"ssd_baseline must be one of {', '.join(sorted(BASELINES))}; got {self.ssd_baseline!r}")
         if self.ssd_depth_on not in (None, "x_t", "x0_hat"):
             raise VarianceError(f"ssd_depth_on must be x_t or x0_hat, got {self.ssd_depth_on!r}")
-        if self.ssd_mu == "pilot" and "ssd" in self.methods and self.pilot < 2:
+        if self.ssd_mu == "pilot" and SSD_NAME in self.methods and self.pilot < 2:
             raise VarianceError("fitting SSD's mu on pilot draws needs pilot >= 2 (or ssd_mu='checkpoint')")
         return self
 
@@ -501,7 +503,7 @@ def measure_variance(
             raise VarianceError(f"extra estimator names must differ from the built-in ones: {', '.join(sorted(clash))}")
         estimators.update(extra)
         methods = tuple(config.methods) + tuple(extra)
-        ssd: Optional[SSD] = estimators.get("ssd")  # type: ignore[assignment]
+        ssd: Optional[SSD] = estimators.get(SSD_NAME)  # type: ignore[assignment]
         ssd_info: dict[str, Any] = {}
         # ---- pilot: SSD's mu and the SDS mean direction, on independent draws
         pilot = _Sampler(trainer, config, pilot_gen)
@@ -519,7 +521,7 @@ def measure_variance(
                     pc.append(parts.cv.detach().float().cpu())
                     pw.append(w.reshape(1).float().cpu().repeat(R))
                 else:
-                    d_sds, _ = estimators["sds"].direction(batch)
+                    d_sds, _ = estimators[SDS_NAME].direction(batch)
                 pilot_sum += _param_grads(x0, params, w, d_sds, sketch).double().sum(dim=0)
             norm = float(pilot_sum.norm())
             u_dir = pilot_sum / norm if norm > 0 else None
@@ -544,22 +546,22 @@ def measure_variance(
             grads: dict[str, torch.Tensor] = {}
             for m in methods:
                 t0 = time.perf_counter()
-                if m == "ssd":
+                if m == SSD_NAME:
                     parts = ssd.control_variate(batch)
                     mu = ssd.current_mu()
                     grads["cv"] = _param_grads(x0, params, w, parts.cv, sketch)
                     if ssd.mu_mode == "scalar":  # linear in d: g_ssd = g_sds + mu g_cv
-                        grads["ssd"] = grads["sds"] + float(mu[0]) * grads["cv"]
+                        grads[SSD_NAME] = grads[SDS_NAME] + float(mu[0]) * grads["cv"]
                     else:
-                        grads["ssd"] = _param_grads(x0, params, w, SSD.apply_mu(parts.d_base, parts.cv, mu), sketch)
+                        grads[SSD_NAME] = _param_grads(x0, params, w, SSD.apply_mu(parts.d_base, parts.cv, mu), sketch)
                 else:
                     d, _ = estimators[m].direction(batch)
                     grads[m] = _param_grads(x0, params, w, d, sketch)
                 streams[m].seconds += time.perf_counter() - t0
             unit = {name: _Stream.unit_stats(reps) for name, reps in grads.items()}
-            sds_mean = unit["sds"][0]
+            sds_mean = unit[SDS_NAME][0]
             if "cv" in grads:
-                cross.add(grads["sds"], grads["cv"], sds_mean, unit["cv"][0])
+                cross.add(grads[SDS_NAME], grads["cv"], sds_mean, unit["cv"][0])
             for name, (mean, within) in unit.items():
                 s = streams[name]
                 s.add(mean, within)
@@ -579,16 +581,16 @@ def measure_variance(
 
     # ---- summaries
     alpha = 1.0 - config.confidence
-    ref = streams["sds"]
+    ref = streams[SDS_NAME]
     v_sds, w_sds = ref.variance()
     results: dict[str, EstimatorVariance] = {}
     for m in methods:
         s = streams[m]
         v, w = s.variance()
-        r, lo, hi = (1.0, 1.0, 1.0) if m == "sds" else ratio_interval(s.group_v, ref.group_v, config.confidence)
+        r, lo, hi = (1.0, 1.0, 1.0) if m == SDS_NAME else ratio_interval(s.group_v, ref.group_v, config.confidence)
         r_point = v / v_sds if v_sds > 0 else math.nan
         if R > 1:
-            rw, wlo, whi = (1.0, 1.0, 1.0) if m == "sds" else ratio_interval(s.group_w, ref.group_w, config.confidence)
+            rw, wlo, whi = (1.0, 1.0, 1.0) if m == SDS_NAME else ratio_interval(s.group_w, ref.group_w, config.confidence)
             rw_point = w / w_sds if w_sds > 0 else math.nan
         diff_mean = s.mean - ref.mean
         n = s.n
@@ -611,20 +613,20 @@ def measure_variance(
             mean_norm=float(s.mean.norm()),
             mean_noise=s.mean_noise(),
             ratio=r_point,
-            ratio_ci=(lo, hi) if m != "sds" else (1.0, 1.0),
+            ratio_ci=(lo, hi) if m != SDS_NAME else (1.0, 1.0),
             ratio_eps=rw_point if R > 1 else None,
-            ratio_eps_ci=((wlo, whi) if m != "sds" else (1.0, 1.0)) if R > 1 else None,
+            ratio_eps_ci=((wlo, whi) if m != SDS_NAME else (1.0, 1.0)) if R > 1 else None,
             mean_diff_norm=float(diff_mean.norm()),
-            mean_diff_z=z if m != "sds" else 0.0,
-            mean_diff_along_sds=along if m != "sds" else 0.0,
-            mean_diff_along_sds_ci=along_ci if m != "sds" else (0.0, 0.0),
-            mean_agrees_with_sds=agrees if m != "sds" else True,
+            mean_diff_z=z if m != SDS_NAME else 0.0,
+            mean_diff_along_sds=along if m != SDS_NAME else 0.0,
+            mean_diff_along_sds_ci=along_ci if m != SDS_NAME else (0.0, 0.0),
+            mean_agrees_with_sds=agrees if m != SDS_NAME else True,
             seconds=s.seconds,
             notes=notes.get(m, []),
         )
     if ssd is not None:
         v_cc, w_cc = streams["cv"].variance()
-        cov, cov_w = cross.covariance(streams["sds"], streams["cv"])
+        cov, cov_w = cross.covariance(streams[SDS_NAME], streams["cv"])
         rho = cov / math.sqrt(v_sds * v_cc) if v_sds > 0 and v_cc > 0 else 0.0
         ssd_info.update(
             oracle_mu=-cov / v_cc if v_cc > 0 else 0.0,
@@ -750,7 +752,7 @@ def plot_variance(reports: Sequence[VarianceReport], path: Path | str) -> Path:
         xs = [r.step for r in reports if m in r.estimators]
         vs = [r.estimators[m].variance for r in reports if m in r.estimators]
         ax_v.plot(xs, vs, marker="o", label=m, color=colour[m])
-        if m != "sds":
+        if m != SDS_NAME:
             rs = [r.estimators[m].ratio for r in reports if m in r.estimators]
             lo = [r.estimators[m].ratio - r.estimators[m].ratio_ci[0] for r in reports if m in r.estimators]
             hi = [r.estimators[m].ratio_ci[1] - r.estimators[m].ratio for r in reports if m in r.estimators]

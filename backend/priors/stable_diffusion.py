@@ -37,16 +37,15 @@ from __future__ import annotations
 
 import logging
 from collections import OrderedDict
-from dataclasses import dataclass, fields
 from typing import Any, Optional
 
 import torch
 import torch.nn.functional as F
 
 from ..cameras import CameraBatch
-from ..config import DEFAULT_SD_MODEL
+from ..config import ConfigError, SDPriorConfig, build
 from .base import VIEW_NAMES, Prior, PriorError, PromptEmbedding, view_bins
-from .depth import DEFAULT_DEPTH_MODEL, DPTDepthEstimator
+from .depth import DPTDepthEstimator
 from .hub import loading, offline_requested, resolve_model_ref
 
 log = logging.getLogger(__name__)
@@ -55,41 +54,6 @@ PREDICTION_TYPES = ("epsilon", "v_prediction")
 DTYPES = {"auto": None, "float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 _SD_LAYOUT = "diffusers layout: unet/, vae/, text_encoder/, tokenizer/, scheduler/ subfolders"
 _PROMPT_CACHE_SIZE = 256
-
-
-@dataclass
-class SDOptions:
-    """How to load and run the Stable Diffusion prior."""
-
-    model: str = DEFAULT_SD_MODEL  # hub id or local folder (diffusers layout)
-    device: str | torch.device = "auto"  # auto | cpu | cuda | cuda:N
-    dtype: str = "auto"  # auto (fp16 on CUDA, fp32 on CPU) | float32 | float16 | bfloat16
-    cache_dir: Optional[str] = None  # Hugging Face cache folder (default: HF_HOME / ~/.cache/huggingface)
-    local_files_only: Optional[bool] = None  # None: follow HF_HUB_OFFLINE
-    variant: Optional[str] = None  # e.g. "fp16" to load the half-precision weight files
-    latent_mode: bool = False  # the field renders 4-channel latents directly (see module docstring)
-    attention_slicing: bool = False  # UNet attention in slices (less memory, a little slower)
-    channels_last: bool = False  # UNet in channels-last memory format (faster on recent GPUs)
-    vae_slicing: bool = False  # VAE encodes/decodes a batch one image at a time
-    depth_model: Optional[str] = DEFAULT_DEPTH_MODEL  # DPT model loaded on first depth() call; None = no depth
-
-    def validate(self) -> "SDOptions":
-        if not isinstance(self.model, str) or not self.model.strip():
-            raise PriorError(f"model must be a hub id or a local folder, got {self.model!r}")
-        if isinstance(self.device, torch.device):
-            self.device = str(self.device)
-        if not isinstance(self.device, str) or not (self.device in ("auto", "cpu") or self.device.startswith("cuda")):
-            raise PriorError(f"device must be auto, cpu, cuda or cuda:N; got {self.device!r}")
-        if self.dtype not in DTYPES:
-            raise PriorError(f"dtype must be one of {', '.join(DTYPES)}; got {self.dtype!r}")
-        for name in ("latent_mode", "attention_slicing", "channels_last", "vae_slicing"):
-            if not isinstance(getattr(self, name), bool):
-                raise PriorError(f"{name} must be true or false, got {getattr(self, name)!r}")
-        if self.local_files_only is not None and not isinstance(self.local_files_only, bool):
-            raise PriorError(f"local_files_only must be true, false or None; got {self.local_files_only!r}")
-        if self.depth_model is not None and (not isinstance(self.depth_model, str) or not self.depth_model.strip()):
-            raise PriorError(f"depth_model must be a hub id, a local folder or None; got {self.depth_model!r}")
-        return self
 
 
 def resolve_device_dtype(device: str | torch.device, dtype: str | torch.dtype | None) -> tuple[torch.device, torch.dtype]:
@@ -191,62 +155,64 @@ class StableDiffusionPrior(Prior):
         return cls(unet, vae, tokenizer, text_encoder, scheduler_config, **kwargs)
 
     @classmethod
-    def from_config(cls, record: Any, device: torch.device | str = "auto") -> "StableDiffusionPrior":
-        """Load as a job's ``sd`` prior record says (model, variant, dtype, depth model, savers);
-        the Hugging Face cache folder and offline mode come from the environment."""
-        options = {name: getattr(record, name) for name in ("model", "variant", "dtype", "depth_model", "latent_mode",
-                                                              "attention_slicing", "channels_last", "vae_slicing")}
-        return cls.from_pretrained(options=SDOptions(device=device, **options))
-
-    @classmethod
-    def from_pretrained(cls, model: Optional[str] = None, options: Optional[SDOptions] = None, **overrides: Any) -> "StableDiffusionPrior":
-        """Load by hub id or local folder. ``overrides`` are :class:`SDOptions` fields.
+    def from_config(cls, record: SDPriorConfig, device: torch.device | str = "auto", cache_dir: Optional[str] = None,
+                    local_files_only: Optional[bool] = None) -> "StableDiffusionPrior":
+        """Load as a job's ``sd`` prior record says (model, variant, dtype, depth model, memory
+        savers: :class:`~distill3d.config.SDPriorConfig`). ``cache_dir`` (default: HF_HOME or
+        ~/.cache/huggingface) and ``local_files_only`` (None: follow HF_HUB_OFFLINE) belong to the
+        machine, not to the job.
 
         Raises :class:`PriorError` (never a raw loading traceback) when the weights are missing
         or cannot be fetched, with instructions for providing them.
         """
-        opts = options or SDOptions()
-        names = {f.name for f in fields(SDOptions)}
-        unknown = set(overrides) - names
-        if unknown:
-            raise PriorError(f"unknown Stable Diffusion options: {', '.join(sorted(unknown))}")
-        if model:
-            overrides["model"] = model
-        opts = SDOptions(**{**{f.name: getattr(opts, f.name) for f in fields(SDOptions)}, **overrides}).validate()
+        opts = record
         ref = resolve_model_ref(opts.model, "Stable Diffusion model")
-        offline = offline_requested(opts.local_files_only)
-        device, dtype = resolve_device_dtype(opts.device, opts.dtype)
+        offline = offline_requested(local_files_only)
+        device, dtype = resolve_device_dtype(device, opts.dtype)
         try:
             from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
             from transformers import CLIPTextModel, CLIPTokenizer
         except ImportError as exc:  # pragma: no cover - dependencies of the package
             raise PriorError(f"the Stable Diffusion prior needs diffusers and transformers ({exc})") from None
 
-        common = {"cache_dir": opts.cache_dir, "local_files_only": offline}
+        common = {"cache_dir": cache_dir, "local_files_only": offline}
         weights = {**common, "torch_dtype": dtype}
         if opts.variant:
             weights["variant"] = opts.variant
         log.info("loading Stable Diffusion %s on %s (%s)%s", ref, device, dtype, " offline" if offline else "")
-        with loading("Stable Diffusion scheduler config", ref, offline, opts.cache_dir, _SD_LAYOUT):
+        with loading("Stable Diffusion scheduler config", ref, offline, cache_dir, _SD_LAYOUT):
             scheduler_config = DDPMScheduler.load_config(ref, subfolder="scheduler", **common)
-        with loading("Stable Diffusion tokenizer", ref, offline, opts.cache_dir, _SD_LAYOUT):
+        with loading("Stable Diffusion tokenizer", ref, offline, cache_dir, _SD_LAYOUT):
             tokenizer = CLIPTokenizer.from_pretrained(ref, subfolder="tokenizer", **common)
-        with loading("Stable Diffusion text encoder", ref, offline, opts.cache_dir, _SD_LAYOUT):
+        with loading("Stable Diffusion text encoder", ref, offline, cache_dir, _SD_LAYOUT):
             text_encoder = CLIPTextModel.from_pretrained(ref, subfolder="text_encoder", **weights)
-        with loading("Stable Diffusion VAE", ref, offline, opts.cache_dir, _SD_LAYOUT):
+        with loading("Stable Diffusion VAE", ref, offline, cache_dir, _SD_LAYOUT):
             vae = AutoencoderKL.from_pretrained(ref, subfolder="vae", **weights)
-        with loading("Stable Diffusion UNet", ref, offline, opts.cache_dir, _SD_LAYOUT):
+        with loading("Stable Diffusion UNet", ref, offline, cache_dir, _SD_LAYOUT):
             unet = UNet2DConditionModel.from_pretrained(ref, subfolder="unet", **weights)
 
         depth_loader = None
         if opts.depth_model:
-            depth_loader = {"model": opts.depth_model, "cache_dir": opts.cache_dir, "local_files_only": offline}
+            depth_loader = {"model": opts.depth_model, "cache_dir": cache_dir, "local_files_only": offline}
         prior = cls(
             unet, vae, tokenizer, text_encoder, scheduler_config,
             device=device, dtype=dtype, latent_mode=opts.latent_mode, depth_loader=depth_loader, model_ref=ref,
         )
         prior.enable_memory_savers(opts.attention_slicing, opts.channels_last, opts.vae_slicing)
         return prior
+
+    @classmethod
+    def from_pretrained(cls, model: Optional[str] = None, device: torch.device | str = "auto", cache_dir: Optional[str] = None,
+                        local_files_only: Optional[bool] = None, **options: Any) -> "StableDiffusionPrior":
+        """Load by hub id or local folder; ``options`` are the ``sd`` prior record's settings
+        (``dtype="float16"``, ``attention_slicing=True``, ...), validated there."""
+        if model:
+            options["model"] = model
+        try:
+            record = build(SDPriorConfig, options)
+        except ConfigError as exc:
+            raise PriorError(str(exc)) from None
+        return cls.from_config(record, device=device, cache_dir=cache_dir, local_files_only=local_files_only)
 
     def enable_memory_savers(self, attention_slicing: bool = False, channels_last: bool = False, vae_slicing: bool = False) -> None:
         """Trade speed for memory (attention slicing, VAE slicing) or use channels-last kernels."""
