@@ -21,10 +21,12 @@ serialise to the same JSON-able dict form that the add-on sends
 
 from __future__ import annotations
 
-from distill3d_protocol.errors import Distill3DError
+from distill3d_protocol.errors import ConfigError, Distill3DError
+from distill3d_protocol.jobconfig import CameraDistributionConfig
+from distill3d_protocol.settings import build, to_dict
 
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Any, Sequence
 
 import numpy as np
@@ -153,20 +155,6 @@ def turntable(n: int, elevation: float = 15.0, radius: float = 3.0, fov: float =
     return orbit_cameras(az, elevation, radius, fov)
 
 
-def _check_range(name: str, rng: Sequence[float], lo: float, hi: float) -> tuple[float, float]:
-    try:
-        a, b = (float(v) for v in rng)
-    except (TypeError, ValueError):
-        raise CameraError(f"{name} must be a pair of numbers, got {rng!r}") from None
-    if not (math.isfinite(a) and math.isfinite(b)):
-        raise CameraError(f"{name} must be finite, got {rng!r}")
-    if a > b:
-        raise CameraError(f"{name} must be (low, high) with low <= high, got {rng!r}")
-    if a < lo or b > hi:
-        raise CameraError(f"{name} must lie within [{lo}, {hi}], got {rng!r}")
-    return a, b
-
-
 def sample_von_mises(kappa: float, n: int, generator: torch.Generator) -> torch.Tensor:
     """Angles in radians in (-pi, pi] from a von Mises distribution centred on 0 (Best-Fisher)."""
     if kappa <= 1e-8:
@@ -187,34 +175,34 @@ def sample_von_mises(kappa: float, n: int, generator: torch.Generator) -> torch.
     return out[:n]
 
 
-@dataclass
 class CameraDistribution:
-    """Random cameras looking at the origin.
+    """Random cameras looking at the origin, as a job's ``distribution`` camera record says.
 
     Azimuth is uniform in ``azimuth_range`` unless ``front_bias`` > 0, in which case it is
     von Mises around the front (azimuth 0) with concentration ``front_bias`` (kappa),
-    clipped into the range by rejection. Elevation, radius and fov are uniform.
+    clipped into the range by rejection. Elevation, radius and fov are uniform. Keyword
+    options are the record's fields (defaults and bounds stated there); bad ones raise
+    :class:`CameraError`.
     """
 
-    elevation_range: tuple[float, float] = (-10.0, 45.0)
-    azimuth_range: tuple[float, float] = (-180.0, 180.0)
-    radius_range: tuple[float, float] = (2.6, 3.2)
-    fov_range: tuple[float, float] = (40.0, 50.0)
-    front_bias: float = 0.0
+    kind = CameraDistributionConfig.KIND
 
-    kind = "distribution"
+    def __init__(self, record: CameraDistributionConfig | None = None, **options: Any) -> None:
+        try:
+            self.record = build(CameraDistributionConfig, record if record is not None else options)
+        except ConfigError as exc:
+            raise CameraError(str(exc)) from None
+        self.elevation_range = self.record.elevation_range
+        self.azimuth_range = self.record.azimuth_range
+        self.radius_range = self.record.radius_range
+        self.fov_range = self.record.fov_range
+        self.front_bias = self.record.front_bias
 
-    def __post_init__(self) -> None:
-        self.validate()
+    def __repr__(self) -> str:
+        return f"CameraDistribution({self.record})"
 
-    def validate(self) -> None:
-        self.elevation_range = _check_range("elevation_range", self.elevation_range, -90.0, 90.0)
-        self.azimuth_range = _check_range("azimuth_range", self.azimuth_range, -360.0, 360.0)
-        self.radius_range = _check_range("radius_range", self.radius_range, 1e-3, 1e4)
-        self.fov_range = _check_range("fov_range", self.fov_range, 1.0, 170.0)
-        if not isinstance(self.front_bias, (int, float)) or not math.isfinite(self.front_bias) or self.front_bias < 0:
-            raise CameraError(f"front_bias must be a finite number >= 0, got {self.front_bias!r}")
-        self.front_bias = float(self.front_bias)
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, CameraDistribution) and other.record == self.record
 
     def sample(self, n: int, generator: torch.Generator) -> CameraBatch:
         if n <= 0:
@@ -245,9 +233,7 @@ class CameraDistribution:
         return CameraBatch(c2w=c2w, fov=fov, azimuth=az, elevation=el, radius=r)
 
     def to_dict(self) -> dict[str, Any]:
-        d = asdict(self)
-        d = {k: list(v) if isinstance(v, tuple) else v for k, v in d.items()}
-        return {"kind": "distribution", **d}
+        return to_dict(self.record)
 
 
 @dataclass
@@ -312,14 +298,9 @@ def camera_source_from_dict(data: dict[str, Any]) -> CameraSource:
     """Parse the JSON form sent by the add-on / CLI; raises :class:`CameraError` on bad input."""
     if not isinstance(data, dict):
         raise CameraError(f"camera spec must be an object, got {type(data).__name__}")
-    kind = data.get("kind", "distribution")
-    if kind == "distribution":
-        allowed = {"kind", "elevation_range", "azimuth_range", "radius_range", "fov_range", "front_bias"}
-        unknown = set(data) - allowed
-        if unknown:
-            raise CameraError(f"unknown camera distribution fields: {sorted(unknown)}")
-        kwargs = {k: (tuple(v) if isinstance(v, list) else v) for k, v in data.items() if k != "kind"}
-        return CameraDistribution(**kwargs)
+    kind = data.get("kind", CameraDistribution.kind)
+    if kind == CameraDistribution.kind:
+        return CameraDistribution(**{k: v for k, v in data.items() if k != "kind"})
     if kind == "rig":
         unknown = set(data) - {"kind", "cameras"}
         if unknown:

@@ -12,8 +12,11 @@ from typing import Any
 from distill3d_protocol import jobconfig as _spec
 from distill3d_protocol.errors import ConfigError, Distill3DError
 from distill3d_protocol.jobconfig import (
+    CAMERAS,
     CONFIG_VERSION,
     DEFAULT_DEPTH_MODEL,
+    CameraDistributionConfig,
+    CameraRigConfig,
     DEFAULT_SD_MODEL,
     FIELDS,
     METHODS,
@@ -44,7 +47,7 @@ from distill3d_protocol.settings import build, leaf_paths, record_fields, set_pa
 from .cameras import CameraError, camera_source_from_dict
 
 __all__ = [
-    "CONFIG_VERSION", "LAM_HELP", "DEFAULT_DEPTH_MODEL", "DEFAULT_SD_MODEL", "FIELDS", "METHODS", "PRIORS", "ConfigError",
+    "CAMERAS", "CONFIG_VERSION", "CameraDistributionConfig", "CameraRigConfig", "LAM_HELP", "DEFAULT_DEPTH_MODEL", "DEFAULT_SD_MODEL", "FIELDS", "METHODS", "PRIORS", "ConfigError",
     "DenseFieldConfig", "Distill3DError", "ESDConfig", "ESDExactConfig", "ExportConfig", "HashFieldConfig", "JobConfig",
     "LearnedScoreConfig", "MethodConfig", "OptimConfig", "PreviewConfig", "ReferencePriorConfig", "RendererConfig",
     "SDPriorConfig", "SDSConfig", "SSDConfig", "ScheduleConfig", "VSDConfig", "build", "job_schema", "leaf_paths",
@@ -56,8 +59,8 @@ def parse_job(data: Any) -> JobConfig:
     """A validated job from its JSON form (any version) or a :class:`JobConfig`."""
     config = _spec.parse_job(data)
     if config.cameras is not None:
-        try:
-            config.cameras = camera_source_from_dict(config.cameras).to_dict()
+        try:  # what needs the camera maths: affine, non-singular rig matrices
+            camera_source_from_dict(to_dict(config.cameras))
         except CameraError as exc:
             raise ConfigError(f"cameras: {exc}") from None
     return config

@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from .cameras import CameraBatch, CameraDistribution, camera_source_from_dict, turntable
-from .config import JobConfig
+from .config import JobConfig, to_dict
 from .device import resolve_device
 from .distill import make_estimator
 from .distill.base import DistillBatch, Estimator
@@ -67,7 +67,7 @@ class TrainResult:
 # ---------------------------------------------------------------------------- building blocks
 def make_camera_source(config: JobConfig, prior: Prior):
     """The job's cameras, or the prior's recommendation when it names none."""
-    return camera_source_from_dict(config.cameras) if config.cameras is not None else prior.recommended_cameras()
+    return camera_source_from_dict(to_dict(config.cameras)) if config.cameras is not None else prior.recommended_cameras()
 
 
 class Trainer:

@@ -3,7 +3,10 @@
 Every setting of ``JobConfig`` (shared/distill3d_protocol/jobconfig.py) becomes one entry of
 :data:`PANEL_SETTINGS`, derived from the description, never retyped: its dotted job path, the
 identifier of its Blender property, when it applies (which method/prior/field kinds have it),
-its label, and how a panel value converts to the job's JSON value and back. ``properties``
+its label, and how a panel value converts to the job's JSON value and back. The camera
+source is one of these unions (``cameras``: Automatic / Random orbit / Scene cameras, its
+distribution's ranges generated like any other setting); only a rig's list of cameras is no
+property: the add-on builds it from the scene's camera objects (:data:`NOT_PROPERTIES`). ``properties``
 turns the entries into Blender properties, ``panel`` draws them, and both job directions
 (panel -> submitted job, stored job -> panel) go through :meth:`PanelSetting.read` and
 :meth:`PanelSetting.write`. No bpy here: the entries work on any object with the attributes
@@ -11,7 +14,8 @@ turns the entries into Blender properties, ``panel`` draws them, and both job di
 
 Property identifiers are the dotted path with ``__`` for each dot (``method.lam`` ->
 ``method__lam``, ``renderer.samples_per_ray`` -> ``renderer__samples_per_ray``); the kind of a
-union is the union's own name (``method.kind`` -> ``method``, ``field.kind`` -> ``field``).
+union is the union's own name (``method.kind`` -> ``method``, ``field.kind`` -> ``field``,
+``cameras.kind`` -> ``cameras``).
 A setting that two alternatives of a union declare with different defaults or bounds gets one
 property per alternative, the kind in the middle (``field.hidden``: ``field__dense__hidden``,
 ``field__hash__hidden``). How each kind of value is held by the panel:
@@ -20,11 +24,12 @@ property per alternative, the kind in the middle (``field.hidden``: ``field__den
 bool, int, float, str       a property of the same type (ints: Blender's 32-bit range)
 int with pow2               a menu of the powers of two in its range, identifiers "16", ...
 choice                      a menu; a union's kind lists the registry's LABEL and HELP
+                            (a nullable union: first the item :data:`AUTO`, "Automatic")
 nullable number             the number plus ``<name>_auto`` (True: null, the backend's default)
 nullable choice / str       the item :data:`AUTO` / the empty string mean null
 floats/ints with a length   a vector property
 other lists                 text, comma separated ("to_q, to_k")
-json                        JSON text (empty: null); ``cameras`` has the camera panel instead
+json                        JSON text (empty: null); a rig's ``cameras.cameras`` is the scene's
 =========================== =============================================================
 """
 
@@ -49,7 +54,7 @@ MAX_IDENTIFIER = 63  # Blender's limit on property identifiers
 
 # JobConfig values the generic properties leave to other parts of the add-on, and why.
 NOT_PROPERTIES = {
-    "cameras": "the Cameras panel builds it (distribution ranges or the scene's cameras as a rig)",
+    "cameras.cameras": "a rig's cameras: the scene's camera objects (or a collection's) when the job is made",
     "version": "always the protocol's CONFIG_VERSION (older stored jobs are migrated when loaded)",
 }
 
@@ -113,6 +118,12 @@ class PanelSetting:
         return self.path[: -len(KIND_KEY) - 1] if self.registry is not None else None
 
     @property
+    def null_meaning(self) -> str:
+        """What null stands for, from the help ("null = the prior's recommendation"), or ""."""
+        _, sep, rest = self.setting.help.partition("null = ")
+        return rest.strip() if sep else ""
+
+    @property
     def auto_name(self) -> Optional[str]:
         """The "use the default" toggle of a nullable number."""
         return self.name + AUTO_SUFFIX if self.has_auto_toggle else None
@@ -141,7 +152,8 @@ class PanelSetting:
         """``(identifier, label, description)`` of a menu (a union's kind, a choice, a pow2 int)."""
         items = []
         if self.setting.nullable:
-            items.append((AUTO, "Automatic", f"Let the backend choose ({self.setting.help})"))
+            meaning = self.null_meaning
+            items.append((AUTO, "Automatic", f"Let the backend choose: {meaning}" if meaning else f"Let the backend choose ({self.setting.help})"))
         if self.registry is not None:
             items += [(name, cls.LABEL, cls.HELP) for name, cls in self.registry.classes.items()]
         elif self.is_pow2_menu:
@@ -333,7 +345,7 @@ def has_setting(settings: Any, path: str) -> bool:
 
 
 def job_values(settings: Any) -> dict:
-    """The nested job dict of every applicable setting (not yet: cameras, version)."""
+    """The nested job dict of every applicable setting (not yet: a rig's cameras, the version)."""
     job: dict = {}
     for e in PANEL_SETTINGS:
         if not e.applies(settings):

@@ -4,9 +4,12 @@ The properties are generated from the job description (``JobConfig`` in the prot
 through :mod:`.job_fields`): one Blender property per job setting, with its label, help,
 default, bounds, soft limits and menu items taken from the description, never retyped; see
 :mod:`.job_fields` for the identifiers (``method__lam``, ``renderer__samples_per_ray``, the
-kinds ``method``/``prior``/``field``) and how each kind of value is held. Written by hand
-here are only what the job description leaves to the add-on: the camera source (distribution
-ranges or the scene's cameras, which become the job's ``cameras``) and the random-seed toggle.
+kinds ``method``/``prior``/``field``/``cameras``) and how each kind of value is held. The
+camera source is one of those unions: Automatic (null, the prior's recommendation), a random
+orbit (its ranges and front bias generated like every other setting) or the scene's cameras
+(a rig, whose list of cameras is no property: :func:`job_from_settings` builds it from the
+scene's camera objects). Written by hand here are only what the job description leaves to the
+add-on: which collection's cameras form the rig, and the random-seed toggle.
 
 ``job_from_settings`` turns the settings into the nested job (the current ``CONFIG_VERSION``
 form, validated with ``parse_job``) that the protocol's ``submit`` carries;
@@ -24,13 +27,11 @@ import bpy
 from bpy.props import BoolProperty, EnumProperty, FloatProperty, FloatVectorProperty, IntProperty, IntVectorProperty, PointerProperty, StringProperty
 
 from . import job_fields, scene_cameras
-from ._protocol import CONFIG_VERSION, ConfigError, migrate, parse_job, records
-from .job_fields import INT_MAX, INT_MIN, KIND_SETTINGS, PANEL_SETTINGS, PanelSetting, float32
+from ._protocol import CONFIG_VERSION, ConfigError, jobconfig, migrate, parse_job, records
+from .job_fields import INT_MAX, INT_MIN, KIND_SETTINGS, PANEL_SETTINGS, PanelSetting
 
-CAMERA_MODE_ITEMS = [
-    ("DISTRIBUTION", "Random orbit", "Cameras drawn around the object from the ranges below"),
-    ("SCENE", "Scene cameras", "Every camera object (or those of a collection) is one view of the rig"),
-]
+CAMERAS = "cameras"  # the union of the camera source; its kind menu is the property "cameras"
+RIG = jobconfig.CameraRigConfig.KIND  # the kind whose cameras are the scene's
 MAX_SEED = min(int(job_fields.BY_NAME["seed"].setting.hi), INT_MAX)  # the panel's seeds (32-bit)
 
 
@@ -98,46 +99,14 @@ def _count_cameras(settings: Any, context: Any) -> int:
         return 0
 
 
-# The distribution ranges the Cameras panel starts with.
-CAMERA_DEFAULTS = {
-    "camera_mode": "DISTRIBUTION",
-    "elevation_range": (-10.0, 45.0),
-    "azimuth_range": (-180.0, 180.0),
-    "radius_range": (2.6, 3.2),
-    "fov_range": (40.0, 50.0),
-    "front_bias": 0.0,
-}
-
-
 class Distill3DSettings(bpy.types.PropertyGroup):
     """Everything the panel sends with a job: the generated job settings (added below) and these."""
 
     random_seed: BoolProperty(name="Random seed", description="Draw a new seed for every job (the one used is stored on the result)", default=False)
 
-    camera_mode: EnumProperty(name="Cameras", items=CAMERA_MODE_ITEMS, default=CAMERA_DEFAULTS["camera_mode"])
-    elevation_range: FloatVectorProperty(
-        name="Elevation", description="Lowest and highest elevation (degrees)", size=2, default=CAMERA_DEFAULTS["elevation_range"], min=-90.0, max=90.0
-    )
-    azimuth_range: FloatVectorProperty(
-        name="Azimuth", description="Azimuth range (degrees, 0 = front on -Y)", size=2, default=CAMERA_DEFAULTS["azimuth_range"], min=-360.0, max=360.0
-    )
-    radius_range: FloatVectorProperty(
-        name="Radius", description="Camera distance from the origin", size=2, default=CAMERA_DEFAULTS["radius_range"], min=0.01, max=1e4
-    )
-    fov_range: FloatVectorProperty(
-        name="Field of view", description="Vertical field of view (degrees)", size=2, default=CAMERA_DEFAULTS["fov_range"], min=1.0, max=170.0
-    )
-    front_bias: FloatProperty(
-        name="Front bias",
-        description="Concentration of azimuths around the front (von Mises kappa; 0 = uniform)",
-        default=CAMERA_DEFAULTS["front_bias"],
-        min=0.0,
-        soft_max=20.0,
-        max=1e6,
-    )
     camera_collection: PointerProperty(
         name="Collection",
-        description="Use only the cameras of this collection (empty: every camera in the scene)",
+        description="Scene cameras: use only the cameras of this collection (empty: every camera in the scene)",
         type=bpy.types.Collection,
     )
 
@@ -155,7 +124,7 @@ Distill3DSettings.__annotations__.update(_GENERATED)
 def default_settings(**overrides: Any) -> Any:
     """A plain object with every attribute ``job_from_settings`` reads, at the panel's defaults
     (for scripts that build jobs without a Scene, e.g. scripts/batch_generate.py)."""
-    values: dict[str, Any] = {"random_seed": False, "camera_collection": None, **CAMERA_DEFAULTS}
+    values: dict[str, Any] = {"random_seed": False, "camera_collection": None}
     for entry in PANEL_SETTINGS:
         values[entry.name] = entry.panel_default
         if entry.has_auto_toggle:
@@ -174,39 +143,26 @@ class JobSettingsError(ValueError):
     """The panel's settings cannot make a job (empty prompt, no cameras, a value out of range, ...)."""
 
 
-def _pair(values: Any) -> list[float]:
-    low, high = float32(values[0]), float32(values[1])
-    if low > high:
-        raise JobSettingsError(f"range ({low:g}, {high:g}) must be given low first")
-    return [low, high]
+def uses_scene_cameras(settings: Any) -> bool:
+    """Whether the camera source is the scene's cameras (a rig)."""
+    return job_fields.chosen_kind(settings, CAMERAS) == RIG
 
 
-def cameras_from_settings(settings: Any, scene: Any) -> dict:
-    """The job's camera source: the distribution ranges, or the scene's cameras as a rig."""
-    if settings.camera_mode == "SCENE":
-        try:
-            rig, skipped = scene_cameras.scene_camera_rig(scene, settings.camera_collection)
-        except ValueError as exc:
-            raise JobSettingsError(f"Scene cameras: {exc}") from None
-        for reason in skipped:
-            print(f"distill3d: skipped a camera: {reason}")
-        return rig
+def scene_rig_cameras(settings: Any, scene: Any) -> list:
+    """A rig's ``cameras.cameras``: the scene's camera objects (or the collection's)."""
     try:
-        return {
-            "kind": "distribution",
-            "elevation_range": _pair(settings.elevation_range),
-            "azimuth_range": _pair(settings.azimuth_range),
-            "radius_range": _pair(settings.radius_range),
-            "fov_range": _pair(settings.fov_range),
-            "front_bias": float32(settings.front_bias),
-        }
-    except JobSettingsError as exc:
-        raise JobSettingsError(f"Camera {exc}") from None
+        rig, skipped = scene_cameras.scene_camera_rig(scene, settings.camera_collection)
+    except ValueError as exc:
+        raise JobSettingsError(f"Scene cameras: {exc}") from None
+    for reason in skipped:
+        print(f"distill3d: skipped a camera: {reason}")
+    return rig["cameras"]
 
 
-def job_without_cameras(settings: Any, seed: int | None = None) -> dict:
-    """The nested job of every setting the chosen kinds have (``cameras`` left out); ConfigError
-    when a value cannot be one (e.g. unparsable comma-separated text)."""
+def settings_job(settings: Any, seed: int | None = None) -> dict:
+    """The nested job of every setting the chosen kinds have, not yet validated; a rig's list
+    of cameras is still missing (:func:`job_from_settings` adds the scene's). ConfigError when
+    a value cannot be one (e.g. unparsable comma-separated text)."""
     job = job_fields.job_values(settings)
     job["prompt"] = " ".join(str(settings.prompt).split())
     job["negative_prompt"] = str(settings.negative_prompt).strip()
@@ -225,10 +181,11 @@ def job_from_settings(settings: Any, scene: Any, rng: random.Random | None = Non
         raise JobSettingsError("Enter a prompt first")
     seed = (rng or random.SystemRandom()).randint(0, MAX_SEED) if settings.random_seed else None
     try:
-        job = job_without_cameras(settings, seed)
+        job = settings_job(settings, seed)
     except ConfigError as exc:
         raise JobSettingsError(job_fields.panel_message(exc)) from None
-    job["cameras"] = cameras_from_settings(settings, scene)
+    if uses_scene_cameras(settings):
+        job[CAMERAS]["cameras"] = scene_rig_cameras(settings, scene)
     for path, value in (overrides or {}).items():
         records.set_path(job, path, value)
     try:
@@ -239,11 +196,13 @@ def job_from_settings(settings: Any, scene: Any, rng: random.Random | None = Non
 
 
 def job_problem(settings: Any) -> str | None:
-    """What makes the current settings an invalid job, ignoring the prompt and the cameras
-    (for the panel to show while drawing), or None."""
+    """What makes the current settings an invalid job, ignoring the prompt and the scene's
+    cameras (for the panel to show while drawing), or None."""
     try:
-        job = job_without_cameras(settings, seed=0)
+        job = settings_job(settings, seed=0)
         job["prompt"] = job["prompt"] or "a prompt"
+        if uses_scene_cameras(settings):
+            job[CAMERAS] = None  # the rig's only setting is its list of cameras, the scene's
         parse_job(job)
     except ConfigError as exc:
         return job_fields.panel_message(exc)
@@ -267,7 +226,7 @@ def _lookup(data: Any, path: str) -> Any:
 
 
 def _leaf_paths_of(data: dict, prefix: str = "") -> Iterator[str]:
-    """Dotted paths of the values in a nested job dict (JSON values such as ``cameras`` whole)."""
+    """Dotted paths of the values in a nested job dict (JSON values such as a rig's cameras whole)."""
     for key, value in data.items():
         path = prefix + str(key)
         entries = job_fields.by_path(path)
@@ -291,7 +250,9 @@ def apply_job_to_settings(settings: Any, job: dict) -> list[str]:
     """Load a stored job (any version: v1's flat form is migrated) into the panel.
 
     Every setting is set: from the job, or to its default where the job leaves it out (so the
-    panel shows exactly that job). Returns what could not be applied, as text."""
+    panel shows exactly that job). A stored rig selects the scene's cameras: its list is not
+    loaded (the scene's current cameras are used, which is reported). Returns what could not
+    be applied, as text."""
     if not isinstance(job, dict):
         return [f"the stored job is not an object but {type(job).__name__}"]
     skipped: list[str] = []
@@ -316,7 +277,7 @@ def apply_job_to_settings(settings: Any, job: dict) -> list[str]:
     settings.random_seed = False  # regenerate means: the same seed
     for path in _leaf_paths_of(data):
         if path in job_fields.NOT_PROPERTIES or path in KIND_SETTINGS:
-            continue  # the cameras (below), the version, a null union (its kind was set above)
+            continue  # a rig's cameras (below), the version, a null union (its kind was set above)
         entries = job_fields.by_path(path)
         if not entries:
             skipped.append(f"{path}: not a setting of this add-on's job description")
@@ -324,24 +285,9 @@ def apply_job_to_settings(settings: Any, job: dict) -> list[str]:
             union = entries[0].requires[-1][0]
             chosen = job_fields.chosen_class(settings, union)
             skipped.append(f"{path}: not a setting of the {union} {chosen.LABEL if chosen else 'chosen automatically'}")
-    _apply_cameras(settings, data.get("cameras"), skipped)
-    return skipped
-
-
-def _apply_cameras(settings: Any, cams: Any, skipped: list[str]) -> None:
-    if isinstance(cams, dict) and cams.get("kind", "distribution") == "distribution":
-        settings.camera_mode = "DISTRIBUTION"
-        for name in ("elevation_range", "azimuth_range", "radius_range", "fov_range", "front_bias"):
-            if name not in cams:
-                continue
-            try:
-                value = cams[name]
-                setattr(settings, name, float(value) if name == "front_bias" else tuple(float(v) for v in value))
-            except (TypeError, ValueError, OverflowError):
-                skipped.append(f"cameras.{name}={cams[name]!r}")
-    elif isinstance(cams, dict) and cams.get("kind") == "rig":
-        settings.camera_mode = "SCENE"
+    if uses_scene_cameras(settings):
         skipped.append("cameras: the stored rig is replaced by the scene's current cameras")
+    return skipped
 
 
 CLASSES = (Distill3DSettings,)

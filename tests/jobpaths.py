@@ -11,9 +11,9 @@ from typing import Any, Iterator
 from distill3d_protocol.jobconfig import JobConfig
 from distill3d_protocol.settings import KIND_KEY, Setting, leaf_paths, owners, record_fields
 
-# settings a reachability test does not change generically: cameras has its own UI and tests,
-# version is the form's own marker
-NOT_GENERIC = ("cameras", "version")
+# settings a reachability test does not change generically: a rig's cameras come from a scene (their
+# own tests), so the camera source stays a distribution; version is the form's own marker
+NOT_GENERIC = ("cameras.kind", "cameras.cameras", "version")
 
 
 def _unions() -> dict[str, Any]:

@@ -111,7 +111,7 @@ def test_a_v1_job_migrates_setting_for_setting():
     assert (cfg.preview.every, cfg.preview.resolution, cfg.checkpoint_every) == (10, 32, 5)
     assert (cfg.iters, cfg.resolution, cfg.batch_size, cfg.seed, cfg.view_dependent, cfg.device) == (50, 64, 2, 7, True, "cpu")
     assert cfg.export.texture_size == 512 and cfg.export.smooth_iterations == 2
-    assert cfg.cameras["radius_range"] == [3.0, 3.0]
+    assert cfg.cameras.radius_range == (3.0, 3.0) and cfg.cameras.KIND == "distribution"
     assert migrate(cfg.to_dict()) == cfg.to_dict(), "the current form passes unchanged"
 
 

@@ -64,10 +64,12 @@ def test_protocol_package_is_pure_python_numpy_with_relative_imports():
                 )
 
 
-def test_camera_records_mirror_the_backend_cameras():
+def test_the_backend_cameras_sample_the_job_description_s_record():
     from distill3d.cameras import CameraDistribution
+    from distill3d_protocol.jobconfig import CameraDistributionConfig
+    from distill3d_protocol.settings import to_dict
 
-    assert set(proto.CAMERA_DISTRIBUTION_FIELDS) == set(CameraDistribution().to_dict())
+    assert CameraDistribution().to_dict() == to_dict(CameraDistributionConfig())
 
 
 def test_default_config_passes_the_protocol_and_back():
@@ -94,7 +96,7 @@ def test_rig_cameras_pass_both_checks():
     rig = {"kind": "rig", "cameras": [{"matrix": eye.tolist(), "fov": 40.0},
                                       {"matrix": eye.reshape(-1).tolist(), "fov": 50}]}
     msg = decode(encode(Kind.SUBMIT, {"config": {**SMALL_JOB, "cameras": rig}}))
-    assert parse_job(msg.header["config"]).cameras["kind"] == "rig"
+    assert parse_job(msg.header["config"]).cameras.KIND == "rig"
     bad = {"kind": "rig", "cameras": [{"matrix": [1, 2, 3], "fov": 40.0}]}
     with pytest.raises(ProtocolError):
         encode(Kind.SUBMIT, {"config": {**SMALL_JOB, "cameras": bad}})

@@ -161,10 +161,11 @@ def test_unknown_jobs_and_bad_configs_get_clear_errors(client):
         # a client that checks what it sends (this one, the add-on) finds the same before sending
         with pytest.raises(ProtocolError, match="config"):
             client.submit(config)
-    # the backend's own check (the camera maths) answers bad_job from the server
+    # the backend's own check (the camera maths: affine, non-singular matrices) answers bad_job from the server
+    skewed = [[1, 0, 0, 0], [0, 1, 0, -3], [0, 0, 1, 0], [0, 0, 1, 1]]
     with pytest.raises(ServerError) as info:
-        client.submit({"prompt": "duck", "cameras": {"kind": "distribution", "elevation_range": [30, -10]}})
-    assert info.value.code == "bad_job" and info.value.message.startswith("cameras: elevation_range")
+        client.submit({"prompt": "duck", "cameras": {"kind": "rig", "cameras": [{"matrix": skewed, "fov": 40.0}]}})
+    assert info.value.code == "bad_job" and info.value.message.startswith("cameras: rig matrices must be affine")
     assert client.list_jobs(all_clients=True) == []
 
 

@@ -42,6 +42,7 @@ SHORT_FLAGS: dict[str, str] = {
     "--faces": "export.faces",
     "--mc-resolution": "export.mc_resolution",
 }
+UNION_PATHS = ("cameras", "prior", "method", "field")  # --set may give a whole section as JSON
 AUTO_FIELD = "auto"  # --field auto: the device's default field (the job's field is null)
 
 
@@ -68,13 +69,15 @@ def add_job_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("prompt", nargs="?", default=None, help=paths["prompt"][0].help)
     parser.add_argument("--config", type=Path, default=None, metavar="FILE", help="start from this job file (JSON, any version)")
     for flag, path in SHORT_FLAGS.items():
-        spec, default = paths[path]
         dest = "flag_" + path.replace(".", "__")
+        if path == "cameras":  # a whole camera source: {"kind": "distribution", ...} or {"kind": "rig", "cameras": [...]}
+            parser.add_argument(flag, dest=dest, type=_json_or_file, default=None, metavar="JSON",
+                                help="the camera source as JSON or a JSON file: a distribution or a rig (null = the prior's recommendation)")
+            continue
+        spec, default = paths[path]
         shown = f" (default {default})" if default not in (None, "", ()) else ""
         if spec.kind == "bool":
             parser.add_argument(flag, dest=dest, action="store_true", default=None, help=spec.help)
-        elif path == "cameras":
-            parser.add_argument(flag, dest=dest, type=_json_or_file, default=None, help=spec.help + " (or a JSON file)")
         elif spec.kind == "choice":
             choices = list(spec.choices) + ([AUTO_FIELD] if path == "field.kind" else [])
             parser.add_argument(flag, dest=dest, choices=choices, default=None, help=spec.help + shown)
@@ -93,7 +96,7 @@ def parse_set(item: str, known: dict[str, Any]) -> tuple[str, Any]:
     path = path.strip()
     if not sep:
         raise ConfigError(f"--set expects PATH=VALUE, got {item!r}")
-    if path not in known and path not in ("field", "method", "prior"):
+    if path not in known and path not in UNION_PATHS:
         near = difflib.get_close_matches(path, list(known), n=3)
         hint = f"; did you mean {', '.join(near)}?" if near else "; `distill3d config paths` lists every setting"
         raise ConfigError(f"--set: {path!r} is not a job setting{hint}")

@@ -35,7 +35,6 @@ from .jobconfig import CONFIG_VERSION, FIELDS, METHODS, PRIORS, JobConfig, job_s
 from .mesh import MeshPayload, image_from_message, mesh_arrays, mesh_from_message
 from .schema import (
     ARRAY_SLOTS,
-    CAMERA_DISTRIBUTION_FIELDS,
     CLIENT_TO_SERVER,
     JOB_ID_RE,
     JOB_INFO_FIELDS,
@@ -52,7 +51,6 @@ from .schema import (
 
 __all__ = [
     "ARRAY_SLOTS",
-    "CAMERA_DISTRIBUTION_FIELDS",
     "CLIENT_TO_SERVER",
     "CONFIG_VERSION",
     "ConfigError",

@@ -237,8 +237,6 @@ def v_record(spec: Dict[str, F], what: str) -> Validator:
 # ----------------------------------------------------------------------------- job schema
 # The job itself is described once, in jobconfig.py; here: the camera records it carries.
 
-_name = v_str(64, 1, NAME_RE)
-_pair = v_list(v_num(-1e9, 1e9), max_items=2, min_items=2)
 
 
 def _check_matrix(path: str, value: Any) -> Any:
@@ -249,30 +247,15 @@ def _check_matrix(path: str, value: Any) -> Any:
     return v_list(v_num(-1e9, 1e9), max_items=16, min_items=16)(path, value)
 
 
-CAMERA_DISTRIBUTION_FIELDS: Dict[str, F] = {
-    "kind": F(v_choice(("distribution",))),
-    "elevation_range": F(_pair),
-    "azimuth_range": F(_pair),
-    "radius_range": F(_pair),
-    "fov_range": F(_pair),
-    "front_bias": F(v_num(0.0, 1e6)),
-}
 RIG_CAMERA_FIELDS: Dict[str, F] = {
     "matrix": F(_check_matrix, required=True),  # 4x4 camera-to-world, nested rows or 16 numbers
     "fov": F(v_num(0.0, 180.0, lo_open=True), required=True),  # vertical, degrees
 }
-CAMERA_RIG_FIELDS: Dict[str, F] = {
-    "kind": F(v_choice(("rig",)), required=True),
-    "cameras": F(v_list(v_record(RIG_CAMERA_FIELDS, "a rig camera"), MAX_RIG_CAMERAS, 1), required=True),
-}
 
 
-def check_cameras(path: str, value: Any) -> dict:
-    if not isinstance(value, dict):
-        raise _bad(path, "an object (camera distribution or rig)", value)
-    if value.get("kind", "distribution") == "rig":
-        return check_record(path, value, CAMERA_RIG_FIELDS, "a camera rig")
-    return check_record(path, value, CAMERA_DISTRIBUTION_FIELDS, "a camera distribution")
+def check_rig_cameras(path: str, value: Any) -> list:
+    """A rig's list of cameras (the job description's ``cameras.cameras``)."""
+    return v_list(v_record(RIG_CAMERA_FIELDS, "a rig camera"), MAX_RIG_CAMERAS, 1)(path, value)
 
 
 def check_job(path: str, value: Any) -> dict:
