@@ -155,7 +155,8 @@ class Trainer:
     def render_for_prior(self, cameras: CameraBatch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Render at the configured resolution and resize to the prior's input size."""
         cfg = self.config
-        out = self.renderer.render(cameras.to(self.device), cfg.resolution, shading=cfg.renderer.shading, generator=self.generator)
+        out = self.renderer.render(cameras.to(self.device), cfg.resolution, shading=cfg.renderer.shading, generator=self.generator,
+                                   with_normals=True if cfg.optim.lambda_orient > 0 else None)
         size = self.prior.image_size
         images = out["rgb"]
         extras = {k: out[k] for k in ("depth", "opacity") if k in out}

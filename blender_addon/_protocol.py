@@ -7,7 +7,7 @@ has no bundled copy and uses the installed ``distill3d_protocol`` package instea
 the same source, shared/distill3d_protocol.
 
 Besides the wire (encode/decode, meshes) this re-exports the job description the panel is
-generated from: ``jobconfig`` (JobConfig, the METHODS/PRIORS/FIELDS registries, parse_job,
+generated from: ``jobconfig`` (JobConfig, the METHODS/PRIORS/FIELDS/CAMERAS registries, parse_job,
 migrate) and ``records`` (the typed-settings machinery of ``settings.py``: Setting,
 leaf_paths, owners, check_value, ...; renamed here because "settings" means the panel's
 PropertyGroup everywhere else in the add-on).
@@ -47,5 +47,6 @@ JobConfig = jobconfig.JobConfig
 METHODS = jobconfig.METHODS
 PRIORS = jobconfig.PRIORS
 FIELDS = jobconfig.FIELDS
+CAMERAS = jobconfig.CAMERAS
 parse_job = jobconfig.parse_job
 migrate = jobconfig.migrate

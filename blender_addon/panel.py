@@ -1,7 +1,9 @@
 """The sidebar (N panel) tab "distill3d": prompt, method, cameras, export, advanced, connection.
 
 The common settings are drawn by hand, in the order of the lists below (``MAIN_PATHS``,
-``METHOD_PATHS``, ``EXPORT_PATHS``: dotted job paths); every other setting of the job
+``METHOD_PATHS``, ``EXPORT_PATHS``: dotted job paths); the camera source's settings (its kind
+menu and the chosen kind's settings, :func:`camera_settings`) in the Cameras panel, with the
+collection and count of the scene's cameras for a rig; every other setting of the job
 description is drawn generically in "Advanced", one collapsible section per part of the job
 (the chosen method's, prior's and field's other settings, renderer, schedule, optimiser,
 export, preview). What is shown follows the description: a setting appears when the chosen
@@ -23,7 +25,7 @@ from . import job_fields
 from .client import Connection
 from .jobs import CONTROLLER
 from .job_fields import PANEL_SETTINGS, PanelSetting
-from .properties import job_problem
+from .properties import job_problem, uses_scene_cameras
 
 log = logging.getLogger(__name__)
 _reported: set = set()
@@ -36,6 +38,7 @@ METHOD_PATHS = ("method.lam", "prior.kind", "prior.model", "method.guidance_scal
                 "resolution", "batch_size", "view_dependent", "preview.every")
 EXPORT_PATHS = ("export.texture_size", "export.faces", "export.mc_resolution")
 COMMON_PATHS = frozenset((*MAIN_PATHS, METHOD_MENU, *METHOD_PATHS, *EXPORT_PATHS))
+CAMERA_SECTION = "cameras"  # every setting of the camera source is drawn in the Cameras panel
 ADVANCED_ORDER = ("", "prior", "method", "field", "renderer", "schedule", "optim", "export", "preview")  # "": the job's own
 
 
@@ -45,11 +48,19 @@ def shown(paths: tuple, settings: Any) -> list[PanelSetting]:
     return [e for e in entries if e is not None]
 
 
+def camera_settings(settings: Any) -> tuple[PanelSetting, list[PanelSetting]]:
+    """What the Cameras panel draws: the camera source's kind menu, and the settings the
+    chosen kind has (a random orbit's ranges; none for a rig or Automatic)."""
+    menu = job_fields.KIND_SETTINGS[CAMERA_SECTION]
+    rest = [e for e in PANEL_SETTINGS if e.section == CAMERA_SECTION and e is not menu and e.applies(settings)]
+    return menu, rest
+
+
 def advanced_sections(settings: Any) -> list[tuple[str, str, list[PanelSetting]]]:
     """``(id, title, entries)`` of the Advanced sections: every applicable setting not drawn elsewhere."""
     groups: dict[str, list[PanelSetting]] = {}
     for entry in PANEL_SETTINGS:
-        if entry.path not in COMMON_PATHS and entry.applies(settings):
+        if entry.path not in COMMON_PATHS and entry.section != CAMERA_SECTION and entry.applies(settings):
             groups.setdefault(entry.section, []).append(entry)
     order = [s for s in ADVANCED_ORDER if s in groups] + [s for s in groups if s not in ADVANCED_ORDER]
     out = []
@@ -171,21 +182,20 @@ class VIEW3D_PT_distill3d_cameras(_Distill3DPanel, bpy.types.Panel):
         layout = self.layout
         layout.use_property_split = True
         layout.use_property_decorate = False
-        layout.row().prop(settings, "camera_mode", expand=True)
+        menu, entries = camera_settings(settings)
+        layout.row().prop(settings, menu.name, expand=True)
         col = layout.column()
-        if settings.camera_mode == "SCENE":
+        if uses_scene_cameras(settings):
             col.prop(settings, "camera_collection")
             count = settings.camera_count(context)
             where = f"collection “{settings.camera_collection.name}”" if settings.camera_collection else "the scene"
             row = col.row()
             row.alert = count == 0
             row.label(text=f"{count} camera{'s' if count != 1 else ''} in {where}", icon="CAMERA_DATA")
-        else:
-            col.prop(settings, "elevation_range")
-            col.prop(settings, "azimuth_range")
-            col.prop(settings, "radius_range")
-            col.prop(settings, "fov_range")
-            col.prop(settings, "front_bias")
+        elif job_fields.chosen_kind(settings, CAMERA_SECTION) is None:
+            col.label(text=f"Automatic: {menu.null_meaning or 'chosen by the backend'}", icon="INFO")
+        for entry in entries:
+            draw_setting(col, settings, entry)
 
 
 class VIEW3D_PT_distill3d_export(_Distill3DPanel, bpy.types.Panel):

@@ -14,8 +14,13 @@ is 0 when every prompt succeeded, 1 when any failed, 2 on bad arguments.
 Job options left out keep the job description's defaults (as a fresh panel has them);
 ``--set PATH=JSON`` sets any setting of the job by its dotted path (``--set method.lora_rank=8``,
 ``--set field='{"kind": "hash"}'``) before the job is validated, exactly as the panel's job is.
-``--scene-cameras`` uses the scene's cameras (or those of ``--camera-collection``) as the
-rig; ``--start-backend`` runs ``<python> -m distill3d serve`` on a free loopback port for
+The camera source is the prior's recommendation (the description's default, the panel's
+"Automatic") unless ``--cameras JSON`` gives one (a distribution, ``{"kind": "distribution",
+"elevation_range": [0, 30]}``, the kind may be left out, or a rig) or ``--scene-cameras`` uses
+the scene's cameras (or those of ``--camera-collection``) as the rig, exactly as the panel's
+"Scene cameras" does; ``--set cameras.front_bias=2`` alone picks the random orbit (a ``--set``
+path that only one kind of a union has picks that kind when the union is automatic).
+``--start-backend`` runs ``<python> -m distill3d serve`` on a free loopback port for
 the duration of the batch (``--python`` defaults to this interpreter when it has distill3d).
 The add-on code comes from an enabled distill3d extension when there is one, else from
 ``blender_addon/`` next to this script.
@@ -94,8 +99,9 @@ def build_parser() -> argparse.ArgumentParser:
     job.add_argument("--faces", type=int, default=None)
     job.add_argument("--mc-resolution", type=int, default=None)
     job.add_argument("--vertex-colors", action="store_true", help="vertex colours instead of a UV texture")
-    job.add_argument("--cameras", type=_json_value, default=None, help="camera distribution or rig as JSON (or a JSON file)")
-    job.add_argument("--scene-cameras", action="store_true", help="use the scene's cameras as the rig")
+    job.add_argument("--cameras", type=_json_value, default=None,
+                     help="camera distribution or rig as JSON (or a JSON file); default: the prior's recommendation")
+    job.add_argument("--scene-cameras", action="store_true", help="use the scene's cameras as the rig (overrides --cameras)")
     job.add_argument("--camera-collection", default="", help="with --scene-cameras: only this collection's cameras")
     job.add_argument(
         "--set", type=_key_json, action="append", default=[], metavar="PATH=JSON",
@@ -183,12 +189,9 @@ PANEL_OPTIONS = {
 
 def panel_like_settings(addon: ModuleType, args: argparse.Namespace, prompt: str, collection: Any) -> Any:
     """The attributes ``properties.job_from_settings`` reads: the panel's defaults, then the command line."""
-    values: dict[str, Any] = {
-        "prompt": prompt,
-        "random_seed": args.random_seed,
-        "camera_mode": "SCENE" if args.scene_cameras else "DISTRIBUTION",
-        "camera_collection": collection,
-    }
+    values: dict[str, Any] = {"prompt": prompt, "random_seed": args.random_seed, "camera_collection": collection}
+    if args.scene_cameras:
+        values[addon.properties.CAMERAS] = addon.properties.RIG  # the panel's "Scene cameras"
     for option, name in PANEL_OPTIONS.items():
         value = getattr(args, option)
         if value is not None and value != "":
@@ -200,15 +203,38 @@ def panel_like_settings(addon: ModuleType, args: argparse.Namespace, prompt: str
     return addon.properties.default_settings(**values)
 
 
+def _camera_source(value: Any) -> Any:
+    """``--cameras``: a distribution may leave out its kind (as jobs of version 1 could)."""
+    if isinstance(value, dict) and "kind" not in value:
+        return {"kind": "distribution", **value}
+    return value
+
+
+def _pick_kinds(addon: ModuleType, settings: Any, paths: Sequence[str]) -> None:
+    """For a ``--set`` path below an automatic (null) union that exactly one of its kinds has
+    (``cameras.front_bias``: the distribution), choose that kind, as the panel would have to."""
+    fields = addon.job_fields
+    for path in paths:
+        union, _, leaf = path.partition(".")
+        menu = fields.KIND_SETTINGS.get(union)
+        if menu is None or not leaf or leaf == "kind" or fields.chosen_kind(settings, union) is not None:
+            continue
+        kinds = {e.requires[-1][1] for e in fields.by_path(path) if e.requires and e.requires[-1][0] == union}
+        if len(kinds) == 1 and len(next(iter(kinds))) == 1:
+            setattr(settings, menu.name, next(iter(next(iter(kinds)))))
+
+
 def make_job(addon: ModuleType, args: argparse.Namespace, prompt: str, scene: Any, collection: Any) -> dict:
     """The validated job for one prompt (``--set`` values are put in before validation)."""
     overrides: dict[str, Any] = {}
     if args.cameras is not None and not args.scene_cameras:
-        overrides["cameras"] = args.cameras
+        overrides["cameras"] = _camera_source(args.cameras)
     if args.vertex_colors:
         overrides["export.textured"] = False
     overrides.update(dict(args.set))
-    return addon.properties.job_from_settings(panel_like_settings(addon, args, prompt, collection), scene, overrides=overrides)
+    settings = panel_like_settings(addon, args, prompt, collection)
+    _pick_kinds(addon, settings, [path for path in overrides if not any(path.startswith(p + ".") for p in overrides)])
+    return addon.properties.job_from_settings(settings, scene, overrides=overrides)
 
 
 def export_glb(obj: Any, path: Path) -> None:

@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 from addon_support import JOB_TIMEOUT_S, SMALL_JOB_SETTINGS, BackendServer, BlenderExtension, TcpRelay
 from distill3d_protocol import CONFIG_VERSION, FIELDS, METHODS, PRIORS, JobConfig, jobconfig, parse_job
+from distill3d_protocol.jobconfig import CAMERAS
 from distill3d_protocol import settings as records
 
 pytestmark = pytest.mark.bpy
@@ -69,7 +70,7 @@ def small_job(settings, **overrides) -> None:
     settings.prompt = PROMPT
     settings.method = "sds"
     settings.prior = "reference"
-    settings.camera_mode = "DISTRIBUTION"
+    settings.cameras = "distribution"
     settings.random_seed = False
     settings.seed = 7
     for name, value in {**SMALL_JOB_SETTINGS, **overrides}.items():
@@ -124,14 +125,17 @@ def test_extension_registers_and_unregisters_cleanly(blender):
 
 def test_every_method_prior_and_field_the_panel_offers_is_one_of_the_job_description(blender):
     settings = blender.bpy.context.scene.distill3d
-    for prop, registry in (("method", METHODS), ("prior", PRIORS), ("field", FIELDS)):
+    for prop, registry in (("method", METHODS), ("prior", PRIORS), ("field", FIELDS), ("cameras", CAMERAS)):
         offered = {i.identifier: (i.name, i.description) for i in settings.bl_rna.properties[prop].enum_items}
-        if prop == "field":  # null: the backend picks the field
+        if prop in ("field", "cameras"):  # null: the backend picks the field, the prior recommends cameras
             assert offered.pop("auto")[0] == "Automatic"
         assert list(offered) == list(registry.names)
         assert offered == {name: (cls.LABEL, cls.HELP) for name, cls in registry.classes.items()}
     shading = _setting("renderer.shading")
     assert [i.identifier for i in settings.bl_rna.properties["renderer__shading"].enum_items] == list(shading.choices)
+    cameras = settings.bl_rna.properties["cameras"]
+    assert cameras.default == "auto" and "the prior's recommendation" in cameras.enum_items["auto"].description
+    assert [(i.identifier, i.name) for i in cameras.enum_items][1:] == [("distribution", "Random orbit"), ("rig", "Scene cameras")]
 
 
 def _setting(path: str):
@@ -151,6 +155,16 @@ def test_properties_carry_the_descriptions_defaults_bounds_and_help(blender):
     assert rna["method__guidance_scale_auto"].default is True and rna["method__guidance_scale"].hard_max == 1000.0
     # a setting that two fields declare with different defaults: one property each
     assert (rna["field__dense__hidden"].default, rna["field__hash__hidden"].default) == (32, 64)
+    # the random orbit's ranges: vectors with the description's defaults, bounds and help
+    distribution = jobconfig.CameraDistributionConfig()
+    for name in ("elevation_range", "azimuth_range", "radius_range", "fov_range"):
+        prop, spec = rna[f"cameras__{name}"], _setting(f"cameras.{name}")
+        assert tuple(prop.default_array) == pytest.approx(getattr(distribution, name)), name
+        assert (prop.array_length, prop.hard_min, prop.hard_max) == (2, pytest.approx(spec.lo), pytest.approx(spec.hi)), name
+        assert prop.name == spec.label and prop.description.lower() == spec.help.lower()
+    bias = _setting("cameras.front_bias")
+    assert (rna["cameras__front_bias"].default, rna["cameras__front_bias"].soft_max, rna["cameras__front_bias"].hard_max) == (0.0, bias.soft_hi, bias.hi)
+    assert "camera_mode" not in rna and "elevation_range" not in rna  # the hand-written camera properties are gone
 
 
 def _reset(settings) -> None:
@@ -198,10 +212,10 @@ def _other_values(setting, default):
 
 # JobConfig values the reachability test leaves out, and why (both have their own tests).
 NOT_PANEL_PROPERTIES = {
-    "cameras": "built by the Cameras panel (distribution ranges, or the scene's cameras as a rig): see the rig and stored-settings tests",
+    "cameras.cameras": "a rig's cameras are the scene's camera objects: see the rig tests",
     "version": "not a choice: every job the add-on submits has CONFIG_VERSION (asserted in the reachability test)",
 }
-UNIONS = {"prior": PRIORS, "method": METHODS, "field": FIELDS}
+UNIONS = {"prior": PRIORS, "method": METHODS, "field": FIELDS, "cameras": CAMERAS}
 
 
 def test_every_setting_of_the_job_description_is_reachable_from_the_panel(blender):
@@ -243,9 +257,13 @@ def test_every_setting_of_the_job_description_is_reachable_from_the_panel(blende
                 pytest.fail(f"{where}: no test value was accepted: {refused}")
             got = _lookup(job, path)
             assert got == (pytest.approx(value) if setting.kind in ("float", "floats") else value), f"{where}: {got!r} != {value!r}"
-            assert job["version"] == CONFIG_VERSION and job["cameras"]["kind"] == "distribution"
+            assert job["version"] == CONFIG_VERSION
+            # the camera source stays the description's default (null) unless a camera setting is tried
+            assert job["cameras"] is None if head != "cameras" else job["cameras"]["kind"] == "distribution", where
             checked.add(where)
     assert {"method.lam (esd)", "method.lam (esd-exact)", "field.hidden (hash)", "prior.model (sd)", "seed", "prompt"} <= checked
+    assert {"cameras.kind", *(f"cameras.{n} (distribution)" for n in ("elevation_range", "azimuth_range", "radius_range", "fov_range",
+                                                                      "front_bias"))} <= checked
     _reset(settings)
 
 
@@ -261,7 +279,15 @@ def test_the_job_holds_only_the_settings_of_the_chosen_kinds_and_keeps_the_descr
         job = props.job_from_settings(settings, scene)
         assert set(job["method"]) == {"kind"} | {name for name, _, _ in records.record_fields(cls)}, kind
     settings.method = "sds"
-    assert props.job_from_settings(settings, scene) == JobConfig(prompt="a mug", cameras=props.cameras_from_settings(settings, scene)).to_dict()
+    assert props.job_from_settings(settings, scene) == JobConfig(prompt="a mug").to_dict()  # cameras: null, the prior's
+    settings.cameras = "distribution"
+    assert props.job_from_settings(settings, scene)["cameras"] == {"kind": "distribution", **records.to_dict(jobconfig.CameraDistributionConfig())}
+    settings.cameras__elevation_range = (30.0, 10.0)  # a rule of the distribution reaches the panel
+    with pytest.raises(props.JobSettingsError, match=r"cameras\.elevation_range must be \(low, high\).*panel: Cameras › Elevation"):
+        props.job_from_settings(settings, scene)
+    assert "cameras.elevation_range" in props.job_problem(settings)
+    settings.property_unset("cameras__elevation_range")
+    settings.cameras = "auto"
     settings.field = "auto"
     assert props.job_from_settings(settings, scene)["field"] is None
     # a rule between settings (esd-exact needs the reference prior) reaches the panel
@@ -290,15 +316,19 @@ def test_the_panel_draws_every_setting_for_the_kinds_that_have_it(blender):
     for prior in PRIORS.names:
         for method in METHODS.names:
             for field in ("auto", *FIELDS.names):
-                settings.prior, settings.method, settings.field = prior, method, field
-                common = panel.shown((*panel.MAIN_PATHS, panel.METHOD_MENU, *panel.METHOD_PATHS, *panel.EXPORT_PATHS), settings)
-                advanced = [e for _, _, entries in panel.advanced_sections(settings) for e in entries]
-                assert all(e.applies(settings) for e in common + advanced)
-                assert not {e.name for e in common} & {e.name for e in advanced}
-                names = {e.name for e in common + advanced}
-                assert ("method__lam" in names) == (method in ("esd", "esd-exact"))  # the lambda row follows the method
-                assert ("prior__model" in names) == (prior == "sd")
-                drawn |= names
+                for cameras in ("auto", *CAMERAS.names):
+                    settings.prior, settings.method, settings.field, settings.cameras = prior, method, field, cameras
+                    common = panel.shown((*panel.MAIN_PATHS, panel.METHOD_MENU, *panel.METHOD_PATHS, *panel.EXPORT_PATHS), settings)
+                    menu, camera_entries = panel.camera_settings(settings)
+                    common += [menu, *camera_entries]
+                    advanced = [e for _, _, entries in panel.advanced_sections(settings) for e in entries]
+                    assert all(e.applies(settings) for e in common + advanced)
+                    assert not {e.name for e in common} & {e.name for e in advanced}
+                    names = {e.name for e in common + advanced}
+                    assert ("method__lam" in names) == (method in ("esd", "esd-exact"))  # the lambda row follows the method
+                    assert ("prior__model" in names) == (prior == "sd")
+                    assert ("cameras__elevation_range" in names) == (cameras == "distribution")  # the ranges follow the camera source
+                    drawn |= names
     assert drawn == set(fields.BY_NAME)
     titles = [title for _, title, _ in panel.advanced_sections(settings)]
     assert "Renderer" in titles and f"Field: {FIELDS.classes[settings.field].LABEL}" in titles
@@ -313,7 +343,7 @@ def test_settings_stored_on_a_result_load_back_into_the_panel(blender):
     _reset(settings)
     settings.prompt, settings.method, settings.method__lam, settings.iters = "a teapot", "esd", 0.25, 321
     settings.random_seed, settings.method__guidance_scale_auto, settings.method__guidance_scale = True, False, 12.5
-    settings.elevation_range, settings.front_bias, settings.export__texture_size = (5.0, 30.0), 3.0, "512"
+    settings.cameras, settings.cameras__elevation_range, settings.cameras__front_bias, settings.export__texture_size = "distribution", (5.0, 30.0), 3.0, "512"
     settings.field, settings.field__hash__hidden, settings.renderer__shading = "hash", 16, "mixed"
     job = props.job_from_settings(settings, scene)
     assert 0 <= job["seed"] <= props.MAX_SEED and job["method"] == {**job["method"], "kind": "esd", "lam": 0.25, "guidance_scale": 12.5}
@@ -323,7 +353,8 @@ def test_settings_stored_on_a_result_load_back_into_the_panel(blender):
     scene.collection.objects.link(obj)
     bpy.context.view_layer.objects.active = obj
     settings.property_unset("prompt")
-    settings.method, settings.iters, settings.elevation_range, settings.export__texture_size = "sds", 5, (-10.0, 10.0), "64"
+    settings.method, settings.iters, settings.cameras__elevation_range, settings.export__texture_size = "sds", 5, (-10.0, 10.0), "64"
+    settings.cameras = "rig"
     settings.field, settings.renderer__shading = "dense", "albedo"
     assert bpy.ops.distill3d.regenerate_from_selected() == {"FINISHED"}
     assert settings.random_seed is False  # regenerate reproduces the stored seed
@@ -384,6 +415,36 @@ def test_what_a_stored_job_has_that_the_panel_cannot_show_is_reported(blender):
     assert "renderer.sparkle: not a setting of this add-on's job description" in skipped
     assert settings.renderer__shading == "mixed" and settings.method == "sds"
     assert props.apply_job_to_settings(settings, ["not", "a", "job"]) == ["the stored job is not an object but list"]
+    _reset(settings)
+
+
+def test_a_stored_camera_source_loads_through_the_generic_path(blender):
+    """A stored distribution fills the ranges, null is Automatic, a stored rig selects the
+    scene's cameras (and says that its own list is not loaded); a rig needs a camera."""
+    bpy = blender.bpy
+    props = blender.submodule("properties")
+    scene = bpy.context.scene
+    settings = scene.distill3d
+    _reset(settings)
+    base = {"version": CONFIG_VERSION, "prompt": "a mug"}
+    distribution = {"kind": "distribution", "elevation_range": [0.0, 20.0], "radius_range": [2.0, 2.5], "front_bias": 4.0}
+    assert props.apply_job_to_settings(settings, {**base, "cameras": distribution}) == []
+    assert settings.cameras == "distribution" and tuple(settings.cameras__elevation_range) == (0.0, 20.0)
+    assert settings.cameras__front_bias == 4.0 and tuple(settings.cameras__fov_range) == (40.0, 50.0)  # left out: the default
+    assert props.job_from_settings(settings, scene)["cameras"] == parse_job({**base, "cameras": distribution}).to_dict()["cameras"]
+    assert props.apply_job_to_settings(settings, {**base, "cameras": None}) == []
+    assert settings.cameras == "auto" and props.job_from_settings(settings, scene)["cameras"] is None
+    eye = [1.0, 0, 0, 0, 0, 1.0, 0, 0, 0, 0, 1.0, 3.0, 0, 0, 0, 1.0]
+    rig = {"kind": "rig", "cameras": [{"matrix": eye, "fov": 40.0}]}
+    assert props.apply_job_to_settings(settings, {**base, "cameras": rig}) == ["cameras: the stored rig is replaced by the scene's current cameras"]
+    assert settings.cameras == "rig"
+    assert not [o for o in scene.objects if o.type == "CAMERA"]
+    assert props.job_problem(settings) is None  # drawing does not look at the scene's cameras
+    with pytest.raises(props.JobSettingsError, match="Scene cameras: no perspective camera in the scene"):
+        props.job_from_settings(settings, scene)
+    # a v1 distribution without its kind
+    assert props.apply_job_to_settings(settings, {"prompt": "a mug", "method": "sds", "cameras": {"elevation_range": [5.0, 6.0]}}) == []
+    assert settings.cameras == "distribution" and tuple(settings.cameras__elevation_range) == (5.0, 6.0)
     _reset(settings)
 
 
@@ -549,7 +610,7 @@ def test_scene_cameras_become_the_backends_rig_and_cancel_stops_the_job(blender,
     configure(blender, backend.endpoint)
     settings = scene.distill3d
     small_job(settings, iters=5000, preview__every=0)
-    settings.camera_mode, settings.camera_collection = "SCENE", rig
+    settings.cameras, settings.camera_collection = "rig", rig
     assert settings.camera_count(bpy.context) == 2  # the panel's count: only the collection's cameras
     assert bpy.ops.distill3d.generate() == {"FINISHED"}
     assert pump_until(controller, lambda: controller.job.step >= 1 or controller.job.finished, JOB_TIMEOUT_S)

@@ -37,7 +37,7 @@ def test_batch_jobs_are_the_panels_jobs_with_command_line_and_set_overrides(tmp_
 
     from distill3d_protocol import CONFIG_VERSION, JobConfig
 
-    addon_support.fresh_blender()
+    bpy = addon_support.fresh_blender()
     batch = addon_support.load_script("batch_generate")
     addon = importlib.import_module("blender_addon")
     importlib.import_module("blender_addon.properties")
@@ -60,6 +60,24 @@ def test_batch_jobs_are_the_panels_jobs_with_command_line_and_set_overrides(tmp_
         job_for("--method", "vsd", "--set", "method.lora_rank=0")
     with pytest.raises(addon.properties.JobSettingsError, match=r"method.*lam"):
         job_for("--set", "method.lam=0.5")  # SDS has no lambda
+    # the camera source: the prior's recommendation unless --cameras, --set cameras.* or --scene-cameras say otherwise
+    assert job_for()["cameras"] is None
+    job = job_for("--cameras", '{"elevation_range": [0, 30], "front_bias": 2}')  # a distribution may leave out its kind
+    assert job["cameras"] == {**defaults_of_distribution(), "elevation_range": [0.0, 30.0], "front_bias": 2.0}
+    assert job_for("--set", "cameras.front_bias=3")["cameras"] == {**defaults_of_distribution(), "front_bias": 3.0}
+    assert job_for("--set", "field.levels=12")["field"]["kind"] == "hash"  # the only field with levels
+    with pytest.raises(addon.properties.JobSettingsError, match=r"cameras\.radius_range must be \(low, high\)"):
+        job_for("--cameras", '{"kind": "distribution", "radius_range": [3, 2]}')
+    args = batch.build_parser().parse_args(["--prompt", "a mug", "--out", str(tmp_path), "--scene-cameras", "--cameras", "{}"])
+    with pytest.raises(addon.properties.JobSettingsError, match="Scene cameras: no perspective camera"):
+        batch.make_job(addon, args, "a mug", bpy.context.scene, None)  # the rig of the (empty) scene, not --cameras
+
+
+def defaults_of_distribution():
+    from distill3d_protocol.jobconfig import CameraDistributionConfig
+    from distill3d_protocol.settings import to_dict
+
+    return to_dict(CameraDistributionConfig())
 
 
 def _scene_with_cameras(path):

@@ -78,7 +78,7 @@ def test_depth_of_a_constant_density_box_matches_the_closed_form():
 
 
 def test_empty_pixels_read_the_far_depth_and_the_background():
-    renderer = VolumeRenderer(constant_box_field(1.0), Background(color=(0.0, 0.5, 1.0)), samples_per_ray=8)
+    renderer = VolumeRenderer(constant_box_field(1.0), Background(color=(0.0, 0.5, 1.0)), samples_per_ray=8, compute_normals=True)
     cams = front_camera(distance=3.0, fov=90.0)
     with torch.no_grad():
         out = renderer.render(cams, 16)
@@ -117,7 +117,7 @@ def test_gradients_reach_the_field_through_the_render(kind, options):
 
 def test_blob_initialisation_renders_a_centred_disc():
     field = make_field("dense", resolution=32)
-    renderer = VolumeRenderer(field, Background())
+    renderer = VolumeRenderer(field, Background(), compute_normals=True)
     cams = orbit_cameras([0.0, 120.0, -60.0], [10.0, 30.0, -5.0], 3.0, 40.0)
     with torch.no_grad():
         out = renderer.render(cams, 15)
@@ -147,14 +147,14 @@ def test_orientation_loss_penalises_normals_facing_away():
     losses = {}
     for name, field in (("outward", outward), ("inward", inward)):
         with torch.no_grad():
-            losses[name] = VolumeRenderer(field, Background()).render(cams, 12)["orientation_loss"].item()
+            losses[name] = VolumeRenderer(field, Background(), compute_normals=True).render(cams, 12)["orientation_loss"].item()
     assert losses["outward"] >= 0.0
     assert losses["inward"] > 10 * losses["outward"]
 
 
 def test_cpu_path_runs_on_cpu_tensors_and_refuses_the_cuda_estimator():
     field = make_field("dense", resolution=8)
-    renderer = VolumeRenderer(field, Background(), samples_per_ray=6)
+    renderer = VolumeRenderer(field, Background(), samples_per_ray=6, compute_normals=True)
     assert not renderer.uses_occupancy_grid()
     out = renderer.render(orbit_cameras([0.0, 45.0], 0.0, 3.0, 45.0), 4)
     for key in ("rgb", "opacity", "depth", "normal"):
@@ -274,8 +274,8 @@ def test_chunking_does_not_change_the_result():
     field = make_field("dense", resolution=16)
     cams = orbit_cameras([0.0, 90.0], 10.0, 3.0, 40.0)
     with torch.no_grad():
-        whole = VolumeRenderer(field, Background(), samples_per_ray=8).render(cams, 8)
-        chunked = VolumeRenderer(field, Background(), samples_per_ray=8, chunk_rays=7).render(cams, 8)
+        whole = VolumeRenderer(field, Background(), samples_per_ray=8, compute_normals=True).render(cams, 8)
+        chunked = VolumeRenderer(field, Background(), samples_per_ray=8, chunk_rays=7, compute_normals=True).render(cams, 8)
     for key in ("rgb", "opacity", "depth", "normal"):
         torch.testing.assert_close(chunked[key], whole[key])
 
@@ -310,3 +310,33 @@ def test_cameras_inside_the_box_start_at_the_camera():
     with torch.no_grad():
         out = renderer.render(cams, 5)
     assert out["opacity"][0, 0, 2, 2].item() == pytest.approx(1 - math.exp(-0.5 * 1.5), abs=1e-5)
+
+
+def test_normals_are_computed_only_when_something_needs_them():
+    field = make_field("dense", resolution=8)
+    cams = front_camera()
+    renderer = VolumeRenderer(field, Background(), samples_per_ray=8)
+    with torch.no_grad():
+        assert "normal" not in renderer.render(cams, 4), "albedo views need no normals by default"
+        assert "normal" in renderer.render(cams, 4, shading="diffuse"), "shaded views need them"
+        assert "orientation_loss" in renderer.render(cams, 4, with_normals=True), "the orientation loss asks for them"
+
+
+def test_without_nerfacc_kernels_auto_falls_back_and_occgrid_says_why(monkeypatch):
+    from distill3d.render import kernels, volume
+
+    available, reason = kernels._probe()  # this machine: no CUDA toolkit
+    assert not available and "nvcc" in reason and "ninja" in reason
+    monkeypatch.setattr(volume, "nerfacc_cuda_status", lambda: (False, reason))
+    field = make_field("dense", resolution=8)
+    assert not VolumeRenderer(field, Background()).uses_occupancy_grid(torch.device("cuda")), "auto falls back"
+    with pytest.raises(RenderError, match="cannot run: .*nvcc"):
+        VolumeRenderer(field, Background(), estimator="occgrid").uses_occupancy_grid(torch.device("cuda"))
+    monkeypatch.setattr(volume, "nerfacc_cuda_status", lambda: (True, "loaded"))
+    assert VolumeRenderer(field, Background()).uses_occupancy_grid(torch.device("cuda"))
+
+
+def test_the_occupancy_grid_steps_like_threestudio_unless_told():
+    field = make_field("dense", resolution=8)
+    assert abs(VolumeRenderer(field, Background()).render_step_size - 0.00677) < 1e-4
+    assert VolumeRenderer(field, Background(), occ_step_size=0.02).render_step_size == 0.02

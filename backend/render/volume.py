@@ -2,9 +2,10 @@
 
 One renderer for both devices:
 
-* CUDA (``estimator="occgrid"``, the default there): nerfacc's ``OccGridEstimator`` marches each
-  ray through an occupancy grid over ``[-bound, bound]^3`` with a step of
-  ``2 sqrt(3) bound / samples_per_ray``, skipping empty cells and stopping early once the
+* CUDA (``estimator="occgrid"``, the default there when nerfacc's CUDA kernels load; see
+  :mod:`distill3d.render.kernels`): nerfacc's ``OccGridEstimator`` marches each
+  ray through an occupancy grid over ``[-bound, bound]^3`` with a step of ``occ_step_size`` (default
+  ``2 sqrt(3) bound / occ_samples_per_diagonal``, 0.0068 for the unit box, as threestudio), skipping empty cells and stopping early once the
   transmittance falls below ``early_stop_eps``; the samples are packed (``ray_indices``) and
   composited by ``nerfacc.volrend.rendering``. The trainer calls :meth:`VolumeRenderer.update`
   every step, which refreshes the grid every ``occ_update_every`` steps (EMA of
@@ -52,8 +53,6 @@ view is shaded, and renders without them have no ``normal`` or ``orientation_los
 
 from __future__ import annotations
 
-from distill3d_protocol.errors import Distill3DError
-
 import logging
 import math
 from typing import Any, Optional, Sequence
@@ -63,14 +62,14 @@ import torch
 import torch.nn.functional as F
 from nerfacc.volrend import accumulate_along_rays, render_weight_from_density, rendering
 
-from ..cameras import CameraBatch, turntable
-from distill3d_protocol.errors import ConfigError
-
-from ..checks import check_number
+from distill3d_protocol.errors import ConfigError, Distill3DError
 from distill3d_protocol.jobconfig import RendererConfig as _RendererConfig
 from distill3d_protocol.settings import build
 
+from ..cameras import CameraBatch, turntable
+from ..checks import check_number
 from ..field import Background, RadianceField
+from .kernels import nerfacc_cuda_status
 
 log = logging.getLogger(__name__)
 
@@ -155,17 +154,25 @@ class VolumeRenderer:
         return torch.device("cpu")
 
     def uses_occupancy_grid(self, device: Optional[torch.device] = None) -> bool:
+        """Whether this render marches nerfacc's occupancy grid: ``occgrid``, or ``auto`` on CUDA
+        when nerfacc's CUDA kernels load (else ``auto`` falls back to the batched path, warning once)."""
         device = device or self.device
         if self.config.estimator == "occgrid":
             if device.type != "cuda":
                 raise RenderError("estimator 'occgrid' needs the field on a CUDA device (nerfacc's grid is CUDA-only); use 'stratified' or 'auto'")
+            available, reason = nerfacc_cuda_status()
+            if not available:
+                raise RenderError(f"estimator 'occgrid' cannot run: {reason} Use renderer.estimator 'auto' or 'stratified'.")
             return True
-        return self.config.estimator == "auto" and device.type == "cuda"
+        return self.config.estimator == "auto" and device.type == "cuda" and nerfacc_cuda_status()[0]
 
     @property
     def render_step_size(self) -> float:
-        """Marching step of the occupancy-grid path: the box diagonal over ``samples_per_ray``."""
-        return 2.0 * FAR_MARGIN * self.field.bound / self.config.samples_per_ray
+        """Marching step of the occupancy-grid path: ``occ_step_size``, else the box diagonal over
+        ``occ_samples_per_diagonal`` (512 gives threestudio's 0.0068 for the unit box)."""
+        if self.config.occ_step_size is not None:
+            return self.config.occ_step_size
+        return 2.0 * FAR_MARGIN * self.field.bound / self.config.occ_samples_per_diagonal
 
     def occupancy_grid(self):
         """The nerfacc ``OccGridEstimator`` (created on the field's device on first use)."""
@@ -187,7 +194,9 @@ class VolumeRenderer:
             return False
         grid = self.occupancy_grid()
         grid.train()
-        step_size = self.render_step_size
+        # the threshold compares density x step of the path that renders: the marching step on CUDA,
+        # the stratified bin (box diagonal / samples_per_ray) elsewhere
+        step_size = self.render_step_size if self.uses_occupancy_grid() else 2.0 * FAR_MARGIN * self.field.bound / self.config.samples_per_ray
 
         def occ_eval_fn(x: torch.Tensor) -> torch.Tensor:
             return self.field.density(x)[:, None] * step_size
@@ -263,8 +272,12 @@ class VolumeRenderer:
         generator: Optional[torch.Generator] = None,
         light: Optional[torch.Tensor] = None,
         jitter: Optional[bool] = None,
+        with_normals: Optional[bool] = None,
     ) -> dict[str, Any]:
-        """Render ``cameras`` at ``resolution`` x ``resolution``; see the module docstring."""
+        """Render ``cameras`` at ``resolution`` x ``resolution``; see the module docstring.
+
+        Normals (the ``normal`` output and the orientation loss) are computed when
+        ``with_normals``, else (None) when ``compute_normals`` is set or a view is shaded."""
         resolution = _num("resolution", resolution, 1, 8192, integer=True)
         if not isinstance(cameras, CameraBatch) or len(cameras) == 0:
             raise RenderError("cameras must be a non-empty CameraBatch")
@@ -291,7 +304,8 @@ class VolumeRenderer:
         ray_light = light[view_of_ray] if light is not None and shaded else None
         near, far, hit = ray_box_intersection(origins, dirs, self.field.bound, self.config.near_plane)
 
-        normals = self.config.compute_normals or shaded
+        normals = with_normals if with_normals is not None else (self.config.compute_normals or shaded)
+        normals = normals or shaded  # shading needs them
         if self.uses_occupancy_grid(device):
             acc, num_samples = self._render_packed(origins, dirs, near, far, hit, code, ray_light, jitter, generator, normals)
             rgb_acc, opacity, depth_acc, normal_acc, orient = acc
