@@ -24,7 +24,9 @@ import torch
 import torch.nn.functional as F
 
 from .cameras import CameraBatch, CameraDistribution, camera_source_from_dict, turntable
-from .config import JobConfig, to_dict
+from distill3d_protocol.errors import Distill3DError
+
+from .config import JobConfig, LearnedScoreConfig, to_dict
 from .device import resolve_device
 from .distill import make_estimator
 from .distill.base import DistillBatch, Estimator
@@ -45,6 +47,26 @@ class Cancelled(Exception):
 
     def __init__(self, step: int) -> None:
         super().__init__(f"cancelled at step {step}")
+        self.step = step
+
+
+class OutOfMemory(Distill3DError):
+    """The GPU ran out of memory; the message says which settings lower the need."""
+
+    def __init__(self, config: JobConfig, step: int, device: torch.device) -> None:
+        peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else float("nan")
+        method = config.method.KIND
+        advice = [f"batch_size ({config.batch_size})", f"resolution ({config.resolution} px)",
+                  f"renderer.samples_per_ray ({config.renderer.samples_per_ray})"]
+        if isinstance(config.method, LearnedScoreConfig) and not config.method.gradient_checkpointing:
+            advice.insert(0, "set method.gradient_checkpointing true")
+        if getattr(config.prior, "attention_slicing", True) is False:
+            advice.append("prior.attention_slicing true")
+        if getattr(config.prior, "vae_slicing", True) is False:
+            advice.append("prior.vae_slicing true")
+        super().__init__(f"out of GPU memory at step {step} ({method}; peak {peak:.1f} GiB allocated). Lower "
+                         f"{', '.join(advice)}; SSD needs the most memory, then VSD/ESD, then SDS. "
+                         "See benchmarks/bench_memory.py for each method's need.")
         self.step = step
 
 
@@ -272,7 +294,10 @@ class Trainer:
                 if checkpoint_dir is not None:
                     self.save_checkpoint(checkpoint_dir)
                 raise Cancelled(self.step)
-            losses = self.train_step()
+            try:
+                losses = self.train_step()
+            except torch.cuda.OutOfMemoryError:
+                raise OutOfMemory(self.config, self.step, self.device) from None
             self.last_losses = losses
             if not all(math.isfinite(v) for v in losses.values()):
                 log.warning("non-finite loss at step %d: %s", self.step, losses)

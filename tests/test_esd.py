@@ -296,3 +296,41 @@ def test_make_learned_score_picks_lora_for_sd(prior):
 def test_esd_exact_is_refused_for_sd():
     with pytest.raises(ConfigError, match="esd-exact"):
         parse_job({"prompt": "a cat", "prior": {"kind": "sd"}, "method": {"kind": "esd-exact"}})
+
+
+# ---------------------------------------------------------------------- memory and precision of the LoRA step
+def _one_step(prior, **options):
+    """eps_psi after one training step, and the (unscaled) gradients that step applied."""
+    batch = _batch(prior)
+    learned = LoRAScore(prior, LearnedScoreConfig(lr=1e-2, p_null=0.0, seed=4, **options))
+    grads = {}
+    step = learned.optimizer.step
+
+    def recording_step(*args, **kwargs):
+        grads.update({k: v.grad.detach().float().clone() for k, v in learned._lora_params.items() if v.grad is not None})
+        return step(*args, **kwargs)
+
+    learned.optimizer.step = recording_step
+    learned.train_step(batch.x0.float(), batch.cameras, batch.prompt, torch.Generator().manual_seed(2))
+    return learned, grads
+
+
+def test_gradient_checkpointing_is_on_by_default_and_changes_no_number():
+    with_ckpt, a = _one_step(random_prior("tiny", seed=0))
+    assert with_ckpt.unet.is_gradient_checkpointing
+    without, b = _one_step(random_prior("tiny", seed=0), gradient_checkpointing=False)
+    assert not without.unet.is_gradient_checkpointing
+    assert a and a.keys() == b.keys()
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], rtol=1e-4, atol=1e-7)
+
+
+def test_the_fp16_loss_scale_keeps_lora_gradients_close_to_fp32():
+    reference = random_prior("tiny", seed=0)
+    _, exact = _one_step(reference)
+    errors = {}
+    for scale in (1.0, 1024.0):
+        _, half = _one_step(random_prior("tiny", seed=0, dtype=torch.float16), fp16_loss_scale=scale)
+        num = sum(float((half[n] - exact[n]).norm() ** 2) for n in exact) ** 0.5
+        errors[scale] = num / sum(float(exact[n].norm() ** 2) for n in exact) ** 0.5
+    assert errors[1024.0] < 0.05, errors  # relative error of the whole gradient

@@ -116,3 +116,21 @@ def test_short_sds_run_on_reference_prior_approaches_the_object():
 def test_bad_arguments_fail_before_any_work(patch):
     with pytest.raises(ConfigError):
         Trainer(tiny_config(**patch))
+
+
+def test_out_of_gpu_memory_becomes_advice(monkeypatch):
+    from distill3d.trainer import OutOfMemory
+
+    trainer = Trainer(tiny_config(iters=3, method="vsd"))
+    trainer.config.method.gradient_checkpointing = False
+
+    def oom():
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(trainer, "train_step", oom)
+    with pytest.raises(OutOfMemory) as info:
+        trainer.run()
+    message = str(info.value)
+    assert "out of GPU memory at step 0 (vsd" in message
+    for advice in ("method.gradient_checkpointing", "batch_size (2)", "resolution (16 px)", "renderer.samples_per_ray (24)"):
+        assert advice in message

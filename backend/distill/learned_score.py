@@ -216,11 +216,24 @@ class LearnedScore(abc.ABC):
             target = eps
         with torch.enable_grad(), self._session():
             out = self._output(x_t, t, features, null, prompt)
-            loss = F.mse_loss(out, target)
+            loss = F.mse_loss(out.float(), target)
             self.optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+            # half precision: a static loss scale keeps small gradients from flushing to zero in the
+            # fp16 backward; the fp32 adapter's gradients are unscaled before clipping and the step
+            scale = self.config.fp16_loss_scale if out.dtype == torch.float16 else 1.0
+            (loss * scale).backward()
+        params = list(self.trainable_parameters())
+        if scale != 1.0:
+            for p in params:
+                if p.grad is not None:
+                    p.grad.div_(scale)
+            if not all(torch.isfinite(p.grad).all() for p in params if p.grad is not None):
+                log.warning("eps_psi step %d skipped: fp16 gradients overflowed at loss scale %g", self.steps, scale)
+                self.optimizer.zero_grad(set_to_none=True)
+                self.steps += 1
+                return float(loss.detach())
         if self.config.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(self.trainable_parameters(), self.config.grad_clip)
+            torch.nn.utils.clip_grad_norm_(params, self.config.grad_clip)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.steps += 1
@@ -298,6 +311,8 @@ class LoRAScore(LearnedScore):
                 self._lora_params[name] = param
         if not self._lora_params:
             raise LearnedScoreError(f"no module of the UNet matches target_modules {list(self.config.target_modules)}")
+        if self.config.gradient_checkpointing and hasattr(unet, "enable_gradient_checkpointing"):
+            unet.enable_gradient_checkpointing()  # activations recomputed in backward: the LoRA step's memory
         self._set_adapters(False)
         self._depth = 0
         self._camera_emb: Optional[torch.Tensor] = None

@@ -93,6 +93,10 @@ class LearnedScoreConfig:
     p_null: float = setting(0.1, "probability of training a sample with the null camera", lo=0.0, hi=1.0)
     camera_hidden: int = setting(0, "camera MLP hidden width; 0 = the time-embedding width", lo=0, hi=4096)
     grad_clip: float = setting(0.0, "max gradient norm of eps_psi's parameters; 0 = no clipping", lo=0.0, hi=1e6)
+    gradient_checkpointing: bool = setting(True, "LoRA on SD's UNet: recompute activations in eps_psi's backward "
+                                                 "(much less memory for a slower LoRA step)")
+    fp16_loss_scale: float = setting(1024.0, "static loss scale of eps_psi's half-precision backward (gradients are unscaled "
+                                             "before the step; fp16 LoRA gradients were 10% off without one)", lo=1.0, hi=2.0**24)
     target_modules: tuple = setting(("to_q", "to_k", "to_v", "to_out.0"), "UNet modules the LoRA adapts", min_items=1)
     channels: tuple = setting((32, 64, 64), "pixel-space eps_psi UNet's block widths (reference world)",
                               lo=8, hi=1024, multiple_of=8, min_items=1)
