@@ -249,3 +249,29 @@ def test_method_names_and_help_texts_are_stated_once():
             continue
         hits = [p for p, text in sources.items() if spec.help[:40] in text]
         assert len(hits) <= 1, f"help of {path} appears in {hits}"
+
+
+# ----------------------------------------------------------------------------- recipes
+
+
+def test_the_sd_recipe_fills_only_what_was_not_given():
+    esd = cli_job(["a teapot", "--prior", "sd", "--method", "esd", "--iters", "100"])
+    assert (esd.iters, esd.resolution, esd.batch_size, esd.view_dependent) == (100, 64, 1, True)
+    assert esd.field.KIND == "hash" and esd.method.lora_lr == 1e-4 and esd.optim.lambda_sparsity == 10.0
+    mine = cli_job(["a teapot", "--prior", "sd", "--method", "sds", "--field", "auto", "--set", "optim.lambda_sparsity=0"])
+    assert mine.field is None and mine.optim.lambda_sparsity == 0.0 and mine.renderer.shading == "mixed"
+    plain = cli_job(["a teapot", "--prior", "sd", "--method", "esd", "--recipe", "none"])
+    assert (plain.resolution, plain.batch_size, plain.field) == (32, 4, None)
+    reference = cli_job(["a rubber duck", "--method", "esd-exact"])
+    assert reference == parse_job({"prompt": "a rubber duck", "method": {"kind": "esd-exact"}}), "the reference world has no recipe"
+
+
+def test_every_recipe_deviation_is_documented():
+    from distill3d_protocol.recipes import DEVIATIONS, RECIPES
+
+    doc = (ROOT / "docs" / "recipes.md").read_text()
+    for topic, _ in DEVIATIONS:
+        assert f"**{topic}**" in doc
+    for (prior, method), (name, settings) in RECIPES.items():
+        assert name.split(" (")[0].split()[-1] in doc
+        with_overrides({"prompt": "x", "prior": {"kind": prior}, "method": {"kind": method}}, settings)  # valid settings

@@ -2,7 +2,8 @@
 
 * ``schema``: the JSON Schema of a job (draft 2020-12), for external clients and tools;
 * ``show [job flags]``: the effective job a command line describes (the flags of ``generate``);
-* ``paths``: every setting's dotted path, default, allowed values and help.
+* ``paths``: every setting's dotted path, default, allowed values and help;
+* ``recipes``: the starting point per prior and method (``--recipe auto``) and its deviations.
 """
 
 from __future__ import annotations
@@ -25,6 +26,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     show.set_defaults(func=run_show)
     paths = csub.add_parser("paths", help="list every setting (dotted path, default, allowed values, help)")
     paths.set_defaults(func=run_paths)
+    recipes = csub.add_parser("recipes", help="the references' recipe per prior and method, and where ours differ")
+    recipes.set_defaults(func=run_recipes)
     p.set_defaults(func=lambda args: p.print_help() or 2)
 
 
@@ -44,4 +47,17 @@ def run_paths(args: argparse.Namespace) -> int:
     for path, (spec, default) in settings_by_path().items():
         shown = json.dumps(list(default) if isinstance(default, tuple) else default)
         print(f"{path} = {shown}  ({spec.describe()})\n    {spec.help}")
+    return 0
+
+
+def run_recipes(args: argparse.Namespace) -> int:
+    from distill3d_protocol.recipes import DEVIATIONS, RECIPES
+
+    for (prior, method), (name, settings) in RECIPES.items():
+        print(f"--prior {prior} --method {method}: {name}")
+        for path, value in settings.items():
+            print(f"    {path} = {json.dumps(value)}")
+    print("where these differ from the references:")
+    for topic, why in DEVIATIONS:
+        print(f"  - {topic}: {why}")
     return 0

@@ -3,7 +3,9 @@
 Every setting is reachable as ``--set dotted.path=VALUE`` (VALUE is JSON, or a plain string);
 the common ones also have a short flag (:data:`SHORT_FLAGS`) whose help text, choices and
 type come from the setting itself. ``--config FILE`` starts from a job file (any version).
-Order: the file, then the short flags, then ``--set`` in the order given.
+Order: the file, then the short flags, then ``--set`` in the order given; with ``--recipe auto``
+(the default) the references' recipe for the chosen prior and method (``distill3d_protocol.recipes``)
+fills in the settings none of these gave.
 
 Used by ``distill3d generate`` and ``distill3d config show``.
 """
@@ -16,7 +18,13 @@ import json
 from pathlib import Path
 from typing import Any
 
+import logging
+
+from distill3d_protocol.recipes import recipe_for
+
 from ..config import ConfigError, JobConfig, leaf_paths, migrate, with_overrides
+
+log = logging.getLogger(__name__)
 
 #: flag -> dotted path (the flag's help, choices and type are the setting's)
 SHORT_FLAGS: dict[str, str] = {
@@ -85,6 +93,10 @@ def add_job_arguments(parser: argparse.ArgumentParser) -> None:
             parser.add_argument(flag, dest=dest, type=_flag_type(spec), default=None, metavar=spec.kind.upper(), help=spec.help + shown)
     parser.add_argument("--vertex-colors", dest="flag_vertex_colors", action="store_true", default=None,
                         help="export vertex colours instead of a UV texture (export.textured=false)")
+    parser.add_argument("--recipe", choices=("auto", "none"), default="auto",
+                        help="auto: start from the references' recipe for the chosen prior and method (Stable Diffusion: "
+                             "threestudio's dreamfusion-sd / prolificdreamer; see docs/recipes.md), for the settings not given; "
+                             "none: the job description's defaults")
     parser.add_argument("--set", dest="set_values", action="append", default=[], metavar="PATH=VALUE",
                         help="any setting by its dotted path, e.g. --set method.lam=0.5 --set renderer.samples_per_ray=96 "
                              "(`distill3d config paths` lists them all)")
@@ -138,4 +150,22 @@ def job_from_args(args: argparse.Namespace) -> JobConfig:
         overrides[path] = value
     if "prompt" not in base and "prompt" not in overrides:
         raise ConfigError("a prompt is required (as the first argument, in --config, or --set prompt=...)")
-    return with_overrides(base, overrides)
+    job = with_overrides(base, overrides)
+    recipe = recipe_for(job.prior.KIND, job.method.KIND) if getattr(args, "recipe", "auto") == "auto" else None
+    if recipe is None:
+        return job
+    name, settings = recipe
+    given = set(overrides) | set(_paths(base))
+    unset = {path: value for path, value in settings.items() if not any(g == path or g.startswith(path + ".") or path.startswith(g + ".")
+                                                                         for g in given)}
+    log.info("recipe %s for the settings not given: %s", name, ", ".join(f"{k}={v}" for k, v in unset.items()))
+    return with_overrides(base, {**unset, **overrides})
+
+
+def _paths(data: dict, prefix: str = "") -> list[str]:
+    """The dotted paths of the values in a nested dict."""
+    out = []
+    for key, value in data.items():
+        path = prefix + key
+        out.extend(_paths(value, path + ".") if isinstance(value, dict) and value else [path])
+    return out

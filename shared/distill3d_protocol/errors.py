@@ -20,7 +20,7 @@ PROTOCOL_ERROR_CODES = (
     "unknown_field",  # a header field that this kind does not have
     "bad_field",  # wrong type, out of range, not finite, too long
     "bad_array",  # array descriptor or payload is wrong
-    "too_large",  # arrays above the byte limit
+    "too_large",  # a header or arrays above the receiver's byte limit
 )
 
 SERVER_ERROR_CODES = (
@@ -31,6 +31,8 @@ SERVER_ERROR_CODES = (
     "job_failed",  # the trainer raised
     "shutdown",  # the server is stopping; the job is interrupted and can be resumed later
     "unexpected_kind",  # a server-to-client kind (or a reply) sent to the server
+    "storage",  # the jobs folder could not be written or read (full disk, read-only, I/O error)
+    "busy",  # a reply is refused until the client reads what it was already sent (fetch in flight, byte budget)
     "internal",  # a server bug; the server keeps running
 )
 
