@@ -195,7 +195,14 @@ class Trainer:
         t0 = time.perf_counter()
         cameras = self.camera_source.sample(cfg.batch_size, self.generator).to(self.device)
         images, extras = self.render_for_prior(cameras)
-        x0 = self.prior.encode(images)
+        # an estimator whose direction back-propagates through the prior (SSD's baseline) would hold
+        # the VAE-encode graph alive meanwhile: encode without it first, with it after the direction
+        encode_twice = self.estimator.direction_needs_memory and not self.prior.pixel_space
+        if encode_twice:
+            with torch.no_grad():
+                x0 = self.prior.encode(images.detach())
+        else:
+            x0 = self.prior.encode(images)
         t1 = time.perf_counter()
         t = self.schedule.sample(self.step, cfg.batch_size, self.generator).to(self.device)
         eps = torch.randn(x0.shape, generator=self.generator, dtype=torch.float32).to(self.device, x0.dtype)
@@ -207,6 +214,8 @@ class Trainer:
             render={k: extras[k].detach() for k in ("rgb", "depth", "opacity") if k in extras},
         )
         direction, logs = self.estimator.direction(batch)
+        if encode_twice:
+            x0 = self.prior.encode(images)  # the same latents (the VAE's mean), now with the graph to the field
         grad = self.schedule.weight(t).to(x0.dtype) * direction.to(x0.dtype)
         grad = torch.nan_to_num(grad)
         t2 = time.perf_counter()

@@ -416,3 +416,24 @@ def test_trainer_with_method_ssd_runs_and_resumes_exactly(tmp_path):
     assert after_a == after_b
     assert after_a[-1]["ssd_mu"] != 0.0
     torch.testing.assert_close(a.estimator.m_dc, b.estimator.m_dc, rtol=0, atol=0)
+
+
+def test_ssd_with_a_latent_prior_frees_the_encode_graph_without_changing_the_step():
+    """The trainer encodes twice for SSD on a latent prior (without the graph for the baseline's
+    backward, with it for the field's): the field's step is the one a single encode gives."""
+    from distill3d.config import parse_job
+    from distill3d.priors.stable_diffusion import random_prior
+    from distill3d.trainer import Trainer
+
+    prior = random_prior("tiny", seed=0, with_depth=True)
+    cfg = {"prompt": "a red car", "prior": {"kind": "sd"}, "method": {"kind": "ssd"}, "resolution": 16, "batch_size": 2,
+           "field": {"kind": "dense", "resolution": 12}, "renderer": {"samples_per_ray": 8}, "iters": 2, "preview": {"every": 0},
+           "seed": 3, "device": "cpu"}
+    fields = []
+    for twice in (True, False):
+        trainer = Trainer(parse_job(cfg), prior=prior)
+        assert trainer.estimator.direction_needs_memory
+        trainer.estimator.direction_needs_memory = twice
+        trainer.train_step()
+        fields.append(torch.cat([p.detach().flatten() for p in trainer.field.parameters()]))
+    torch.testing.assert_close(fields[0], fields[1], rtol=1e-5, atol=1e-7)

@@ -40,6 +40,9 @@ class Estimator(abc.ABC):
     name: str = "estimator"
     #: when t is drawn and how it is weighted (a TimestepSchedule; set by make_estimator)
     schedule: Any = None
+    #: the direction back-propagates through the prior (memory): the trainer then frees the
+    #: VAE-encode graph while it runs (encodes the renders once without, once with the graph)
+    direction_needs_memory: bool = False
 
     def __init__(self, prior: Prior) -> None:
         self.prior = prior

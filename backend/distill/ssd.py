@@ -93,6 +93,7 @@ class SSD(Estimator):
     """Stein Score Distillation (see module doc). ``base_estimator=None`` means SDS."""
 
     name = SSDConfig.KIND
+    direction_needs_memory = True  # the depth baseline back-propagates through UNet, VAE decoder and DPT
 
     def __init__(
         self,

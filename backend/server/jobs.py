@@ -9,7 +9,13 @@ Layout of ``<jobs_dir>/<job_id>/``::
     checkpoint/       the trainer's checkpoint (kept until the job is done)
 
 Only the server's main loop mutates :class:`JobRecord` objects and writes ``job.json``;
-worker threads write result files into the job folder before they report completion.
+worker threads write result files into the job folder, and fsync them and the folder,
+before they report completion.
+
+Storage faults (full disk, read-only folder, I/O errors) never escape as a bare ``OSError``:
+every write here raises :class:`StorageError` (wire code ``storage``), whose message names
+the file and the cause; :func:`storage_problem` tells whether an exception raised inside a
+job (e.g. by the trainer's checkpoint, whose torch writer raises ``RuntimeError``) was one.
 
 A record holds its job as a typed :class:`~distill3d.config.JobConfig`, validated once: at
 submit, or when ``job.json`` is read (:func:`distill3d.config.parse_job` also reads the flat
@@ -19,11 +25,13 @@ listable; the job cannot run (``config_error`` says why) and its text is written
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import math
 import os
 import secrets
+import threading
 import time
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -48,6 +56,45 @@ FINAL_STATES = ("done", "failed", "cancelled", "interrupted")
 
 class JobStoreError(Distill3DError, RuntimeError):
     """The jobs folder cannot be used (not writable, not a directory)."""
+
+
+class StorageError(JobStoreError):
+    """A file of the jobs folder could not be written or read; ``code`` is the wire's error code."""
+
+    code = "storage"
+
+    def __init__(self, message: str, cause: Optional[BaseException] = None) -> None:
+        super().__init__(message)
+        self.cause = cause
+
+
+# errnos that mean the storage itself failed, whichever file it was
+STORAGE_ERRNOS = frozenset(e for e in (errno.ENOSPC, errno.EROFS, errno.EIO, errno.EFBIG, getattr(errno, "EDQUOT", None)) if e)
+# torch's checkpoint writer reports OS failures as RuntimeError: "[enforce fail at inline_container.cc:...]"
+_TORCH_WRITER = "inline_container.cc"
+
+
+def _describe(exc: BaseException) -> str:
+    if isinstance(exc, OSError) and exc.strerror:
+        where = f": {exc.filename}" if exc.filename else ""
+        return f"{exc.strerror}{where}"
+    return f"{type(exc).__name__}: {exc}"[:500]
+
+
+def _storage_error(what: str, path: Path, exc: BaseException) -> StorageError:
+    return StorageError(f"cannot {what} {path}: {_describe(exc)}", exc)
+
+
+def fsync_dir(path: Path) -> None:
+    """Make a rename or a new file in ``path`` durable (a no-op where folders cannot be opened)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    except (PermissionError, IsADirectoryError):  # e.g. Windows: folders cannot be fsynced
+        return
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def new_job_id() -> str:
@@ -77,12 +124,26 @@ def json_safe(value: Any, depth: int = 0) -> Any:
 
 
 def atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    with open(tmp, "w", encoding="utf-8") as fh:
-        fh.write(text)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
+    """Write, fsync, rename, fsync the folder: the old or the new file, never a torn one.
+    Raises :class:`StorageError` (the temporary file is removed)."""
+    tmp = path.with_name(f"{path.name}.tmp{os.getpid()}-{threading.get_ident()}")
+    try:
+        with open(tmp, "w", encoding="utf-8") as fh:
+            fh.write(text)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+        fsync_dir(path.parent)
+    except OSError as exc:
+        _remove_quietly(tmp)
+        raise _storage_error("write", path, exc) from None
+
+
+def _remove_quietly(path: Path) -> None:
+    try:
+        os.unlink(path)
+    except OSError:
+        pass
 
 
 @dataclass
@@ -152,7 +213,7 @@ class JobRecord:
         if not isinstance(raw, dict):
             raise ValueError(f"job.json of {values.get('job_id')!r} has no config object")
         rec = cls(config=None, **values)
-        if not JOB_ID_RE.match(str(rec.job_id)) or rec.state not in JOB_STATES:
+        if not JOB_ID_RE.fullmatch(str(rec.job_id)) or rec.state not in JOB_STATES:
             raise ValueError(f"job.json has a bad id or state: {rec.job_id!r} {rec.state!r}")
         try:
             rec.config = parse_job(raw)
@@ -181,7 +242,7 @@ class JobStore:
             raise JobStoreError(f"jobs folder {self.root} is not writable")
 
     def job_dir(self, job_id: str) -> Path:
-        if not JOB_ID_RE.match(job_id):  # never build a path from an unchecked id
+        if not isinstance(job_id, str) or not JOB_ID_RE.fullmatch(job_id):  # never build a path from an unchecked id
             raise ValueError(f"bad job id {job_id!r}")
         return self.root / job_id
 
@@ -189,18 +250,30 @@ class JobStore:
         return self.job_dir(job_id) / CHECKPOINT_DIR
 
     def create(self, config: JobConfig, owner: str) -> JobRecord:
-        """A new job folder and record for a validated ``config``."""
+        """A new job folder and record for a validated ``config``; :class:`StorageError` leaves no folder."""
         if not isinstance(config, JobConfig):
             raise TypeError(f"JobStore.create takes a JobConfig (distill3d.config.parse_job), got {type(config).__name__}")
         job_id = new_job_id()
         while self.job_dir(job_id).exists():
             job_id = new_job_id()
-        self.job_dir(job_id).mkdir(parents=True)
+        folder = self.job_dir(job_id)
+        try:
+            folder.mkdir(parents=True)
+        except OSError as exc:
+            raise _storage_error("create the job folder", folder, exc) from None
         rec = JobRecord(job_id=job_id, config=config, owner=owner, total=config.iters)
-        self.save(rec)
+        try:
+            self.save(rec)
+        except StorageError:
+            try:
+                folder.rmdir()
+            except OSError:
+                pass
+            raise
         return rec
 
     def save(self, rec: JobRecord) -> None:
+        """Write the record's job.json atomically; raises :class:`StorageError`."""
         rec.updated = time.time()
         atomic_write_text(self.job_dir(rec.job_id) / JOB_FILE, json.dumps(rec.to_json(), indent=1, allow_nan=False))
 
@@ -218,16 +291,91 @@ class JobStore:
 
     def result_files(self, job_id: str) -> List[str]:
         d = self.job_dir(job_id)
-        return [name for name in RESULT_FILES if (d / name).is_file()]
+        found = []
+        for name in RESULT_FILES:
+            try:
+                if (d / name).is_file():
+                    found.append(name)
+            except OSError:  # an unreadable folder lists nothing rather than failing the caller
+                pass
+        return found
 
     # ------------------------------------------------------------------ result mesh
     def write_mesh(self, job_id: str, arrays: Dict[str, np.ndarray]) -> Path:
-        """Store the wire arrays exactly (npz, no pickle); atomic."""
+        """Store the wire arrays exactly (npz, no pickle); atomic and fsynced; raises :class:`StorageError`."""
         path = self.job_dir(job_id) / MESH_FILE
         tmp = path.with_name(path.name + ".tmp.npz")
-        np.savez(tmp, **{k: np.ascontiguousarray(v) for k, v in arrays.items()})
-        os.replace(tmp, path)
+        try:
+            with open(tmp, "wb") as fh:
+                np.savez(fh, **{k: np.ascontiguousarray(v) for k, v in arrays.items()})
+                fh.flush()
+                os.fsync(fh.fileno())
+            os.replace(tmp, path)
+        except OSError as exc:
+            _remove_quietly(tmp)
+            raise _storage_error("write", path, exc) from None
         return path
+
+    def sync_results(self, job_id: str) -> List[str]:
+        """fsync every result file and the job folder (before ``done`` is announced); returns the
+        files synced. Raises :class:`StorageError`."""
+        d = self.job_dir(job_id)
+        synced = []
+        for name in self.result_files(job_id):
+            path = d / name
+            try:
+                fd = os.open(path, os.O_RDONLY)
+                try:
+                    os.fsync(fd)
+                finally:
+                    os.close(fd)
+            except OSError as exc:
+                raise _storage_error("sync", path, exc) from None
+            synced.append(name)
+        try:
+            fsync_dir(d)
+        except OSError as exc:
+            raise _storage_error("sync", d, exc) from None
+        return synced
+
+    def storage_problem(self, job_id: str, exc: BaseException) -> Optional[str]:
+        """Why ``exc``, raised while the job ran, is a storage fault (None when it is not):
+        a :class:`StorageError`, an OSError of the storage kind (ENOSPC, EROFS, EIO, ...) or on a
+        file in the job's folder, torch's checkpoint writer failing, or, failing those tests, an
+        error of any kind while the job's folder itself cannot be written (probed)."""
+        if isinstance(exc, StorageError):
+            return str(exc)
+        for cause in _chain(exc):
+            if isinstance(cause, OSError) and (cause.errno in STORAGE_ERRNOS or self._in_job(job_id, cause.filename)):
+                return f"cannot write the job's files in {self.job_dir(job_id)}: {_describe(cause)}"
+            if isinstance(cause, RuntimeError) and _TORCH_WRITER in str(cause):
+                probed = self.probe(job_id)
+                reason = probed or f"the checkpoint writer failed ({str(cause)[:200]})"
+                return f"cannot write the job's checkpoint in {self.checkpoint_dir(job_id)}: {reason}"
+        probed = self.probe(job_id)
+        return None if probed is None else f"cannot write the job's files in {self.job_dir(job_id)}: {probed}"
+
+    def probe(self, job_id: str) -> Optional[str]:
+        """Whether a small file can be written and synced in the job's folder: None, or why not."""
+        path = self.job_dir(job_id) / ".probe"
+        try:
+            with open(path, "wb") as fh:
+                fh.write(b"\0" * 4096)
+                fh.flush()
+                os.fsync(fh.fileno())
+            os.unlink(path)
+        except OSError as exc:
+            _remove_quietly(path)
+            return _describe(exc)
+        return None
+
+    def _in_job(self, job_id: str, filename: Any) -> bool:
+        if not filename:
+            return False
+        try:
+            return Path(os.fsdecode(filename)).resolve().is_relative_to(self.job_dir(job_id))
+        except (TypeError, ValueError, OSError):
+            return False
 
     def read_mesh(self, job_id: str) -> Dict[str, np.ndarray]:
         """The result arrays: mesh.npz when present, else read back from result.glb."""
@@ -279,6 +427,15 @@ class JobStore:
                 d.rmdir()
             except OSError:
                 pass
+
+
+def _chain(exc: BaseException) -> List[BaseException]:
+    """``exc`` and its causes and contexts (each once)."""
+    seen: List[BaseException] = []
+    while exc is not None and not any(exc is s for s in seen) and len(seen) < 16:
+        seen.append(exc)
+        exc = exc.__cause__ or exc.__context__
+    return seen
 
 
 def read_glb_arrays(path: Path) -> Dict[str, np.ndarray]:

@@ -16,6 +16,7 @@ sender cannot emit a message its peer would reject. Arrays are decoded zero-copy
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Union
 
@@ -29,6 +30,7 @@ from .schema import (
     KINDS,
     MAX_ARRAY_BYTES,
     MAX_ARRAYS,
+    MAX_FLOAT_INT,
     MAX_HEADER_BYTES,
     PROTOCOL_VERSION,
     REQ_ID_RE,
@@ -40,6 +42,7 @@ from .schema import (
 
 Frame = Union[bytes, bytearray, memoryview, Any]  # Any: objects with a ``.buffer`` (zmq.Frame)
 _RESERVED = ("v", "kind", "job", "arrays")
+_LONG_DIGITS = re.compile(rb"[0-9]{309,}")  # 2**1023 has 308 digits: only longer runs can overflow a float
 
 
 @dataclass
@@ -107,17 +110,35 @@ def _json_default(value: Any) -> Any:
     raise TypeError(f"{type(value).__name__} is not JSON-serialisable")
 
 
+def _huge_integer_path(value: Any, path: str = "") -> Optional[str]:
+    """The dotted path of the first integer too large for a float (beyond 2**1023), else None."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        return path or "(header)" if abs(value) > MAX_FLOAT_INT else None
+    items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else ()
+    for key, item in items:
+        found = _huge_integer_path(item, f"{path}[{key}]" if isinstance(key, int) else f"{path}.{key}" if path else str(key))
+        if found:
+            return found
+    return None
+
+
 def _parse_header(view: memoryview, max_header_bytes: int) -> dict:
     if view.nbytes > max_header_bytes:
-        raise ProtocolError("bad_header", f"header is {view.nbytes} bytes; the limit is {max_header_bytes}")
+        raise ProtocolError("too_large", f"header is {view.nbytes} bytes; the limit is {max_header_bytes}")
     try:
-        text = bytes(view).decode("utf-8")
-        header = json.loads(text, parse_constant=_reject_constant, object_pairs_hook=_no_duplicate_keys)
+        header = json.loads(bytes(view).decode("utf-8"), parse_constant=_reject_constant, object_pairs_hook=_no_duplicate_keys)
     except (UnicodeDecodeError, ValueError, RecursionError) as exc:
         raise ProtocolError("bad_header", f"header frame is not valid UTF-8 JSON: {str(exc)[:200]}") from None
     if not isinstance(header, dict):
         raise ProtocolError("bad_header", f"header must be a JSON object, got {type(header).__name__}")
     return header
+
+
+def _check_huge_integers(view: memoryview, header: dict) -> None:
+    if _LONG_DIGITS.search(view):  # rare: only then walk the header to name the field
+        path = _huge_integer_path(header)
+        if path is not None:
+            raise ProtocolError("bad_field", f"{path} is an integer too large for any field (more than 2**1023)")
 
 
 def _check_descriptors(descs: Any, allowed: Sequence[str], max_array_bytes: int, kind: str) -> List[tuple]:
@@ -206,14 +227,18 @@ def decode(
         raise ProtocolError("bad_frames", "a message needs at least one frame (the JSON header)")
     if len(frames) > 1 + MAX_ARRAYS:
         raise ProtocolError("bad_frames", f"at most {1 + MAX_ARRAYS} frames allowed, got {len(frames)}")
-    header = _parse_header(_as_bytes_view(frames[0], 0), max_header_bytes)
+    view = _as_bytes_view(frames[0], 0)
+    header = _parse_header(view, max_header_bytes)
     req = header.get("req")
-    req = req if isinstance(req, str) and REQ_ID_RE.match(req) else None
+    req = req if isinstance(req, str) and REQ_ID_RE.fullmatch(req) else None
     try:
+        _check_huge_integers(view, header)
         message = _validate(header, frames, max_array_bytes)
     except ProtocolError as exc:
         exc.req = req
         raise
+    except (OverflowError, RecursionError) as exc:  # a number or nesting no validator expected: still a reply
+        raise ProtocolError("bad_field", f"a header value cannot be checked: {type(exc).__name__}: {str(exc)[:200]}", req) from None
     return message
 
 
@@ -230,7 +255,7 @@ def _validate(header: dict, frames: Sequence[Frame], max_array_bytes: int) -> Me
     reply = kind in REQUEST_REPLY_KINDS and header.get("reply") is True
     spec = kind_spec(kind, reply)
     job_id = header.get("job")
-    if job_id is not None and (not isinstance(job_id, str) or not JOB_ID_RE.match(job_id)):
+    if job_id is not None and (not isinstance(job_id, str) or not JOB_ID_RE.fullmatch(job_id)):
         raise ProtocolError("bad_field", f"job must be null or a job id matching {JOB_ID_RE.pattern}, got {repr(job_id)[:80]}")
     if job_id is None and kind in JOB_REQUIRED:
         raise ProtocolError("missing_field", f"job (the job id) is required for {kind}")

@@ -24,7 +24,7 @@ PROTOCOL_ERROR_CODES = (
 )
 
 SERVER_ERROR_CODES = (
-    "bad_job",  # the job config failed validation (distill3d.config.parse_job)
+    "bad_job",  # the job config failed validation, or needs more memory/time than the server allows
     "not_found",  # no such job (or not visible to this client)
     "bad_state",  # the request does not fit the job's state (e.g. cancel a finished job)
     "queue_full",  # too many queued jobs

@@ -63,6 +63,7 @@ MAX_ROWS = 1 << 28  # vertices / faces per mesh
 MAX_IMAGE_SIDE = 16_384
 MAX_RIG_CAMERAS = 1024
 
+# Always tested with ``fullmatch``: ``$`` alone would let a trailing newline through.
 JOB_ID_RE = re.compile(r"^[A-Za-z0-9_-]{1,64}$")  # also a folder name: no dots, no slashes
 REQ_ID_RE = re.compile(r"^[A-Za-z0-9_.:-]{1,64}$")
 CLIENT_RE = re.compile(r"^[A-Za-z0-9_.@:+ -]{1,64}$")
@@ -87,7 +88,7 @@ def v_str(max_len: int = MAX_STRING, min_len: int = 0, pattern: Optional[re.Patt
             raise _bad(path, "a string", value)
         if not min_len <= len(value) <= max_len:
             raise _bad(path, f"a string of {min_len} to {max_len} characters", value)
-        if pattern is not None and not pattern.match(value):
+        if pattern is not None and not pattern.fullmatch(value):
             raise _bad(path, f"a string matching {pattern.pattern}", value)
         return value
 
@@ -107,11 +108,16 @@ def v_int(lo: int, hi: int, allow_integral_float: bool = False) -> Validator:
     return check
 
 
+MAX_FLOAT_INT = 2**1023  # JSON integers beyond this cannot be compared as floats (OverflowError at 2**1024)
+
+
 def v_num(lo: float, hi: float, lo_open: bool = False) -> Validator:
     def check(path: str, value: Any) -> float:
         what = f"a finite number in {'(' if lo_open else '['}{lo}, {hi}]"
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise _bad(path, what, value)
+        if isinstance(value, int) and abs(value) > MAX_FLOAT_INT:
+            raise ProtocolError("bad_field", f"{path} must be {what}, got an integer of {len(str(abs(value)))} digits")
         if not math.isfinite(value) or value < lo or value > hi or (lo_open and value == lo):
             raise _bad(path, what, value)
         return value
@@ -356,10 +362,20 @@ KIND_FIELDS: Dict[Tuple[str, bool], Dict[str, F]] = {
         "server": F(v_json_object(), required=True),  # version, workers, running, queued, device, ...
         "info": F(v_optional(v_record(JOB_INFO_FIELDS, "job info"))),  # when the request named a job
     },
-    (Kind.LIST, False): {"reply": F(v_bool), "all": F(v_bool)},
+    (Kind.LIST, False): {
+        "reply": F(v_bool),
+        "all": F(v_bool),
+        # paging (either one asks for it): jobs oldest first from ``offset``, at most ``limit``
+        "offset": F(v_int(0, 1_000_000_000)),
+        "limit": F(v_int(1, MAX_LIST)),
+    },
     (Kind.LIST, True): {
         "reply": F(v_bool, required=True),
         "jobs": F(v_list(v_record(JOB_INFO_FIELDS, "job info")), required=True),
+        # only in replies to a paged request (older clients never see them)
+        "more": F(v_bool),  # jobs remain after this page
+        "next_offset": F(v_optional(_count)),  # the offset of the next page (null when none)
+        "total": F(_count),  # jobs the request could list
     },
     (Kind.FETCH, False): {"reply": F(v_bool)},
     (Kind.FETCH, True): {
