@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from .cameras import CameraBatch, CameraDistribution, camera_source_from_dict, turntable
 from distill3d_protocol.errors import Distill3DError
 
-from .config import JobConfig, LearnedScoreConfig, to_dict
+from .config import JobConfig, LearnedScoreConfig, SDPriorConfig, to_dict
 from .device import resolve_device
 from .distill import make_estimator
 from .distill.base import DistillBatch, Estimator
@@ -60,10 +60,8 @@ class OutOfMemory(Distill3DError):
                   f"renderer.samples_per_ray ({config.renderer.samples_per_ray})"]
         if isinstance(config.method, LearnedScoreConfig) and not config.method.gradient_checkpointing:
             advice.insert(0, "set method.gradient_checkpointing true")
-        if getattr(config.prior, "attention_slicing", True) is False:
-            advice.append("prior.attention_slicing true")
-        if getattr(config.prior, "vae_slicing", True) is False:
-            advice.append("prior.vae_slicing true")
+        if isinstance(config.prior, SDPriorConfig):
+            advice += [f"prior.{saver} true" for saver in ("attention_slicing", "vae_slicing") if not getattr(config.prior, saver)]
         super().__init__(f"out of GPU memory at step {step} ({method}; peak {peak:.1f} GiB allocated). Lower "
                          f"{', '.join(advice)}; SSD needs the most memory, then VSD/ESD, then SDS. "
                          "See benchmarks/bench_memory.py for each method's need.")
@@ -139,7 +137,7 @@ class Trainer:
             "estimator": self.estimator.state_dict(),
             "generator": self.generator.get_state(),
             "torch_rng": torch.get_rng_state(),
-            "renderer": self.renderer.state_dict() if hasattr(self.renderer, "state_dict") else {},
+            "renderer": self.renderer.state_dict(),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -150,7 +148,7 @@ class Trainer:
         self.estimator.load_state_dict(state["estimator"])
         self.generator.set_state(state["generator"])
         torch.set_rng_state(state["torch_rng"])
-        if state.get("renderer") and hasattr(self.renderer, "load_state_dict"):
+        if state.get("renderer"):
             self.renderer.load_state_dict(state["renderer"])
 
     def save_checkpoint(self, directory: Path) -> Path:
@@ -231,8 +229,7 @@ class Trainer:
         self.optimizer.step()
         t3 = time.perf_counter()
         logs.update(self.estimator.update(x0.detach(), cameras, self.prompt, self.generator))
-        if hasattr(self.renderer, "update"):
-            self.renderer.update(self.step)
+        self.renderer.update(self.step)
         t4 = time.perf_counter()
         self.timings["render"] += t1 - t0
         self.timings["prior"] += t2 - t1
