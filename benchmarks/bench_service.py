@@ -8,6 +8,9 @@
    consuming every progress and preview message, alternately; the ratio of the trainer's own
    seconds per iteration, plus the load-independent CPU the service spent per iteration
    (socket loop and callbacks, from the server's status) relative to a bare iteration.
+3. Bounded memory: a client that sends many fetches of a ~5 MB result and reads nothing; the
+   server process's resident memory growth (from /proc), what it reports as unsent, and how
+   many fetches it answered ``busy`` (one unsent fetch per client and job, a byte budget).
 
 Run: ``.venv/bin/python benchmarks/bench_service.py [--iters 60] [--out out/bench_service.json]``
 """
@@ -168,6 +171,64 @@ def bench_overhead(iters: int, resolution: int, preview_every: int, rounds: int)
     }
 
 
+def _rss_bytes(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    return 0
+
+
+def bench_lazy_fetches(arrays: dict, fetches: int) -> dict:
+    """``fetches`` fetches of one result from a DEALER that reads nothing for 3 s, against a server
+    process: its memory growth, its unsent bytes, and how the fetches were answered."""
+    from distill3d.config import parse_job
+    from distill3d.server import Client
+    from distill3d.server.jobs import JobStore
+
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        store = JobStore(tmp / "jobs")
+        rec = store.create(parse_job({"prompt": "benchmark sphere", "iters": 1}), owner="bench")
+        store.write_mesh(rec.job_id, arrays)
+        rec.state = "done"
+        store.save(rec)
+        proc, endpoint = start_server(tmp / "jobs", tmp / "server.log")
+        ctx = zmq.Context()
+        lazy = ctx.socket(zmq.DEALER)
+        lazy.setsockopt(zmq.RCVHWM, 1)
+        lazy.setsockopt(zmq.LINGER, 0)
+        try:
+            with Client(endpoint, timeout=30) as observer:
+                observer.ping()
+                base = _rss_bytes(proc.pid)
+                lazy.connect(endpoint)
+                t0 = time.perf_counter()
+                for i in range(fetches):
+                    lazy.send_multipart(encode(Kind.FETCH, {"req": f"f{i}"}, job_id=rec.job_id))
+                peak, unsent, pings = base, 0, []
+                while time.perf_counter() - t0 < 3.0:
+                    p0 = time.perf_counter()
+                    unsent = max(unsent, observer.status().header["server"]["outbound_bytes"])
+                    pings.append(time.perf_counter() - p0)
+                    peak = max(peak, _rss_bytes(proc.pid))
+                    time.sleep(0.05)
+                answers = {"fetch": 0, "busy": 0, "other": 0}
+                for _ in range(fetches):
+                    if not lazy.poll(30_000):
+                        break
+                    msg = decode(lazy.recv_multipart(copy=False))
+                    key = "fetch" if msg.kind == Kind.FETCH else "busy" if msg.header.get("code") == "busy" else "other"
+                    answers[key] += 1
+        finally:
+            lazy.close(0)
+            ctx.term()
+            proc.terminate()
+            proc.wait(60)
+    return {"fetches": fetches, "result_megabytes": round(sum(a.nbytes for a in arrays.values()) / 1e6, 2),
+            "server_rss_growth_megabytes": round((peak - base) / 1e6, 1), "max_unsent_megabytes": round(unsent / 1e6, 1),
+            "status_seconds_max": max(pings) if pings else None, "answers": answers}
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--faces", type=int, default=200_000)
@@ -177,6 +238,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--resolution", type=int, default=32)
     p.add_argument("--preview-every", type=int, default=10)
     p.add_argument("--rounds", type=int, default=3, help="alternating bare/served runs for the overhead")
+    p.add_argument("--lazy-fetches", type=int, default=200, help="fetches from a client that reads nothing (0 = skip)")
+    p.add_argument("--lazy-faces", type=int, default=20_000, help="faces of the lazily fetched result (with a 1024 texture: ~5 MB)")
     p.add_argument("--out", type=Path, default=None, help="write the numbers as JSON here")
     args = p.parse_args(argv)
 
@@ -199,6 +262,11 @@ def main(argv: list[str] | None = None) -> int:
               f"ratio of minima {overhead['ratio_of_minima']:.3f} (wall clock, noisy on a shared machine)")
         print(f"service CPU per iteration (socket loop + callbacks): {statistics.median(overhead['service_cpu_seconds_per_iteration']) * 1000:.2f} ms "
               f"-> accounted ratio {overhead['accounted_ratio']:.4f}")
+    if args.lazy_fetches > 0:
+        lazy = bench_lazy_fetches(sphere_mesh(args.lazy_faces, 1024), args.lazy_fetches)
+        report["lazy_fetches"] = lazy
+        print(f"{lazy['fetches']} fetches of a {lazy['result_megabytes']} MB result by a client that reads nothing: server memory "
+              f"+{lazy['server_rss_growth_megabytes']} MB, at most {lazy['max_unsent_megabytes']} MB unsent, answers {lazy['answers']}")
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(report, indent=2))

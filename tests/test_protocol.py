@@ -204,7 +204,7 @@ def test_wrong_version_unknown_kind_and_bad_json():
     assert _code([b'{"v": 1, "kind": "ping", "t": NaN}']) == "bad_header"
     assert _code([b'{"v": 1, "kind": "ping", "kind": "pong"}']) == "bad_header"
     assert _code([b"[" * 100_000]) == "bad_header"
-    assert _code([b" " * (proto.MAX_HEADER_BYTES + 1)]) == "bad_header"
+    assert _code([b" " * (proto.MAX_HEADER_BYTES + 1)]) == "too_large"
     assert _code([]) == "bad_frames"
     assert _code([object()]) == "bad_frames"
     assert _code("not a list") == "bad_frames"
@@ -237,6 +237,46 @@ def test_bad_fields_are_rejected_with_the_field_named():
     check({"kind": "list", "all": "yes"}, "bad_field", "all")
     check({"kind": "list", "reply": True}, "missing_field", "jobs")
     check({"kind": "ping", "req": "x" * 65}, "bad_field", "req")
+
+
+def test_integers_too_large_for_a_float_are_protocol_errors_naming_the_field():
+    huge = 1 << 1024  # float(huge) raises OverflowError; decode must not
+    for header, path in (
+        ({"kind": "ping", "req": "r1", "t": huge}, "t"),
+        ({"kind": "submit", "req": "r1", "config": {"prompt": "duck", "optim": {"lr": huge}}}, "config.optim.lr"),
+        ({"kind": "submit", "req": "r1", "config": {"prompt": "duck", "iters": -huge}}, "config.iters"),
+        ({"kind": "progress", "req": "r1", "job": "j", "step": 1, "total": 2, "losses": {"a": huge}}, "losses.a"),
+        ({"kind": "submit", "req": "r1", "config": {"prompt": "duck", "cameras": {"kind": "rig", "cameras": [
+            {"matrix": [1] * 15 + [huge], "fov": 40}]}}}, "config.cameras.cameras[0].matrix[15]"),
+    ):
+        with pytest.raises(ProtocolError) as info:
+            decode(_raw({"v": 1, **header}))
+        assert info.value.code == "bad_field" and info.value.message.startswith(f"{path} is an integer too large")
+        assert info.value.req == "r1"  # still answerable
+    with pytest.raises(ProtocolError) as info:  # a long integer that still fits a float: the field's own check
+        decode(_raw({"v": 1, "kind": "ping", "t": 10 ** 300}))
+    assert info.value.code == "bad_field" and info.value.message.startswith("t must be a finite number")
+
+
+def test_ids_with_a_trailing_newline_are_refused():
+    assert proto.JOB_ID_RE.fullmatch("abc") and not proto.JOB_ID_RE.fullmatch("abc\n")
+    assert _code(_raw({"v": 1, "kind": "cancel", "job": "abc\n"})) == "bad_field"
+    assert _code(_raw({"v": 1, "kind": "ping", "req": "r1\n"})) == "bad_field"
+    assert _code(_raw({"v": 1, "kind": "ping", "client": "artist\n"})) == "bad_field"
+    assert _code(_raw({"v": 1, "kind": "error", "code": "busy\n", "message": "x"})) == "bad_field"
+    with pytest.raises(ProtocolError) as info:
+        decode(_raw({"v": 1, "kind": "ping", "req": "r1\n", "bogus": 1}))
+    assert info.value.req is None  # a malformed request id is never echoed
+
+
+def test_list_paging_fields_and_replies_without_them():
+    assert decode(encode(Kind.LIST, {"offset": 20, "limit": 10, "all": True})).header["limit"] == 10
+    page = decode(encode(Kind.LIST, {"reply": True, "jobs": [], "more": True, "next_offset": 30, "total": 45}))
+    assert page.header["more"] is True and page.header["next_offset"] == 30
+    assert decode(encode(Kind.LIST, {"reply": True, "jobs": []})).reply  # what servers before paging send
+    assert _code(_raw({"v": 1, "kind": "list", "limit": 0})) == "bad_field"
+    assert _code(_raw({"v": 1, "kind": "list", "offset": -1})) == "bad_field"
+    assert {"storage", "busy"} <= set(proto.SERVER_ERROR_CODES)
 
 
 def test_integral_floats_are_accepted_for_job_integers():

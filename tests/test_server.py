@@ -218,14 +218,23 @@ def test_errors_echo_the_request_id(client):
     assert msg.header["req"] == "q-7" and msg.header["code"] == "unknown_field"
 
 
-def test_oversize_frames_disconnect_the_sender_not_the_server(server):
+def test_oversize_messages_get_too_large_and_huge_frames_disconnect_the_sender_not_the_server(server):
+    from distill3d.server.service import MAX_INBOUND_FRAME
+
     ctx = zmq.Context.instance()
     hog = ctx.socket(zmq.DEALER)
     hog.setsockopt(zmq.LINGER, 0)
     try:
         hog.connect(server.endpoint)
+        # above the protocol's header limit: answered, not silently dropped
         hog.send_multipart([b"x" * (proto.MAX_HEADER_BYTES + 100_000)])
-        assert not hog.poll(500)  # dropped by MAXMSGSIZE before it reaches the loop
+        assert hog.poll(int(REPLY_TIMEOUT * 1000))
+        reply = decode(hog.recv_multipart())
+        assert reply.kind == Kind.ERROR and reply.header["code"] == "too_large"
+        assert f"the limit is {proto.MAX_HEADER_BYTES}" in reply.header["message"]
+        # above the socket's hard cap: ZeroMQ cuts the sender off before the loop sees it
+        hog.send_multipart([b"x" * (MAX_INBOUND_FRAME + 1)])
+        assert not hog.poll(500)
     finally:
         hog.close(0)
     with Client(server.endpoint, timeout=REPLY_TIMEOUT) as fresh:

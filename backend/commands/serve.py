@@ -46,6 +46,14 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--progress-interval", type=float, default=0.05, help="minimum seconds between progress messages of one job")
     p.add_argument("--shutdown-timeout", type=float, default=60.0, help="seconds to wait for running jobs to checkpoint on stop")
     p.add_argument("--keep-priors", type=int, default=1, help="loaded priors kept between jobs (0 = reload per job and free GPU memory)")
+    limits = p.add_argument_group("limits", "what one job or one client may take; a job beyond them is refused with the setting to lower")
+    limits.add_argument("--max-job-memory", type=float, default=0.0, metavar="GIB",
+                        help="estimated peak memory per job (default 0: 90%% of the smallest GPU's memory, 8 GiB without CUDA)")
+    limits.add_argument("--max-mc-resolution", type=int, default=512, help="largest export.mc_resolution accepted (default 512)")
+    limits.add_argument("--max-texture-size", type=int, default=4096, help="largest export.texture_size accepted (default 4096)")
+    limits.add_argument("--max-job-minutes", type=float, default=0.0, help="estimated duration per job (default 0: no limit)")
+    limits.add_argument("--client-budget", type=float, default=256.0, metavar="MIB",
+                        help="unsent replies held per client before further fetches are answered busy (default 256)")
     p.add_argument("--log-json", action="store_true", help="log one JSON object per line")
     p.set_defaults(func=run)
 
@@ -66,6 +74,8 @@ def run(args: argparse.Namespace) -> int:
         require_keys=args.require_keys, checkpoint_every=args.checkpoint_every, max_queue=args.max_queue,
         preview_interval_s=args.preview_interval, progress_interval_s=args.progress_interval,
         shutdown_timeout_s=args.shutdown_timeout, keep_priors=args.keep_priors,
+        max_job_memory_gib=args.max_job_memory, max_mc_resolution=args.max_mc_resolution, max_texture_size=args.max_texture_size,
+        max_job_minutes=args.max_job_minutes, client_budget_mib=args.client_budget,
     )
     try:
         server = Server(config)
@@ -80,7 +90,8 @@ def run(args: argparse.Namespace) -> int:
 
     signal.signal(signal.SIGINT, on_signal)
     signal.signal(signal.SIGTERM, on_signal)
-    print(f"distill3d serve: listening on {endpoint} (jobs in {server.store.root}, {server.workers} worker(s))", flush=True)
+    print(f"distill3d serve: listening on {endpoint} (jobs in {server.store.root}, {server.workers} worker(s), "
+          f"up to {server.limits.memory_gib:g} GiB per job)", flush=True)
     started = time.time()
     server.serve_forever()
     print(f"distill3d serve: stopped after {time.time() - started:.1f} s", flush=True)

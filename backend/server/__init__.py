@@ -2,7 +2,10 @@
 
 * :mod:`.service`: :class:`Server` and :class:`ServerConfig` (the socket-owning main loop)
 * :mod:`.worker`: a job on its own thread, events to the main loop through :class:`EventBus`
-* :mod:`.jobs`: the jobs folder (state, results, checkpoints), survives restarts
+* :mod:`.jobs`: the jobs folder (state, results, checkpoints), survives restarts; storage faults
+  become :class:`~.jobs.StorageError` (wire code ``storage``)
+* :mod:`.admission`: a job's estimated memory and duration against the server's limits
+* :mod:`.outbound`: unsent large replies per client (one fetch in flight per job, a byte budget)
 * :mod:`.auth`: loopback detection, CURVE keys, the ZAP authenticator
 * :mod:`.client`: a blocking client for scripts, tests and the benchmark
 
@@ -12,10 +15,10 @@ Start it with ``distill3d serve --bind tcp://127.0.0.1:5555``; the wire format i
 
 from .auth import AuthError, ClientKeys, is_loopback, make_keys
 from .client import Client, ServerError
-from .jobs import JobRecord, JobStore
+from .jobs import JobRecord, JobStore, StorageError
 from .service import Server, ServerConfig, ServerConfigError
 
 __all__ = [
     "AuthError", "Client", "ClientKeys", "JobRecord", "JobStore", "Server", "ServerConfig",
-    "ServerConfigError", "ServerError", "is_loopback", "make_keys",
+    "ServerConfigError", "ServerError", "StorageError", "is_loopback", "make_keys",
 ]

@@ -8,15 +8,18 @@ Key folder layout (``distill3d keys --out DIR`` creates it)::
 
 The server serves with ``server.key_secret`` and authorises every public key found in
 ``authorized_clients/`` through a ZAP handler (``zmq.auth.thread.ThreadAuthenticator``).
+Secret key files are created with mode 0600 from the start (never world-readable, not even
+for a moment), in zmq's certificate format.
 """
 
 from __future__ import annotations
 
 from distill3d_protocol.errors import Distill3DError
 
+import datetime
 import ipaddress
 import logging
-import shutil
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Tuple
@@ -112,6 +115,35 @@ def load_server_keys(keys_dir: Path | str) -> ServerKeys:
     return ServerKeys(public, secret, authorized)
 
 
+def write_key_file(path: Path, public: bytes, secret: Optional[bytes] = None) -> Path:
+    """A zmq certificate file (what ``zmq.auth.load_certificate`` reads), replaced atomically.
+
+    With ``secret`` the file is created 0600 by ``os.open`` (the umask can only remove bits), so
+    no other user can ever read it; public files are 0644."""
+    kind = "**Secret**" if secret is not None else "Public"
+    lines = [f"#   ****  Generated on {datetime.datetime.now()} by distill3d  ****", f"#   ZeroMQ CURVE {kind} Certificate"]
+    if secret is not None:
+        lines.append("#   DO NOT PROVIDE THIS FILE TO OTHER USERS nor change its permissions.")
+    lines += ["", "metadata", "curve", f'    public-key = "{public.decode("ascii")}"']
+    if secret is not None:
+        lines.append(f'    secret-key = "{secret.decode("ascii")}"')
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600 if secret is not None else 0o644)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            fh.write("\n".join(lines) + "\n")
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+    return path
+
+
 def make_keys(out_dir: Path | str, client_name: str = "client") -> dict:
     """Create a server and a client key pair and authorise the client; returns the paths."""
     if not zmq.has("curve"):
@@ -120,16 +152,14 @@ def make_keys(out_dir: Path | str, client_name: str = "client") -> dict:
     d.mkdir(parents=True, exist_ok=True)
     authorized = d / AUTHORIZED_DIR
     authorized.mkdir(exist_ok=True)
-    server_public, server_secret = (Path(p) for p in zmq.auth.create_certificates(d, "server"))
-    client_public, client_secret = (Path(p) for p in zmq.auth.create_certificates(d, client_name))
-    shutil.copyfile(client_public, authorized / client_public.name)
-    for secret in (server_secret, client_secret):
-        secret.chmod(0o600)
-    return {
-        "server_public": server_public, "server_secret": server_secret,
-        "client_public": client_public, "client_secret": client_secret,
-        "authorized": authorized / client_public.name,
-    }
+    paths = {}
+    for role, name in (("server", "server"), ("client", client_name)):
+        public, secret = zmq.curve_keypair()
+        paths[f"{role}_secret"] = write_key_file(d / f"{name}.key_secret", public, secret)
+        paths[f"{role}_public"] = write_key_file(d / f"{name}.key", public)
+        if role == "client":
+            paths["authorized"] = write_key_file(authorized / f"{name}.key", public)
+    return paths  # server_public, server_secret, client_public, client_secret, authorized
 
 
 def start_authenticator(context: zmq.Context, keys: ServerKeys) -> ThreadAuthenticator:

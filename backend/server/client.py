@@ -117,7 +117,26 @@ class Client:
         return self.request(Kind.STATUS, {}, job_id=job_id, timeout=timeout)
 
     def list_jobs(self, all_clients: bool = False, timeout: Optional[float] = None) -> list:
+        """The newest jobs that fit one reply (about 1 MB); :meth:`list_all` pages through every job."""
         return self.request(Kind.LIST, {"all": all_clients}, timeout=timeout).header["jobs"]
+
+    def list_page(self, offset: int = 0, limit: Optional[int] = None, all_clients: bool = False,
+                  timeout: Optional[float] = None) -> Dict[str, Any]:
+        """One page of jobs, oldest first: the reply's header (jobs, more, next_offset, total)."""
+        header: Dict[str, Any] = {"all": all_clients, "offset": offset}
+        if limit is not None:
+            header["limit"] = limit
+        return self.request(Kind.LIST, header, timeout=timeout).header
+
+    def list_all(self, all_clients: bool = False, limit: Optional[int] = None, timeout: Optional[float] = None) -> list:
+        """Every job, oldest first, page by page."""
+        jobs, offset = [], 0
+        while True:
+            page = self.list_page(offset, limit, all_clients, timeout)
+            jobs.extend(page["jobs"])
+            if not page.get("more"):
+                return jobs
+            offset = page["next_offset"]
 
     def fetch(self, job_id: str, timeout: Optional[float] = None) -> Message:
         return self.request(Kind.FETCH, {}, job_id=job_id, timeout=timeout)

@@ -8,7 +8,17 @@ sits in the same ``zmq.Poller`` as the ROUTER, so the loop sleeps until there is
 Outbound traffic never blocks: sends are non-blocking with ``ROUTER_MANDATORY``; a client
 whose queue is full (send high-water mark) misses progress and previews (the next one
 replaces them) while results, cancellations and errors are retried for a while (and stay
-fetchable from the jobs folder). Progress and previews are throttled per job.
+fetchable from the jobs folder). Progress and previews are throttled per job. Large messages
+are tracked until ZeroMQ has written them (:mod:`.outbound`): one unsent fetch reply per client
+and job, and at most ``client_budget_mib`` of unsent replies per client; further fetches are
+answered ``busy``.
+
+Storage faults never stop the loop: every job.json write goes through :meth:`Server._try_save`;
+a record that cannot be written is announced anyway (job_failed, result, cancelled) and its
+write retried every second; a running job whose status cannot be saved is stopped and fails
+with the code ``storage``, as does a job whose checkpoint or result files cannot be written
+(the worker reports it). A job is admitted only if its estimated memory and duration
+(:mod:`.admission`) fit the server's limits.
 
 A job is validated once, at submit, by :func:`distill3d.config.parse_job` (the nested form,
 or the flat one of older clients; a config that breaks the job description is already refused
@@ -47,17 +57,26 @@ from distill3d_protocol import (
     error_frames,
 )
 from distill3d_protocol.errors import Distill3DError
+from distill3d_protocol.schema import MAX_LIST
 
 from .. import __version__
 from ..config import ConfigError, parse_job
 from ..priors.factory import PriorCache
+from .admission import GIB, Limits, admission_problem, estimate_job
 from .auth import AuthError, ServerKeys, is_loopback, load_server_keys, secure_socket, start_authenticator
-from .jobs import RESUMABLE_STATES, JobRecord, JobStore
+from .jobs import RESUMABLE_STATES, JobRecord, JobStore, StorageError
+from .outbound import MIB, TRACK_MIN_BYTES, DropLog, OutboundLedger, Outgoing, frames_nbytes
 from .worker import Event, EventBus, JobWorker
 
 log = logging.getLogger("distill3d.server")
 
 Envelope = Tuple[bytes, ...]  # routing id (+ empty delimiter for REQ clients)
+
+# Inbound frames above this are cut off by ZeroMQ (the peer is disconnected); requests between the
+# protocol's header limit and this get a ``too_large`` reply.
+MAX_INBOUND_FRAME = 16 * MAX_HEADER_BYTES
+SAVE_RETRY_S = 1.0  # how often job records that could not be written are tried again
+STORAGE_FIX = "free space or make the jobs folder writable"
 
 
 class ServerConfigError(Distill3DError, ValueError):
@@ -85,6 +104,13 @@ class ServerConfig:
     critical_retry_s: float = 30.0  # how long results/errors wait for a congested client
     shutdown_timeout_s: float = 60.0  # wait this long for running jobs to checkpoint on stop
     keep_priors: int = 1  # loaded priors kept between jobs (0 = load per job, frees GPU memory between jobs)
+    status_save_interval_s: float = 2.0  # a running job's job.json (its step) is rewritten this often
+    client_budget_mib: float = 256.0  # unsent large replies held per client; fetches beyond it are answered busy
+    # admission control (distill3d.server.admission): what one job may need
+    max_job_memory_gib: float = 0.0  # 0 = automatic: 90% of the smallest GPU's memory, 8 GiB without CUDA
+    max_mc_resolution: int = 512  # export.mc_resolution above this is refused (memory and minutes of export)
+    max_texture_size: int = 4096  # export.texture_size above this is refused
+    max_job_minutes: float = 0.0  # estimated duration above this is refused (0 = no limit)
 
     def validate(self) -> "ServerConfig":
         if not isinstance(self.bind, str) or "://" not in self.bind:
@@ -92,15 +118,23 @@ class ServerConfig:
         checks = {
             "workers": (self.workers, 0, 64), "checkpoint_every": (self.checkpoint_every, 0, 10**9),
             "max_queue": (self.max_queue, 1, 100_000), "send_hwm": (self.send_hwm, 1, 1_000_000),
-            "keep_priors": (self.keep_priors, 0, 16),
+            "keep_priors": (self.keep_priors, 0, 16), "max_mc_resolution": (self.max_mc_resolution, 16, 4096),
+            "max_texture_size": (self.max_texture_size, 64, 16384),
         }
         for name, (value, lo, hi) in checks.items():
             if isinstance(value, bool) or not isinstance(value, int) or not lo <= value <= hi:
                 raise ServerConfigError(f"{name} must be an integer in [{lo}, {hi}], got {value!r}")
-        for name in ("progress_interval_s", "preview_interval_s", "critical_retry_s", "shutdown_timeout_s"):
+        numbers = {
+            "progress_interval_s": 3600, "preview_interval_s": 3600, "critical_retry_s": 3600, "shutdown_timeout_s": 3600,
+            "status_save_interval_s": 3600, "client_budget_mib": 1 << 20, "max_job_memory_gib": 1 << 20,
+            "max_job_minutes": 10**7,
+        }
+        for name, hi in numbers.items():
             value = getattr(self, name)
-            if not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0 or value > 3600:
-                raise ServerConfigError(f"{name} must be a number of seconds in [0, 3600], got {value!r}")
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or not 0 <= value <= hi:
+                raise ServerConfigError(f"{name} must be a number in [0, {hi}], got {value!r}")
+        if self.client_budget_mib <= 0:
+            raise ServerConfigError(f"client_budget_mib must be positive, got {self.client_budget_mib!r}")
         if self.jobs_dir is None:
             self.jobs_dir = default_jobs_dir()
         self.jobs_dir = Path(self.jobs_dir)
@@ -111,8 +145,21 @@ class ServerConfig:
 class RunningJob:
     record: JobRecord
     worker: JobWorker
-    stop_reason: Optional[str] = None  # "cancel" | "shutdown"
+    stop_reason: Optional[str] = None  # "cancel" | "shutdown" | "storage"
     last_saved: float = field(default_factory=time.monotonic)
+    storage_problem: Optional[str] = None  # why it was stopped for storage
+
+
+def _gpu_memory_gib() -> float:
+    """The smallest CUDA device's memory in GiB (0 without CUDA)."""
+    try:
+        import torch
+
+        if not torch.cuda.is_available():
+            return 0.0
+        return min(torch.cuda.get_device_properties(i).total_memory for i in range(torch.cuda.device_count())) / GIB
+    except Exception:
+        return 0.0
 
 
 def _gpu_count() -> int:
@@ -141,6 +188,11 @@ class Server:
         self.store = JobStore(config.jobs_dir)
         self.gpus = _gpu_count()
         self.workers = config.workers or max(self.gpus, 1)
+        memory = config.max_job_memory_gib or (round(0.9 * _gpu_memory_gib(), 1) if self.gpus else 8.0) or 8.0
+        self.limits = Limits(memory_gib=memory, mc_resolution=config.max_mc_resolution, texture_size=config.max_texture_size,
+                             job_seconds=60.0 * config.max_job_minutes)
+        self.outbound = OutboundLedger(int(config.client_budget_mib * MIB))
+        self.drops = DropLog(log)
         self.bus = EventBus()
         self.priors = PriorCache(config.keep_priors)
         self.context = zmq.Context()
@@ -155,7 +207,9 @@ class Server:
         self._subscribers: Dict[str, List[Envelope]] = {}
         self._cancel_waiters: Dict[str, List[Tuple[Envelope, Optional[str]]]] = {}
         self._last_stream_sent: Dict[Tuple[str, str], float] = {}
-        self._pending: Deque[Tuple[float, Envelope, list]] = deque()
+        self._pending: Deque[Tuple[float, Envelope, list, Optional[Outgoing]]] = deque()
+        self._unsaved: Dict[str, JobRecord] = {}  # records whose job.json could not be written yet
+        self._next_save_retry = 0.0
         self.ready = threading.Event()
         self._loop_cpu_start: Optional[float] = None
         self._callback_cpu_s = 0.0  # workers' CPU time in the service's callbacks, finished jobs
@@ -170,7 +224,7 @@ class Server:
         sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
         sock.setsockopt(zmq.SNDHWM, self.config.send_hwm)
         sock.setsockopt(zmq.RCVHWM, 1000)
-        sock.setsockopt(zmq.MAXMSGSIZE, MAX_HEADER_BYTES + 4096)  # requests carry no arrays
+        sock.setsockopt(zmq.MAXMSGSIZE, MAX_INBOUND_FRAME)  # requests carry no arrays; above the header limit: too_large
         sock.setsockopt(zmq.LINGER, 1000)
         secure_socket(sock, self.keys)
         try:
@@ -199,7 +253,11 @@ class Server:
         poller.register(self.bus.wake_fd, zmq.POLLIN)
         try:
             while not self._stop.is_set():
-                timeout = self._tick()
+                try:
+                    timeout = self._tick()
+                except Exception:  # never die between requests either; the next tick tries again
+                    log.exception("error in the service loop")
+                    timeout = 100
                 events = dict(poller.poll(timeout))
                 if self.bus.wake_fd in events:
                     self.bus.drain_wake()
@@ -214,10 +272,37 @@ class Server:
         self._drain_events()
         next_due = self._flush_streams()
         self._retry_pending()
+        self._retry_saves()
         self._schedule()
+        self.drops.flush()
         if self._pending:
             next_due = min(next_due, 0.05)
         return max(1, int(math.ceil(min(next_due, 1.0) * 1000)))
+
+    # ------------------------------------------------------------------ job records
+    def _try_save(self, rec: JobRecord) -> Optional[str]:
+        """Write the record's job.json: None when written, else why not (the write is retried
+        every second until it succeeds; what the loop knows stays the truth meanwhile)."""
+        try:
+            self.store.save(rec)
+        except StorageError as exc:
+            if rec.job_id not in self._unsaved:
+                log.error("job=%s state=%s record not written, retrying every %.0f s: %s", rec.job_id, rec.state, SAVE_RETRY_S, exc)
+            self._unsaved[rec.job_id] = rec
+            return str(exc)
+        if self._unsaved.pop(rec.job_id, None) is not None:
+            log.info("job=%s state=%s record written after a storage fault", rec.job_id, rec.state)
+        if rec.state == "done":  # only once done is on disk: a crash before reads as interrupted, resumable
+            self.store.drop_checkpoint(rec.job_id)
+        return None
+
+    def _retry_saves(self, force: bool = False) -> None:
+        now = time.monotonic()
+        if not self._unsaved or (now < self._next_save_retry and not force):
+            return
+        self._next_save_retry = now + SAVE_RETRY_S
+        for rec in list(self._unsaved.values()):
+            self._try_save(rec)
 
     # ------------------------------------------------------------------ recovery
     def _recover(self) -> None:
@@ -228,12 +313,14 @@ class Server:
                 rec.checkpoint_step = self.store.last_checkpoint_step(rec.job_id)
                 start = "the start" if rec.checkpoint_step is None else f"checkpoint step {rec.checkpoint_step}"
                 rec.message = f"the server stopped while this job was running (step {rec.step}); resume continues from {start}"
-                self.store.save(rec)
+                self._try_save(rec)
                 log.warning("job=%s state=interrupted step=%d checkpoint=%s", rec.job_id, rec.step, rec.checkpoint_step)
             elif rec.state == "queued":
-                if rec.config is None:
-                    rec.state, rec.message = "failed", f"stored config is no longer valid: {rec.config_error}"
-                    self.store.save(rec)
+                problem = (f"stored config is no longer valid: {rec.config_error}" if rec.config is None
+                           else self._admission_problem(rec.config))
+                if problem is not None:
+                    rec.state, rec.message = "failed", problem
+                    self._try_save(rec)
                     log.warning("job=%s state=failed %s", rec.job_id, rec.message)
                 else:
                     self._queue.append(rec.job_id)
@@ -277,7 +364,10 @@ class Server:
         handler = getattr(self, f"_on_{msg.kind}")
         try:
             handler(envelope, msg, owner)
-        except Distill3DError as exc:  # e.g. the jobs folder cannot be written: the message says it all
+        except (StorageError, OSError) as exc:  # the jobs folder cannot be written or read
+            log.error("handler failed client=%s kind=%s job=%s: %s", owner, msg.kind, msg.job_id, exc)
+            self._error(envelope, msg, "storage", f"{msg.kind} failed: {exc}; {STORAGE_FIX}")
+        except Distill3DError as exc:  # an error the message explains
             log.error("handler failed client=%s kind=%s job=%s: %s", owner, msg.kind, msg.job_id, exc)
             self._error(envelope, msg, "internal", f"{msg.kind} failed: {exc}")
         except Exception as exc:
@@ -285,36 +375,73 @@ class Server:
             self._error(envelope, msg, "internal", f"internal server error while handling {msg.kind}: {type(exc).__name__}: {exc}")
 
     # ------------------------------------------------------------------ sending
-    def _send(self, envelope: Envelope, frames: list, critical: bool = False) -> bool:
+    def _send(self, envelope: Envelope, frames: list, critical: bool = False, fetch_job: Optional[str] = None) -> bool:
+        """Send without blocking. Large messages count against the client until ZeroMQ has written
+        them; critical ones that meet a full queue wait in ``_pending`` (counted too)."""
+        peer = envelope[0]
+        nbytes = frames_nbytes(frames)
+        outgoing = self.outbound.open(peer, nbytes, fetch_job) if nbytes >= TRACK_MIN_BYTES else None
         try:
-            self.socket.send_multipart([*envelope, *frames], flags=zmq.NOBLOCK, copy=False)
-            return True
+            trackers = self._zmq_send(envelope, frames, track=outgoing is not None)
         except zmq.Again:
             if critical:
-                self._pending.append((time.monotonic() + self.config.critical_retry_s, envelope, frames))
+                self._pending.append((time.monotonic() + self.config.critical_retry_s, envelope, frames, outgoing))
             else:
-                log.debug("dropped a stream message for congested peer=%s", envelope[0].hex())
+                self._dropped(outgoing)
+                self.drops.dropped(peer, "is congested (send queue full)", logging.DEBUG)
             return False
         except zmq.ZMQError as exc:
-            if exc.errno == zmq.EHOSTUNREACH:
-                log.info("peer=%s is gone; message dropped", envelope[0].hex())
-            else:
-                log.warning("send to peer=%s failed: %s", envelope[0].hex(), exc)
+            self._dropped(outgoing)
+            self._send_failed(peer, exc)
             return False
+        if outgoing is not None:
+            self.outbound.sent(outgoing, trackers)
+        return True
+
+    def _zmq_send(self, envelope: Envelope, frames: list, track: bool) -> list:
+        """``send_multipart`` (non-blocking, zero-copy) that tracks each large frame; returns the trackers."""
+        parts = [*envelope, *frames]
+        trackers = []
+        for i, part in enumerate(parts):
+            flags = zmq.NOBLOCK | (zmq.SNDMORE if i < len(parts) - 1 else 0)
+            if track and frames_nbytes([part]) >= TRACK_MIN_BYTES:
+                frame = zmq.Frame(part, track=True)
+                trackers.append(frame.tracker)
+                self.socket.send(frame, flags, copy=False)
+                frame = None  # the tracker is done only when no Frame object holds the message
+            else:
+                self.socket.send(part, flags, copy=False)
+        return trackers
+
+    def _dropped(self, outgoing: Optional[Outgoing]) -> None:
+        if outgoing is not None:
+            self.outbound.drop(outgoing)
+
+    def _send_failed(self, peer: bytes, exc: zmq.ZMQError) -> None:
+        if exc.errno == zmq.EHOSTUNREACH:
+            self.drops.dropped(peer, "is gone (disconnected)")
+        else:
+            self.drops.dropped(peer, f"cannot be sent to ({exc})", logging.WARNING)
 
     def _retry_pending(self) -> None:
         now = time.monotonic()
         for _ in range(len(self._pending)):
-            deadline, envelope, frames = self._pending.popleft()
+            deadline, envelope, frames, outgoing = self._pending.popleft()
             if now > deadline:
-                log.warning("peer=%s did not drain its queue; a message was dropped (results stay fetchable)", envelope[0].hex())
+                self._dropped(outgoing)
+                self.drops.dropped(envelope[0], "did not drain its queue in time (results stay fetchable)", logging.WARNING)
                 continue
             try:
-                self.socket.send_multipart([*envelope, *frames], flags=zmq.NOBLOCK, copy=False)
+                trackers = self._zmq_send(envelope, frames, track=outgoing is not None)
             except zmq.Again:
-                self._pending.append((deadline, envelope, frames))
-            except zmq.ZMQError:
-                pass
+                self._pending.append((deadline, envelope, frames, outgoing))
+                continue
+            except zmq.ZMQError as exc:
+                self._dropped(outgoing)
+                self._send_failed(envelope[0], exc)
+                continue
+            if outgoing is not None:
+                self.outbound.sent(outgoing, trackers)
 
     def _reply(self, envelope: Envelope, msg: Message, kind: str, header: dict, arrays=None, job_id=None) -> None:
         if msg.req is not None:
@@ -328,6 +455,9 @@ class Server:
 
     def _broadcast(self, job_id: str, frames: list, critical: bool) -> None:
         for envelope in self._subscribers.get(job_id, []):
+            if not critical and self.outbound.over_budget(envelope[0]):
+                self.drops.dropped(envelope[0], "is over its byte budget (previews skipped)", logging.DEBUG)
+                continue
             self._send(envelope, frames, critical=critical)
 
     # ------------------------------------------------------------------ handlers
@@ -349,12 +479,16 @@ class Server:
         except ConfigError as exc:
             self._error(envelope, msg, "bad_job", str(exc))
             return
-        rec = self.store.create(config, owner)
+        problem = self._admission_problem(config)
+        if problem is not None:
+            self._error(envelope, msg, "bad_job", problem)
+            return
+        rec = self.store.create(config, owner)  # StorageError: answered "storage" (no job is left behind)
         self._jobs[rec.job_id] = rec
         self._queue.append(rec.job_id)
         self._subscribers[rec.job_id] = [envelope]
-        log.info("job=%s client=%s kind=submit prompt=%r prior=%s method=%s iters=%d", rec.job_id, owner, config.prompt,
-                 config.prior.KIND, config.method.KIND, config.iters)
+        log.info("job=%s client=%s kind=submit prompt=%r prior=%s method=%s iters=%d estimate=%s", rec.job_id, owner, config.prompt,
+                 config.prior.KIND, config.method.KIND, config.iters, estimate_job(config, self.gpus > 0).summary())
         self._reply(envelope, msg, Kind.ACCEPTED, {"state": "queued", "position": len(self._queue) - 1, "config": config.to_dict()},
                     job_id=rec.job_id)
 
@@ -370,9 +504,13 @@ class Server:
             self._error(envelope, msg, "bad_job", f"job {rec.job_id} cannot run: its stored config is no longer valid: {rec.config_error}",
                         job_id=rec.job_id)
             return
+        problem = self._admission_problem(rec.config)
+        if problem is not None:
+            self._error(envelope, msg, "bad_job", f"job {rec.job_id} cannot run here: {problem}", job_id=rec.job_id)
+            return
         rec.checkpoint_step = self.store.last_checkpoint_step(rec.job_id)
         rec.state, rec.resume, rec.message = "queued", True, None
-        self.store.save(rec)
+        self._try_save(rec)  # if it fails, the job fails with "storage" when it is scheduled
         self._queue.append(rec.job_id)
         self._subscribers[rec.job_id] = [envelope]
         log.info("job=%s client=%s kind=resume checkpoint=%s", rec.job_id, owner, rec.checkpoint_step)
@@ -392,7 +530,7 @@ class Server:
         elif rec.state == "queued":
             self._queue.remove(rec.job_id)
             rec.state, rec.message = "cancelled", "cancelled before it started"
-            self.store.save(rec)
+            self._try_save(rec)
             log.info("job=%s client=%s kind=cancel (was queued)", rec.job_id, owner)
             self._announce_cancelled(rec, None, [(envelope, msg.req)])
         else:
@@ -413,39 +551,81 @@ class Server:
             # progress/preview callbacks on the training threads (finished jobs)
             "loop_cpu_s": round(time.thread_time() - (self._loop_cpu_start or time.thread_time()), 6),
             "callback_cpu_s": round(self._callback_cpu_s, 6),
+            "outbound_bytes": self.outbound.total_unsent(),  # large replies not yet taken by their clients
+            "unsaved_records": len(self._unsaved),  # job records waiting for the storage to come back
+            "limits": {
+                "max_job_memory_gib": self.limits.memory_gib, "max_mc_resolution": self.limits.mc_resolution,
+                "max_texture_size": self.limits.texture_size, "max_job_minutes": self.limits.job_seconds / 60.0,
+                "client_budget_mib": self.config.client_budget_mib,
+            },
         }
         self._reply(envelope, msg, Kind.STATUS, {"reply": True, "server": server, "info": info}, job_id=msg.job_id)
 
     def _on_list(self, envelope: Envelope, msg: Message, owner: str) -> None:
+        """Jobs of this client (``all``: of every client). A request with ``offset`` or ``limit``
+        gets a page, oldest first (offsets stay valid as jobs are added), with ``more`` and
+        ``next_offset``; one without (older clients) gets the newest jobs that fit one header."""
         show_all = msg.get("all") is True
         records = [r for r in self._jobs.values() if show_all or r.owner == owner]
-        records.sort(key=lambda r: r.created, reverse=True)
-        infos, size = [], 0
-        for rec in records[:10_000]:  # newest first, as many as fit in one header
+        records.sort(key=lambda r: (r.created, r.job_id))
+        paged = "offset" in msg.header or "limit" in msg.header
+        budget = MAX_HEADER_BYTES - 16_384
+        if not paged:
+            infos, size = [], 0
+            for rec in reversed(records[-MAX_LIST:]):  # newest first, as many as fit in one header
+                info = self._info(rec)
+                size += len(json.dumps(info)) + 1
+                if size > budget:
+                    break
+                infos.append(info)
+            infos.reverse()
+            self._reply(envelope, msg, Kind.LIST, {"reply": True, "jobs": infos})
+            return
+        offset, limit = int(msg.get("offset", 0)), int(msg.get("limit", MAX_LIST))
+        infos, size, end = [], 0, offset
+        for rec in records[offset:offset + limit]:
             info = self._info(rec)
             size += len(json.dumps(info)) + 1
-            if size > MAX_HEADER_BYTES - 16_384:
+            if size > budget and infos:
                 break
             infos.append(info)
-        infos.reverse()
-        self._reply(envelope, msg, Kind.LIST, {"reply": True, "jobs": infos})
+            end += 1
+        more = end < len(records)
+        self._reply(envelope, msg, Kind.LIST, {"reply": True, "jobs": infos, "more": more, "next_offset": end if more else None,
+                                               "total": len(records)})
 
     def _on_fetch(self, envelope: Envelope, msg: Message, owner: str) -> None:
         rec = self._find(envelope, msg)
         if rec is None:
             return
         header: Dict[str, Any] = {"reply": True, "info": self._info(rec)}
-        arrays = None
-        if rec.state == "done":
-            try:
-                arrays = self.store.read_mesh(rec.job_id)
-            except (OSError, ValueError) as exc:
-                self._error(envelope, msg, "not_found", f"job {rec.job_id} is done but its mesh cannot be read: {exc}", job_id=rec.job_id)
-                return
-            header["summary"] = self.store.read_summary(rec.job_id)
-            header["files"] = self.store.result_files(rec.job_id)
-        log.info("job=%s client=%s kind=fetch state=%s", rec.job_id, owner, rec.state)
-        self._reply(envelope, msg, Kind.FETCH, header, arrays, job_id=rec.job_id)
+        if rec.state != "done":
+            log.info("job=%s client=%s kind=fetch state=%s", rec.job_id, owner, rec.state)
+            self._reply(envelope, msg, Kind.FETCH, header, job_id=rec.job_id)
+            return
+        peer = envelope[0]
+        if self.outbound.fetch_in_flight(peer, rec.job_id):  # answered before reading the mesh
+            self._error(envelope, msg, "busy", self.outbound.refusal(peer, rec.job_id, 0), job_id=rec.job_id)
+            return
+        try:
+            arrays = self.store.read_mesh(rec.job_id)
+        except FileNotFoundError as exc:
+            self._error(envelope, msg, "not_found", f"job {rec.job_id} is done but its mesh is gone: {exc}", job_id=rec.job_id)
+            return
+        except (OSError, ValueError) as exc:
+            self._error(envelope, msg, "storage", f"job {rec.job_id} is done but its mesh cannot be read: {exc}", job_id=rec.job_id)
+            return
+        header["summary"] = self.store.read_summary(rec.job_id)
+        header["files"] = self.store.result_files(rec.job_id)
+        if msg.req is not None:
+            header["req"] = msg.req
+        frames = encode(Kind.FETCH, header, arrays, job_id=rec.job_id)
+        refusal = self.outbound.refusal(peer, rec.job_id, frames_nbytes(frames))
+        if refusal is not None:
+            self._error(envelope, msg, "busy", refusal, job_id=rec.job_id)
+            return
+        log.info("job=%s client=%s kind=fetch state=done bytes=%d", rec.job_id, owner, frames_nbytes(frames))
+        self._send(envelope, frames, critical=True, fetch_job=rec.job_id)
 
     def _find(self, envelope: Envelope, msg: Message) -> Optional[JobRecord]:
         rec = self._jobs.get(msg.job_id) if msg.job_id else None
@@ -457,6 +637,10 @@ class Server:
         position = self._queue.index(rec.job_id) if rec.state == "queued" and rec.job_id in self._queue else None
         return rec.info(position)
 
+    def _admission_problem(self, config) -> Optional[str]:
+        """Why this server will not run ``config`` (too much memory or time), else None."""
+        return admission_problem(config, self.limits, cuda=self.gpus > 0)
+
     # ------------------------------------------------------------------ scheduling
     def _schedule(self) -> None:
         while self._queue and len(self._running) < self.workers and not self._stop.is_set():
@@ -466,9 +650,13 @@ class Server:
             if config.checkpoint_every == 0 and self.config.checkpoint_every:
                 config = dataclasses.replace(config, checkpoint_every=self.config.checkpoint_every)  # the record keeps the job's own
             slot = len(self._running)
-            worker = JobWorker(job_id, config, self.store, self.bus, resume=rec.resume, gpu_slot=slot, priors=self.priors)
             rec.state, rec.total, rec.message = "running", config.iters, None
-            self.store.save(rec)  # "running" is on disk before the first step: a crash reads as interrupted
+            problem = self._try_save(rec)  # "running" is on disk before the first step: a crash reads as interrupted
+            if problem is not None:
+                rec.resume = False
+                self._finish_failed(rec, f"the job could not start: {problem}", code="storage")
+                continue
+            worker = JobWorker(job_id, config, self.store, self.bus, resume=rec.resume, gpu_slot=slot, priors=self.priors)
             self._running[job_id] = RunningJob(rec, worker)
             log.info("job=%s state=running resume=%s slot=%d", job_id, rec.resume, slot)
             worker.start()
@@ -497,12 +685,11 @@ class Server:
         self._running.pop(event.job_id, None)
         self._callback_cpu_s += float(event.data.get("callback_cpu_s", 0.0))
         rec.resume = False
-        if event.kind == "done":
-            rec.state, rec.step, rec.message = "done", rec.total, None
+        storage = running.storage_problem if running is not None and running.stop_reason == "storage" else None
+        if event.kind == "done":  # the results are on disk and synced (the worker did that)
+            rec.state, rec.step, rec.message, rec.checkpoint_step = "done", rec.total, None, None
             rec.files = self.store.result_files(rec.job_id)
-            self.store.save(rec)  # results and state on disk, then announced
-            self.store.drop_checkpoint(rec.job_id)
-            rec.checkpoint_step = None
+            self._try_save(rec)  # announced even when it cannot be written (retried; the checkpoint stays until it is)
             log.info("job=%s state=done elapsed=%.2fs", rec.job_id, event.data.get("elapsed_s", 0.0))
             header = {"summary": event.data.get("summary", {}), "files": rec.files, "elapsed_s": max(float(event.data.get("elapsed_s", 0.0)), 0.0)}
             try:
@@ -520,28 +707,47 @@ class Server:
             if running is not None and running.stop_reason == "shutdown":
                 self._mark_interrupted(rec, step)
                 return
+            if storage is not None:  # stopped because its status could not be saved
+                rec.step = step or rec.step
+                self._finish_failed(rec, storage, code="storage")
+                return
             rec.state, rec.step, rec.message = "cancelled", step or rec.step, f"cancelled at step {step}"
-            self.store.save(rec)
+            self._try_save(rec)
             log.info("job=%s state=cancelled step=%s", rec.job_id, step)
             self._announce_cancelled(rec, step, self._cancel_waiters.pop(rec.job_id, []))
         elif event.kind == "failed":
             if running is not None and running.stop_reason == "shutdown":
                 self._mark_interrupted(rec, rec.step)
                 return
-            self._finish_failed(rec, event.data.get("message", "the job failed"))
+            code = event.data.get("code", "job_failed")
+            message = event.data.get("message", "the job failed")
+            if storage is not None and code != "storage":
+                code, message = "storage", storage
+            self._finish_failed(rec, message, code=code)
 
-    def _finish_failed(self, rec: JobRecord, message: str) -> None:
+    def _finish_failed(self, rec: JobRecord, message: str, code: str = "job_failed") -> None:
+        """Record and announce a failure; ``code`` is job_failed, or storage (the message then says how to recover)."""
+        if code == "storage":
+            rec.checkpoint_step = self.store.last_checkpoint_step(rec.job_id)
+            message = f"{message}; {STORAGE_FIX}, then resume the job"
         rec.state, rec.message = "failed", message
-        self.store.save(rec)
-        log.warning("job=%s state=failed %s", rec.job_id, message)
-        self._broadcast(rec.job_id, error_frames("job_failed", message, job_id=rec.job_id), critical=True)
+        self._try_save(rec)  # announced even when it cannot be written (the write is retried)
+        log.warning("job=%s state=failed code=%s %s", rec.job_id, code, message)
+        self._broadcast(rec.job_id, error_frames(code, message, job_id=rec.job_id), critical=True)
         for envelope, req in self._cancel_waiters.pop(rec.job_id, []):
-            self._send(envelope, error_frames("job_failed", message, job_id=rec.job_id, req=req), critical=True)
+            self._send(envelope, error_frames(code, message, job_id=rec.job_id, req=req), critical=True)
+
+    def _stop_for_storage(self, running: RunningJob, problem: str) -> None:
+        """A running job whose state cannot be saved stops at its next iteration and fails with ``storage``."""
+        if running.stop_reason is None:
+            running.stop_reason, running.storage_problem = "storage", f"the job's status could not be saved: {problem}"
+            running.worker.cancel.set()
+            log.error("job=%s stopping: its status cannot be saved: %s", running.record.job_id, problem)
 
     def _mark_interrupted(self, rec: JobRecord, step: Optional[int]) -> None:
         rec.state = "interrupted"
         rec.message = f"the server shut down at step {rec.step}; resume continues from checkpoint step {rec.checkpoint_step}"
-        self.store.save(rec)
+        self._try_save(rec)
         log.warning("job=%s state=interrupted step=%s", rec.job_id, rec.step)
         self._broadcast(rec.job_id, error_frames("shutdown", rec.message, job_id=rec.job_id), critical=True)
         for envelope, req in self._cancel_waiters.pop(rec.job_id, []):
@@ -583,9 +789,11 @@ class Server:
             if stream == "progress":
                 rec.step = header["step"]
                 running = self._running.get(jid)
-                if running is not None and now - running.last_saved > 2.0:
+                if running is not None and now - running.last_saved >= self.config.status_save_interval_s:
                     running.last_saved = now
-                    self.store.save(rec)
+                    problem = self._try_save(rec)  # the periodic save: a failure stops this job, never the server
+                    if problem is not None:
+                        self._stop_for_storage(running, problem)
             try:
                 frames = encode(kind, header, arrays, job_id=jid)
             except ProtocolError as exc:
@@ -614,6 +822,11 @@ class Server:
             self._mark_interrupted(rec, rec.step)
         self._running.clear()
         self._retry_pending()
+        self._retry_saves(force=True)
+        for rec in self._unsaved.values():
+            log.error("job=%s state=%s could not be written before the server stopped; the jobs folder shows an older state",
+                      rec.job_id, rec.state)
+        self.drops.flush(force=True)
         if self.socket is not None:
             self.socket.close(linger=500)
             self.socket = None

@@ -4,13 +4,16 @@ The worker never touches the ZeroMQ socket. It hands the server's main loop
 * lifecycle events (``started``, ``done``, ``cancelled``, ``failed``) through a queue, and
 * progress / preview payloads through a latest-wins slot per job and stream, so a slow
   client or a busy main loop can never make training wait (old previews are overwritten).
-Result files (GLB, texture, summary, mesh.npz) are written before ``done`` is posted.
+Result files (GLB, texture, summary, mesh.npz) are written and fsynced (files and folder)
+before ``done`` is posted.
 
 The job arrives as a typed, validated :class:`~distill3d.config.JobConfig` (parsed once, at
 submit or when its job.json was read); the worker does not check it again. Priors come from
 the server's :class:`~distill3d.priors.factory.PriorCache`. A failure that is a
 :class:`~distill3d_protocol.errors.Distill3DError` (missing weights, no CUDA, ...) is reported
-by its message alone; any other exception is a bug and is logged with its traceback.
+by its message alone; a storage fault (a full disk, a read-only folder, an I/O error, in the
+trainer's checkpoint or the result files; see :meth:`JobStore.storage_problem`) is reported
+with the code ``storage``; any other exception is a bug and is logged with its traceback.
 """
 
 from __future__ import annotations
@@ -32,14 +35,15 @@ from distill3d_protocol.errors import Distill3DError
 
 from ..config import JobConfig
 from ..priors.factory import PriorCache
-from .jobs import JobStore, arrays_from_mesh, json_safe
+from .jobs import JobStore, StorageError, arrays_from_mesh, json_safe
 
 log = logging.getLogger("distill3d.server.worker")
 
 
 @dataclass
 class Event:
-    """A lifecycle event from a worker: kind is started | done | cancelled | failed."""
+    """A lifecycle event from a worker: kind is started | done | cancelled | failed
+    (``failed`` carries ``message`` and ``code``: job_failed or storage)."""
 
     kind: str
     job_id: str
@@ -180,7 +184,8 @@ class JobWorker(threading.Thread):
                 prior=prior,
             )
             arrays = arrays_from_mesh(result.mesh)
-            self.store.write_mesh(self.job_id, arrays)  # everything on disk before it is announced
+            self.store.write_mesh(self.job_id, arrays)
+            self.store.sync_results(self.job_id)  # everything durably on disk before it is announced
             summary = json_safe(result.summary)
             del result
             self.bus.post(Event("done", self.job_id, {"arrays": arrays, "summary": summary, "elapsed_s": time.perf_counter() - started,
@@ -191,16 +196,24 @@ class JobWorker(threading.Thread):
             if self.priors is not None:
                 self.priors.give_back(self.config, device, prior)
             self.bus.post(Event("cancelled", self.job_id, {"step": exc.step, "callback_cpu_s": self.callback_cpu_s}))
+        except StorageError as exc:  # the result files could not be written
+            self._failed(str(exc), "storage")
         except Distill3DError as exc:  # the user can act on it: its message says what to change (the main loop logs it)
-            self.bus.post(Event("failed", self.job_id, {"message": (str(exc) or type(exc).__name__)[:4000],
-                                                          "callback_cpu_s": self.callback_cpu_s}))
-        except Exception as exc:  # a bug: the traceback goes to the log
-            log.exception("job=%s failed with an unexpected error", self.job_id)
-            message = f"{type(exc).__name__}: {exc} (an internal error; the server log has the traceback)"
-            self.bus.post(Event("failed", self.job_id, {"message": message[:4000], "callback_cpu_s": self.callback_cpu_s}))
+            self._failed(str(exc) or type(exc).__name__, "job_failed")
+        except Exception as exc:
+            problem = self.store.storage_problem(self.job_id, exc)
+            if problem is not None:  # a full disk, a read-only folder: not a bug, no traceback
+                log.warning("job=%s storage fault: %s (%s)", self.job_id, problem, type(exc).__name__)
+                self._failed(problem, "storage")
+            else:  # a bug: the traceback goes to the log
+                log.exception("job=%s failed with an unexpected error", self.job_id)
+                self._failed(f"{type(exc).__name__}: {exc} (an internal error; the server log has the traceback)", "job_failed")
         finally:
             prior = None
             self._free_memory()
+
+    def _failed(self, message: str, code: str) -> None:
+        self.bus.post(Event("failed", self.job_id, {"message": message[:4000], "code": code, "callback_cpu_s": self.callback_cpu_s}))
 
     def _select_gpu(self, device: Any) -> Any:
         """With several GPUs, worker slot i trains on GPU i (mod count); returns the exact device."""
