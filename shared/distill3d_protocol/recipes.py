@@ -25,6 +25,9 @@ _SD_COMMON: Dict[str, Any] = {
     "schedule.t_max": 0.98,
     "optim.lr": 0.01,  # geometry lr
     "optim.lr_background": 0.001,
+    # 1024 rays per field query: shaded views' finite-difference normals need ~8 GiB of temporaries per
+    # 4096-ray chunk at SD size (benchmarks/bench_memory.py: SDS 11.7 -> 7.5 GiB peak)
+    "renderer.chunk_rays": 1024,
 }
 
 #: (prior kind, method kind) -> (name, dotted overrides)
