@@ -117,6 +117,13 @@ class _Distill3DPanel:
     def poll(cls, context: Any) -> bool:
         return getattr(context.scene, "distill3d", None) is not None
 
+    def split_layout(self, context: Any) -> tuple[Any, Any]:
+        """The panel's settings and its layout in Blender's label | value form."""
+        layout = self.layout
+        layout.use_property_split = True
+        layout.use_property_decorate = False
+        return context.scene.distill3d, layout
+
 
 class VIEW3D_PT_distill3d(_Distill3DPanel, bpy.types.Panel):
     bl_label = "distill3d"
@@ -157,10 +164,7 @@ class VIEW3D_PT_distill3d_method(_Distill3DPanel, bpy.types.Panel):
 
     @_safe
     def draw(self, context: Any) -> None:
-        settings = context.scene.distill3d
-        layout = self.layout
-        layout.use_property_split = True
-        layout.use_property_decorate = False
+        settings, layout = self.split_layout(context)
         for entry in shown((METHOD_MENU,), settings):
             layout.row().prop(settings, entry.name, expand=True)
         col = layout.column()
@@ -178,10 +182,7 @@ class VIEW3D_PT_distill3d_cameras(_Distill3DPanel, bpy.types.Panel):
 
     @_safe
     def draw(self, context: Any) -> None:
-        settings = context.scene.distill3d
-        layout = self.layout
-        layout.use_property_split = True
-        layout.use_property_decorate = False
+        settings, layout = self.split_layout(context)
         menu, entries = camera_settings(settings)
         layout.row().prop(settings, menu.name, expand=True)
         col = layout.column()
@@ -205,10 +206,7 @@ class VIEW3D_PT_distill3d_export(_Distill3DPanel, bpy.types.Panel):
 
     @_safe
     def draw(self, context: Any) -> None:
-        settings = context.scene.distill3d
-        layout = self.layout
-        layout.use_property_split = True
-        layout.use_property_decorate = False
+        settings, layout = self.split_layout(context)
         col = layout.column()
         for entry in shown(EXPORT_PATHS, settings):
             draw_setting(col, settings, entry)
@@ -221,10 +219,7 @@ class VIEW3D_PT_distill3d_advanced(_Distill3DPanel, bpy.types.Panel):
 
     @_safe
     def draw(self, context: Any) -> None:
-        settings = context.scene.distill3d
-        layout = self.layout
-        layout.use_property_split = True
-        layout.use_property_decorate = False
+        settings, layout = self.split_layout(context)
         for ident, title, entries in advanced_sections(settings):
             header, body = layout.panel(f"distill3d_advanced_{ident}", default_closed=True)
             header.label(text=title)
