@@ -51,7 +51,7 @@ __all__ = [
     "DenseFieldConfig", "Distill3DError", "ESDConfig", "ESDExactConfig", "ExportConfig", "HashFieldConfig", "JobConfig",
     "LearnedScoreConfig", "MethodConfig", "OptimConfig", "PreviewConfig", "ReferencePriorConfig", "RendererConfig",
     "SDPriorConfig", "SDSConfig", "SSDConfig", "ScheduleConfig", "VSDConfig", "build", "job_schema", "leaf_paths",
-    "migrate", "parse_job", "set_path", "to_dict", "with_overrides",
+    "migrate", "parse_job", "set_path", "to_dict", "union_sections", "with_overrides",
 ]
 
 
@@ -66,13 +66,18 @@ def parse_job(data: Any) -> JobConfig:
     return config
 
 
+def union_sections() -> frozenset[str]:
+    """The job's sections that are one of several records (``prior``, ``method``, ``field``, ``cameras``)."""
+    return frozenset(name for name, spec, _ in record_fields(JobConfig) if getattr(spec, "registry", None) is not None)
+
+
 def with_overrides(config: JobConfig | dict, overrides: dict[str, Any]) -> JobConfig:
     """``config`` with dotted-path values replaced (``{"method.lam": 0.5}``), validated.
 
     Setting a union's ``kind`` (``method.kind``) to another kind starts that section from the
     new kind's defaults, keeping nothing of the old one; ``{"field": None}`` sets a whole value."""
     data = to_dict(config) if isinstance(config, JobConfig) else migrate(dict(config))
-    unions = {name for name, spec, _ in record_fields(JobConfig) if getattr(spec, "registry", None) is not None}
+    unions = union_sections()
     for path, value in overrides.items():
         section_name, _, leaf = path.partition(".")
         if section_name in unions and leaf == "kind":

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import json
 import math
+from functools import cached_property
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Optional, Sequence
@@ -97,9 +98,10 @@ class MethodSpec:
     name: str
     overrides: dict = field(default_factory=dict)
 
-    @property
+    @cached_property
     def method_record(self) -> Any:
-        """The validated method record these overrides give (defaults filled in)."""
+        """The validated method record these overrides give (defaults filled in; built once:
+        ``method``, ``lam`` and ``learned`` read it for every run the report lists)."""
         return with_overrides({"prompt": "x"}, self.overrides).method
 
     @property

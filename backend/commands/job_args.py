@@ -22,7 +22,7 @@ import logging
 
 from distill3d_protocol.recipes import recipe_for
 
-from ..config import ConfigError, JobConfig, leaf_paths, migrate, with_overrides
+from ..config import ConfigError, JobConfig, leaf_paths, migrate, union_sections, with_overrides
 
 log = logging.getLogger(__name__)
 
@@ -50,7 +50,6 @@ SHORT_FLAGS: dict[str, str] = {
     "--faces": "export.faces",
     "--mc-resolution": "export.mc_resolution",
 }
-UNION_PATHS = ("cameras", "prior", "method", "field")  # --set may give a whole section as JSON
 AUTO_FIELD = "auto"  # --field auto: the device's default field (the job's field is null)
 
 
@@ -108,7 +107,7 @@ def parse_set(item: str, known: dict[str, Any]) -> tuple[str, Any]:
     path = path.strip()
     if not sep:
         raise ConfigError(f"--set expects PATH=VALUE, got {item!r}")
-    if path not in known and path not in UNION_PATHS:
+    if path not in known and path not in union_sections():  # --set may give a whole union section as JSON
         near = difflib.get_close_matches(path, list(known), n=3)
         hint = f"; did you mean {', '.join(near)}?" if near else "; `distill3d config paths` lists every setting"
         raise ConfigError(f"--set: {path!r} is not a job setting{hint}")
