@@ -1,9 +1,13 @@
-"""`distill3d reference list|export|show`: the built-in objects of the reference world.
+"""`distill3d reference list|export|show|train-prior`: the built-in objects of the reference world.
 
 * ``list``: names and one-line descriptions (and the prompt words that select each object);
 * ``export NAME OUT.glb``: the ground-truth mesh (marching cubes of the SDF, vertex colours);
 * ``show NAME --out views.png``: a grid of reference views (the prior's front-biased
-  collection, sorted by azimuth), or a turntable with ``--turntable N``.
+  collection, sorted by azimuth), or a turntable with ``--turntable N``;
+* ``train-prior --out DIR``: train the learned reference prior (a small text-to-image diffusion
+  model of the front-biased collections, :mod:`distill3d.priors.learned.train`); seeded and
+  resumable (run again with the same ``--out``); ``DIR/model`` is the diffusers folder that
+  ``--set prior.weights=DIR/model`` loads (the package ships one in ``priors/learned/weights``).
 """
 
 from __future__ import annotations
@@ -39,7 +43,48 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     sh.add_argument("--cache-dir", default=None, help="reference cache folder (default $DISTILL3D_CACHE or the user cache)")
     sh.set_defaults(func=run_show)
 
+    tp = rsub.add_parser("train-prior", help="train the learned reference prior (diffusers folder, safetensors)",
+                         description="Train the learned reference prior on the front-biased collections. Resumable: "
+                                     "run again with the same --out to continue from its checkpoint.")
+    tp.add_argument("--out", default="out/learned-prior", help="training folder (checkpoint; the model goes to OUT/model)")
+    tp.add_argument("--steps", type=int, default=1200, help="optimiser steps (default 1200)")
+    tp.add_argument("--batch-size", type=int, default=32, help="images per step (default 32)")
+    tp.add_argument("--lr", type=float, default=1e-3, help="peak learning rate (cosine decay to 10%%; default 1e-3)")
+    tp.add_argument("--minutes", type=float, default=None, help="stop (and export) after this much training time")
+    tp.add_argument("--seed", type=int, default=0, help="seed of the networks and the data order (default 0)")
+    tp.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    tp.add_argument("--objects", default=None, metavar="FILE",
+                    help="also train on the extra reference objects described in FILE (JSON or Python)")
+    tp.add_argument("--cache-dir", default=None, help="reference cache folder (default $DISTILL3D_CACHE or the user cache)")
+    tp.add_argument("--no-progress", action="store_true", help="no progress bar")
+    tp.set_defaults(func=run_train_prior)
+
     p.set_defaults(func=lambda args: (p.print_help(), 2)[1])
+
+
+def run_train_prior(args: argparse.Namespace) -> int:
+    import torch
+
+    from ..priors.base import PriorError
+    from ..priors.learned.train import TrainConfig, train
+    from ..priors.reference.objects import object_names
+
+    try:
+        names = object_names()
+        if args.objects:
+            from ..priors.reference.objects_file import register_objects_file
+
+            names = names + [n for n in register_objects_file(args.objects) if n not in names]
+        if args.threads:
+            torch.set_num_threads(args.threads)
+        config = TrainConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
+                             max_minutes=args.minutes, objects=names)
+        model_dir = train(args.out, config, cache_dir=args.cache_dir, progress=not args.no_progress)
+    except PriorError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(f"wrote {model_dir}")
+    return 0
 
 
 def run_list(args: argparse.Namespace) -> int:
