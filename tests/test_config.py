@@ -79,7 +79,7 @@ def test_bad_values_name_the_dotted_path(patch, message):
 
 def test_each_union_offers_its_registry():
     assert METHODS.names == ("sds", "vsd", "esd", "esd-exact", "ssd")
-    assert PRIORS.names == ("reference", "sd")
+    assert PRIORS.names == ("reference", "sd", "learned")
     assert FIELDS.names == ("dense", "hash")
     for registry in (METHODS, PRIORS, FIELDS):
         for name, cls in registry.classes.items():

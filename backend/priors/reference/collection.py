@@ -137,6 +137,9 @@ class CollectionSpec:
 
     def cache_key(self) -> str:
         payload = dict(asdict(self), objects_version=OBJECTS_VERSION, renderer_version=R.RENDERER_VERSION)
+        fingerprint = get_object(self.object_name).fingerprint
+        if fingerprint is not None:  # an object from a file: its definition is part of the key
+            payload["object_fingerprint"] = fingerprint
         payload["elevation_range"] = list(payload["elevation_range"])
         return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:24]
 

@@ -22,7 +22,8 @@ DEFAULT_MESH_RESOLUTION = 128
 
 
 @functools.lru_cache(maxsize=16)
-def _colored(name: str, resolution: int):
+def _colored(name: str, resolution: int, fingerprint=None):
+    """(``fingerprint``: the object's definition, part of the cache key for objects from files.)"""
     from ...export import Mesh, extract_mesh, vertex_colors
 
     obj = get_object(name)
@@ -40,7 +41,7 @@ def ground_truth_colored_mesh(name: str, resolution: int = DEFAULT_MESH_RESOLUTI
     """The object's surface as a :class:`distill3d.export.Mesh` with RGBA vertex colours."""
     if isinstance(resolution, bool) or not isinstance(resolution, int) or not 16 <= resolution <= 512:
         raise ValueError(f"mesh resolution must be an integer in [16, 512], got {resolution!r}")
-    return _colored(name, resolution)
+    return _colored(name, resolution, get_object(name).fingerprint)
 
 
 def ground_truth_mesh(name: str, resolution: int = DEFAULT_MESH_RESOLUTION) -> tuple[np.ndarray, np.ndarray]:

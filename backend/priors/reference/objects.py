@@ -13,7 +13,7 @@ import math
 import re
 from dataclasses import dataclass, field
 from functools import cached_property
-from typing import Sequence
+from typing import Optional, Sequence
 
 import torch
 
@@ -45,12 +45,15 @@ def on_ellipsoid(center: Sequence[float], radii: Sequence[float], direction: Seq
 
 @dataclass
 class ReferenceObject:
-    """A built-in object: geometry + colour, a name and the words a prompt may use for it."""
+    """A reference object: geometry + colour, a name and the words a prompt may use for it.
+    ``fingerprint`` identifies the definition of an object from a file (:mod:`.objects_file`)
+    in cache keys; built-in objects have None (:data:`OBJECTS_VERSION` covers them)."""
 
     name: str
     description: str
     keywords: tuple[str, ...]
     shape: S.Shape = field(repr=False)
+    fingerprint: Optional[str] = None
 
     def sdf(self, points: Tensor) -> Tensor:
         """Signed distance [N] at points [N, 3] (negative inside)."""
@@ -243,7 +246,9 @@ def cat_head() -> ReferenceObject:
 
 
 _BUILDERS = (rubber_duck, snowman, mug, house, cat_head)
+#: every registered object: the built-in ones, then those of objects files (:mod:`.objects_file`)
 OBJECTS: dict[str, ReferenceObject] = {b().name: b() for b in _BUILDERS}
+BUILTIN_OBJECT_NAMES: tuple[str, ...] = tuple(OBJECTS)
 
 
 def object_names() -> list[str]:
@@ -255,7 +260,8 @@ def get_object(name: str) -> ReferenceObject:
     try:
         return OBJECTS[name]
     except KeyError:
-        raise PriorError(f"unknown reference object {name!r}; built-in objects: {', '.join(OBJECTS)}") from None
+        raise PriorError(f"unknown reference object {name!r}; known objects: {', '.join(OBJECTS)} (more can be registered "
+                         "from a file with --objects FILE)") from None
 
 
 def find_objects_in_text(text: str, candidates: Sequence[str] | None = None) -> list[str]:
