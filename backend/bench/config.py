@@ -23,6 +23,11 @@ the job's old flat form (``{"method": "esd", "lam": 0.9}``, read through
 :func:`distill3d_protocol.jobconfig.migrate`). ``seeds`` is a count (seeds 0..n-1) or an
 explicit list; a bias is a preset name of :data:`~distill3d.priors.reference.KAPPA_PRESETS` or
 a concentration kappa >= 0.
+
+``prior`` is ``"reference"`` (the exact prior, default) or ``"learned"`` (the learned reference
+prior, whose bias is the one it was trained with: strong). ``objects`` may name JSON or Python
+objects files (:mod:`distill3d.priors.reference.objects_file`) too: a file's objects are
+registered (in every worker) and benchmarked; ``objects_files`` lists the files.
 """
 
 from __future__ import annotations
@@ -287,15 +292,45 @@ class BenchConfig:
     strip_views: int = 8  # turntable strip per run in the picture grid
     variance: VarianceSettings = field(default_factory=VarianceSettings)
     workers: int = 2
+    prior: str = "reference"
+    objects_files: list[str] = field(default_factory=list)
+
+    def register_objects_files(self) -> list[str]:
+        """Register the objects files (idempotent; workers call it too); the names of their objects."""
+        from ..priors.reference.objects_file import ObjectsFileError, register_objects_file
+
+        names: list[str] = []
+        for path in self.objects_files:
+            try:
+                names += register_objects_file(path)
+            except ObjectsFileError as exc:
+                raise BenchConfigError(f"objects: {exc}") from None
+        return names
 
     def validate(self) -> "BenchConfig":
         from ..priors.reference import object_names
+        from ..priors.reference.objects_file import is_objects_file
 
-        known = object_names()
         if isinstance(self.objects, str):
             self.objects = [o.strip() for o in self.objects.split(",") if o.strip()]
+        if not isinstance(self.objects_files, list) or not all(isinstance(f, str) for f in self.objects_files):
+            raise BenchConfigError(f"objects_files must be a list of paths, got {self.objects_files!r}")
+        if isinstance(self.objects, list):
+            files = [o for o in self.objects if isinstance(o, str) and is_objects_file(o)]
+            self.objects_files = list(dict.fromkeys(self.objects_files + files))
+            file_objects = self.register_objects_files()
+            names = [o for o in self.objects if o not in files]
+            self.objects = names + [n for n in file_objects if n not in names] if files else names
+        known = object_names()
+        if self.prior not in ("reference", "learned"):
+            raise BenchConfigError(f"prior must be reference or learned, got {self.prior!r}")
+        if self.prior == "learned":  # its bias is the one its weights were trained with
+            if self.biases == ["strong", "mild"]:
+                self.biases = ["strong"]
+            if any(bias_kappa(_bias(b)) != 4.0 for b in ([self.biases] if isinstance(self.biases, (str, int, float)) else self.biases)):
+                raise BenchConfigError("the learned prior was trained on the strong bias (kappa 4): use biases [\"strong\"]")
         if not self.objects or any(o not in known for o in self.objects) or len(set(self.objects)) != len(self.objects):
-            raise BenchConfigError(f"objects must be distinct built-in objects ({', '.join(known)}); got {self.objects!r}")
+            raise BenchConfigError(f"objects must be distinct known objects ({', '.join(known)}) or objects files; got {self.objects!r}")
         if isinstance(self.biases, (str, int, float)):
             self.biases = [b.strip() for b in str(self.biases).split(",") if b.strip()]
         self.biases = [_bias(b) for b in self.biases]
@@ -320,7 +355,8 @@ class BenchConfig:
         for bias in self.biases:
             job = self._job(self._job_data(self.objects[0], self.seeds[0], bias))
         self.iters, self.resolution, self.batch_size = job.iters, job.resolution, job.batch_size
-        self.grid_resolution, self.samples_per_ray, self.num_views = job.field.resolution, job.renderer.samples_per_ray, job.prior.num_views
+        self.grid_resolution, self.samples_per_ray = job.field.resolution, job.renderer.samples_per_ray
+        self.num_views = getattr(job.prior, "num_views", self.num_views)
         for spec in self.methods:
             try:
                 self.job_config(spec, self.objects[0], self.seeds[0], self.biases[0])
@@ -336,10 +372,17 @@ class BenchConfig:
         """The shared budget of one run as a job dict (a new dict each call)."""
         from ..priors.reference import get_object
 
+        if self.objects_files:
+            self.register_objects_files()
+        if self.prior == "learned":
+            prior = {"kind": "learned", "objects": list(self.objects_files)}
+        else:
+            prior = {"kind": "reference", "bias": bias_kappa(bias), "objects": list(self.objects) + list(self.objects_files),
+                     "num_views": self.num_views}
         return {
             "prompt": f"a {get_object(object_name).keywords[0]}",
             "iters": self.iters, "resolution": self.resolution, "batch_size": self.batch_size, "seed": seed,
-            "prior": {"kind": "reference", "bias": bias_kappa(bias), "objects": list(self.objects), "num_views": self.num_views},
+            "prior": prior,
             "field": {"kind": "dense", "resolution": self.grid_resolution},
             "renderer": {"samples_per_ray": self.samples_per_ray},
             "preview": {"every": 0}, "device": "cpu",

@@ -32,7 +32,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                        formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n\n", 1)[1])
     p.add_argument("--quick", action="store_true", help="small CI subset (1 object, SDS and ESD-exact, 1 seed, 12 iterations at 16 px)")
     p.add_argument("--config", default=None, help="JSON benchmark config (objects, biases, seeds, methods, iters, resolution, ...)")
-    p.add_argument("--objects", default=None, help="comma-separated built-in objects (see `distill3d reference list`)")
+    p.add_argument("--objects", default=None, help="comma-separated objects (see `distill3d reference list`) and/or JSON or "
+                                                   "Python objects files (a file's objects are registered and benchmarked)")
+    p.add_argument("--prior", choices=("reference", "learned"), default=None,
+                   help="the exact reference prior (default) or the learned reference prior (strong bias only)")
     from ..bench.config import BUILTIN_METHODS, VD_SUFFIX, lambda_methods
 
     p.add_argument("--methods", default=None,
@@ -63,6 +66,8 @@ def build_config(args: argparse.Namespace):
     config = quick_config() if args.quick else (BenchConfig.from_file(args.config) if args.config else BenchConfig())
     if args.objects is not None:
         config.objects = parse_list(args.objects)
+    if args.prior is not None:
+        config.prior = args.prior
     if args.methods is not None:
         config.methods = parse_list(args.methods)
     if args.seeds is not None:
@@ -86,7 +91,7 @@ def command_line(args: argparse.Namespace) -> str:
     for flag in ("quick", "no_variance", "fresh"):  # --report-only is not part of how the numbers were made
         if getattr(args, flag, False):
             parts.append("--" + flag.replace("_", "-"))
-    for opt in ("config", "objects", "methods", "seeds", "iters", "resolution", "bias", "workers", "out", "work_dir", "deadline_minutes"):
+    for opt in ("config", "prior", "objects", "methods", "seeds", "iters", "resolution", "bias", "workers", "out", "work_dir", "deadline_minutes"):
         value = getattr(args, opt, None)
         if value is not None:
             parts += ["--" + opt.replace("_", "-"), str(value)]

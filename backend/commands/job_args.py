@@ -90,6 +90,9 @@ def add_job_arguments(parser: argparse.ArgumentParser) -> None:
             parser.add_argument(flag, dest=dest, choices=choices, default=None, help=spec.help + shown)
         else:
             parser.add_argument(flag, dest=dest, type=_flag_type(spec), default=None, metavar=spec.kind.upper(), help=spec.help + shown)
+    parser.add_argument("--objects", dest="objects_files", action="append", default=None, metavar="FILE",
+                        help="register the extra reference objects described in FILE (JSON or Python, SDF parts; "
+                             "repeatable): sets prior.objects for the reference and learned priors")
     parser.add_argument("--vertex-colors", dest="flag_vertex_colors", action="store_true", default=None,
                         help="export vertex colours instead of a UV texture (export.textured=false)")
     parser.add_argument("--recipe", choices=("auto", "none"), default="auto",
@@ -142,6 +145,8 @@ def job_from_args(args: argparse.Namespace) -> JobConfig:
             overrides[path] = value
     if args.flag_vertex_colors:
         overrides["export.textured"] = False
+    if getattr(args, "objects_files", None):
+        overrides["prior.objects"] = list(args.objects_files)
     known = settings_by_path()
     for item in args.set_values:
         path, value = parse_set(item, known)

@@ -110,6 +110,16 @@ class LearnedReferencePrior(StableDiffusionPrior):
         return CameraDistribution(elevation_range=self.elevation_range, azimuth_range=(-180.0, 180.0),
                                   radius_range=(self.radius, self.radius), fov_range=(self.fov, self.fov), front_bias=0.0)
 
+    def collection(self, object_name: str):
+        """The front-biased collection of ``object_name`` the weights were trained on (cached renders)."""
+        from ..reference.collection import CollectionSpec, load_collection
+
+        if object_name not in self.object_names:
+            raise PriorError(f"object {object_name!r} is not in the learned prior; objects: {', '.join(self.object_names)}")
+        train = self.record.get("train", {})
+        return load_collection(CollectionSpec(object_name, num_views=int(train.get("num_views", 256)),
+                                              kappa=float(train.get("kappa", self.kappa)), resolution=self.image_size))
+
     def object_name(self, prompt: PromptEmbedding) -> Optional[str]:
         """The one object the prompt's words name, or None."""
         from ..reference.objects import find_objects_in_text

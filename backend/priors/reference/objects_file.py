@@ -52,6 +52,8 @@ MAX_PARTS = 64
 MAX_OBJECTS = 32
 #: files registered in this process: resolved path -> names of its objects
 _REGISTERED: dict[str, list[str]] = {}
+#: resolved path -> (mtime_ns, size) of the registered version (registering it again is free)
+_STAMPS: dict[str, tuple[int, int]] = {}
 
 
 class ObjectsFileError(PriorError):
@@ -259,6 +261,9 @@ def register_objects_file(path: str | os.PathLike) -> list[str]:
     built-in object or another file already uses is refused."""
     file = Path(path).expanduser()
     key = str(file.resolve()) if file.exists() else str(file)
+    stamp = (file.stat().st_mtime_ns, file.stat().st_size) if file.is_file() else None
+    if stamp is not None and _STAMPS.get(key) == stamp and all(n in OBJECTS for n in _REGISTERED.get(key, [None])):
+        return list(_REGISTERED[key])
     objects = load_objects_file(file)
     owners = {n: f for f, names in _REGISTERED.items() for n in names}
     for obj in objects:
@@ -271,6 +276,8 @@ def register_objects_file(path: str | os.PathLike) -> list[str]:
     for obj in objects:
         OBJECTS[obj.name] = obj
     _REGISTERED[key] = [o.name for o in objects]
+    if stamp is not None:
+        _STAMPS[key] = stamp
     log.info("registered reference objects %s from %s", ", ".join(_REGISTERED[key]), file)
     return list(_REGISTERED[key])
 
@@ -279,6 +286,7 @@ def unregister_objects_file(path: str | os.PathLike) -> None:
     """Remove a file's objects again (tests; a server keeps them)."""
     file = Path(path).expanduser()
     key = str(file.resolve()) if file.exists() else str(file)
+    _STAMPS.pop(key, None)
     for name in _REGISTERED.pop(key, []):
         OBJECTS.pop(name, None)
 
