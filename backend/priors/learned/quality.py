@@ -90,3 +90,43 @@ def measure(prior, objects: Optional[Sequence[str]] = None, n: int = 16, steps: 
                       for key in ("object_agreement", "object_accuracy", "front_share", "collection_front_share")}
     report["mean"]["view_accuracy"] = {v: sum(r["views"][v]["view_accuracy"] for r in rows) / len(rows) for v in views}
     return report
+
+
+#: the settings of the metric recorded with the weights and checked by the test suite
+TEST_METRIC_SETTINGS = {"objects": ["rubber_duck", "mug"], "n": 4, "steps": 10, "guidance_scale": 3.0, "seed": 0}
+
+
+@torch.no_grad()
+def object_agreement_metric(prior, objects: Sequence[str], n: int, steps: int, guidance_scale: float, seed: int) -> float:
+    """Mean p(object | sample) over ``n`` seeded samples of "a <keyword>" per object (the exact
+    object classifier over every object of the prior)."""
+    from ..reference import ReferenceClassifiers
+    from ..reference.objects import get_object
+
+    clf = ReferenceClassifiers(prior.object_names)
+    total = 0.0
+    for k, name in enumerate(objects):
+        embedding = prior.embed_prompt(f"a {get_object(name).keywords[0]}")
+        images = sample(prior, embedding, n, steps, guidance_scale, seed + k)
+        total += float(clf.object_probs(images)[:, clf.object_index(name)].mean())
+    return total / len(objects)
+
+
+def record_quality(model_dir, report: Optional[dict] = None) -> dict:
+    """Measure the test metric of the prior in ``model_dir`` and store it (and ``report``) in its
+    ``distill3d.json`` under ``quality``."""
+    import json
+    from pathlib import Path
+
+    from .prior import LearnedReferencePrior
+    from .train import RECORD_NAME
+
+    prior = LearnedReferencePrior.load(model_dir)
+    value = object_agreement_metric(prior, **TEST_METRIC_SETTINGS)
+    path = Path(model_dir) / RECORD_NAME
+    record = json.loads(path.read_text())
+    record["quality"] = {"test_metric": {"name": "object_agreement", "settings": TEST_METRIC_SETTINGS, "value": round(value, 4)}}
+    if report is not None:
+        record["quality"]["report"] = report
+    path.write_text(json.dumps(record, indent=2) + "\n")
+    return record["quality"]
