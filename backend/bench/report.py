@@ -24,13 +24,16 @@ from .config import BenchConfig, MethodSpec, bias_kappa, bias_label
 #: (key, column title, better direction) in the order of the tables
 METRICS = (
     ("agreement", "agreement", "up"),
-    ("fid", "ref. FID", "down"),
+    ("truth_fid", "FID to truth", "down"),
+    ("fid", "FID to collection", "info"),
     ("iq", "IQ", "down"),
     ("iv", "IV", "up"),
     ("front_features", "front features", "one"),
     ("chamfer", "Chamfer", "down"),
 )
-ARROWS = {"up": "↑", "down": "↓", "one": "→1"}
+ARROWS = {"up": "↑", "down": "↓", "one": "→1", "info": "not a score"}
+#: the front failures each run is flagged with (bench.metrics.front_failures), in table order
+FRONT_FAILURES = (("no_front", "no front"), ("front_at_back", "front at back"), ("front_everywhere", "front everywhere"))
 
 
 def _finite(values: Sequence[Optional[float]]) -> list[float]:
@@ -52,6 +55,8 @@ def _group(records: list[dict[str, Any]]) -> dict[str, Any]:
     out["front_is_one"] = {"share": (sum(1 for f in fronts if f == 1) / len(fronts)) if fronts else math.nan,
                            "count": sum(1 for f in fronts if f == 1), "n": len(fronts),
                            "zero": sum(1 for f in fronts if f == 0), "two_or_more": sum(1 for f in fronts if f is not None and f >= 2)}
+    out["front_failures"] = {key: sum(1 for r in records if r["metrics"].get(key) == 1.0) for key, _ in FRONT_FAILURES}
+    out["front_failures"]["measured"] = sum(1 for r in records if "no_front" in r["metrics"])
     out["seconds_per_iteration"] = mean_std([r["seconds_per_iteration"] for r in records])
     out["runs"] = len(records)
     return out
@@ -106,19 +111,23 @@ def _fmt(ms: dict[str, Any], digits: int = 3) -> str:
 
 
 def _table(rows: dict[str, dict[str, Any]], truth: Optional[dict[str, float]], cost: dict[str, Any]) -> list[str]:
-    head = "| method | " + " | ".join(f"{title} ({ARROWS[d]})" for _, title, d in METRICS) + " | runs with 0 / 1 / ≥2 fronts | s / iter (× SDS) |"
-    lines = [head, "|" + "---|" * (len(METRICS) + 3)]
+    head = ("| method | " + " | ".join(f"{title} ({ARROWS[d]})" for _, title, d in METRICS) + " | runs with 0 / 1 / ≥2 fronts | "
+            "runs with no front / front at back / front everywhere | s / iter (× SDS) |")
+    lines = [head, "|" + "---|" * (len(METRICS) + 4)]
     if truth:
-        cells = [f"{truth[k]:.3f}" if k != "front_features" else f"{truth[k]:.0f}" for k, _, _ in METRICS]
-        lines.append("| *ground truth* | " + " | ".join(cells) + " | – | – |")
+        cells = [(f"{truth[k]:.3f}" if k != "front_features" else f"{truth[k]:.0f}") if k in truth else "–" for k, _, _ in METRICS]
+        flags = " / ".join(f"{truth[k]:.0f}" for k, _ in FRONT_FAILURES) if all(k in truth for k, _ in FRONT_FAILURES) else "–"
+        lines.append("| *ground truth* | " + " | ".join(cells) + f" | – | {flags} | – |")
     for name, g in rows.items():
         cells = [_fmt(g[k], 2 if k == "front_features" else 3) for k, _, _ in METRICS]
         f1 = g["front_is_one"]
         c = cost.get(name, {})
         rel = c.get("relative_to_sds", math.nan)
         rel_text = f" ({rel:.2f}×)" if math.isfinite(rel) else ""  # (no SDS run in the benchmark to compare with)
+        ff = g.get("front_failures", {})
+        flags = (" / ".join(str(ff.get(k, 0)) for k, _ in FRONT_FAILURES) + f" of {ff['measured']}") if ff.get("measured") else "–"
         lines.append(f"| {name} | " + " | ".join(cells) + f" | {f1['zero']} / {f1['count']} / {f1['two_or_more']} of {f1['n']} | "
-                     f"{g['seconds_per_iteration']['mean']:.3f}{rel_text} |")
+                     f"{flags} | {g['seconds_per_iteration']['mean']:.3f}{rel_text} |")
     return lines
 
 
@@ -208,18 +217,24 @@ def write_markdown(path: Path, config: BenchConfig, result: dict[str, Any], summ
         "- **agreement** (CLIP analogue, higher is better): mean over the views of p(object = the prompt's object | view) "
         "from the calibrated kernel object classifier over all built-in objects. (The paper's CLIP column is a distance; "
         "this is a probability, so higher is better.)",
-        "- **ref. FID** (FID analogue): the Fréchet distance between Gaussians fitted to features of the "
-        f"{config.views} rendered views and of the prior's reference collection of the object ({config.num_views} views at the run's bias: "
-        "the image distribution the run distils, as the paper's FID compares with samples of the diffusion model), "
-        "with the fixed feature map *area-downsample to 8 × 8 px and flatten RGB* (192 values in [0, 1]) in place of Inception features: "
-        "|mu_a − mu_b|² + tr(S_a + S_b − 2 (S_a^½ S_b S_a^½)^½). Since the views cover the circle evenly and the "
-        "collection is front-biased, even the ground truth scores above 0 (its row gives the floor).",
+        "- **FID to truth** (FID analogue, lower is better): the Fréchet distance between Gaussians fitted to features of the "
+        f"{config.views} rendered views and of {config.views} views of the *true object* at uniformly spread cameras (the same "
+        "elevation levels, azimuths offset by half a step), with the fixed feature map *area-downsample to 8 × 8 px and flatten RGB* "
+        "(192 values in [0, 1]) in place of Inception features: |mu_a − mu_b|² + tr(S_a + S_b − 2 (S_a^½ S_b S_a^½)^½).",
+        "- **FID to collection** (not a score): the same distance to the prior's front-biased reference collection "
+        f"({config.num_views} views at the run's bias). It rewards the bias: a result that shows its front from everywhere is *closer* "
+        "to a front-biased collection than the true object is, so lower is not better; it is kept to show the bias.",
         "- **IQ / IV** (paper eq. 10, nats) with p(y | x) the calibrated view classifier p(azimuth bin | view, object) over 8 bins of 45°: "
         "IQ = mean entropy of each view's prediction (lower: each view is recognisably some view), IV = entropy of the mean "
         "prediction (higher: more distinct views; log 8 = 2.079 at most). A collapse (the same image from every side) has IV near 0.",
         "- **front features** (→ 1): on the turntable, the number of distinct azimuth arcs where p(front bin) ≥ 0.5 "
         "(arcs closer than 30° merged, arcs under 10° dropped, an arc wider than 180° counts ceil(width/180)). "
-        "1 is right; 0 means the front was erased; 2 or more is the Janus artifact. The table counts the runs with 0, exactly 1 and 2 or more front features.",
+        "1 is right. p(front) is *aligned*: each bank view is compared at the image's best shift by up to 2 px, so a silhouette a few "
+        "pixels off keeps its front. The table counts the runs with 0, exactly 1 and 2 or more front features, and the front failures "
+        "apart: **no front** (the front was erased), **front at back** (a view from the back half, |azimuth| ≥ 135°, classified front: "
+        "the Janus artifact) and **front everywhere** (≥ 75% of the turntable classified front: a collapse onto the front view).",
+        "- **What IV cannot see**: a result that looks the same from everywhere but is read as a mirror-symmetric side view keeps IV "
+        "near 0.66 under total collapse, and two faces (front and back) still score IV about 1.56; read IV with the front failures.",
         f"- **Chamfer**: symmetric Chamfer distance (mean nearest-neighbour distance both ways, halved; scene units, the objects span about 1.5) "
         f"between {config.chamfer_points} points sampled on the marching-cubes surface ({config.mesh_resolution}³, automatic threshold) and on the "
         "ground-truth mesh, after the best rotation about the vertical axis (5° grid, then refined).",
@@ -248,7 +263,8 @@ def write_markdown(path: Path, config: BenchConfig, result: dict[str, Any], summ
         ov = summary[b]["overall"]
         if ov:
             truth_rows = [result["ground_truth"][f"{o}|{b}"] for o in config.objects]
-            truth = {k: statistics.fmean(t[k] for t in truth_rows) for k, _, _ in METRICS}
+            keys = [k for k, _, _ in METRICS] + [k for k, _ in FRONT_FAILURES]
+            truth = {k: statistics.fmean(t[k] for t in truth_rows) for k in keys if all(k in t for t in truth_rows)}
             n_runs = sorted({g["runs"] for g in ov.values()})
             L += [f"### All objects (mean ± std over the recorded runs: {'/'.join(map(str, n_runs))} per method, objects × seeds)", ""]
             L += _table(ov, truth, cost) + [""]

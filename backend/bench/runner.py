@@ -125,6 +125,27 @@ def eval_cameras(prior, n: int):
     return orbit_cameras(az, el, prior.radius, prior.fov)
 
 
+def uniform_truth_cameras(prior, n: int):
+    """``n`` cameras uniformly spread in azimuth (offset half a step from :func:`eval_cameras`)
+    over the same elevation levels: the true object's views the distance to the truth uses."""
+    from ..cameras import orbit_cameras
+
+    lo, hi = prior.elevation_range
+    az = (torch.arange(n, dtype=torch.float32) + 0.5) * 360.0 / n
+    az = (az + 180.0) % 360.0 - 180.0
+    levels = torch.tensor([lo + (hi - lo) * (k + 0.5) / 3 for k in range(3)], dtype=torch.float32)
+    el = levels[(torch.arange(n) + 1) % 3]
+    return orbit_cameras(az, el, prior.radius, prior.fov)
+
+
+def truth_views(config: BenchConfig, prior, object_name: str) -> torch.Tensor:
+    """The true object's views at :func:`uniform_truth_cameras` (rendered once per process)."""
+    key = ("truth_views", object_name, config.views, tuple(prior.elevation_range), prior.radius, prior.fov)
+    if key not in _STATE:
+        _STATE[key] = render_truth(object_name, uniform_truth_cameras(prior, config.views), EVAL_RESOLUTION)
+    return _STATE[key]
+
+
 def turntable_cameras(prior, n: int):
     from ..cameras import turntable
 
@@ -159,7 +180,8 @@ def image_metrics(config: BenchConfig, prior, classifiers, object_name: str, vie
     from .metrics import reference_metrics
 
     refs = prior.collection(object_name).images
-    m = reference_metrics(classifiers, object_name, views, turn, refs)
+    azimuth = turntable_cameras(prior, turn.shape[0]).azimuth
+    m = reference_metrics(classifiers, object_name, views, turn, refs, truth_views(config, prior, object_name), azimuth)
     return {k: float(v) for k, v in m.items()}
 
 
