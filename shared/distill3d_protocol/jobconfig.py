@@ -404,7 +404,7 @@ class JobConfig:
     def check(self, path: str) -> None:
         if isinstance(self.method, ESDExactConfig) and not isinstance(self.prior, (ReferencePriorConfig, LearnedPriorConfig)):
             raise ConfigError(f"{path + ': ' if path else ''}method esd-exact (a mixture over pixel renders) exists only for "
-                              "the reference and learned priors")
+                              "the reference prior and the learned reference prior")
 
     # -------------------------------------------------------------- derived values
     @property
