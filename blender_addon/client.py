@@ -590,6 +590,10 @@ class BackendClient:
         self._set_connection(Connection.CONNECTED, f"Connected to {version}at {self.endpoint}{latency}", quiet=True)
         self.listener.on_pong(self.latency_s or 0.0, self.server_version)
 
+    def _on_heartbeat(self, msg: Message) -> None:
+        """The backend's loop is alive (``_alive`` noted it); its jobs list says which are still on."""
+        self.last_heartbeat_jobs = [str(j) for j in (msg.get("jobs") or [])]
+
     def _on_accepted(self, msg: Message) -> None:
         job = self.job
         if job is None or job.finished:

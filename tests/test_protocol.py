@@ -111,7 +111,8 @@ def test_every_kind_round_trips():
         (Kind.SUBMIT, {"config": SMALL_JOB, "client": "blender@host", "req": "r1"}, None, None),
         (Kind.SUBMIT, {"resume": True}, None, "j1"),
         (Kind.ACCEPTED, {"state": "queued", "position": 0}, None, "j1"),
-        (Kind.PROGRESS, {"step": 2, "total": 6, "losses": {"sds": 0.5, "bad": None}, "elapsed_s": 1.0, "eta_s": None}, None, "j1"),
+        (Kind.PROGRESS, {"step": 2, "total": 6, "losses": {"sds": 0.5, "bad": None}, "elapsed_s": 1.0, "eta_s": None,
+                         "phase": "exporting"}, None, "j1"),
         (Kind.PREVIEW, {"step": 2, "total": 6}, {"image": np.zeros((4, 5, 3), np.uint8)}, "j1"),
         (Kind.RESULT, {"summary": {"loss": 1.0}, "files": ["result.glb"]}, _mesh(), "j1"),
         (Kind.ERROR, {"code": "bad_job", "message": "iters must be >= 1"}, None, None),
@@ -125,6 +126,7 @@ def test_every_kind_round_trips():
         (Kind.FETCH, {"reply": True, "info": info, "summary": {}}, _mesh(), "j1"),
         (Kind.PING, {"t": 12.5}, None, None),
         (Kind.PONG, {"t": 12.5, "server_version": "0.1.0", "protocol": 1}, None, None),
+        (Kind.HEARTBEAT, {"t": 12.5, "interval_s": 1.0, "jobs": ["j1"]}, None, None),
     ]
     assert {c[0] for c in cases} == proto.KINDS
     for kind, header, arrays, job in cases:

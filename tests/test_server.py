@@ -10,6 +10,7 @@ import threading
 import time
 from pathlib import Path
 from types import SimpleNamespace
+from typing import Optional
 
 import numpy as np
 import pytest
@@ -28,9 +29,15 @@ REPLY_TIMEOUT = 5.0
 
 
 class RunningServer:
-    """A real server on a free loopback port, serving from a thread."""
+    """A real server on a free loopback port, serving from a thread. Jobs run in job processes
+    unless a test that replaces the trainer in this process sets ``job_runner`` to "thread"
+    (the ``fake_training`` fixture does, through ``default_runner``)."""
+
+    default_runner: Optional[str] = None
 
     def __init__(self, jobs_dir: Path, **options) -> None:
+        if self.default_runner is not None:
+            options.setdefault("job_runner", self.default_runner)
         self.server = Server(ServerConfig(bind="tcp://127.0.0.1:*", jobs_dir=jobs_dir, **options))
         self.endpoint = self.server.start()
         self.thread = threading.Thread(target=self.server.serve_forever, name="test-server", daemon=True)
@@ -353,6 +360,7 @@ def fake_training(monkeypatch):
     fake = FakeTraining()
     monkeypatch.setattr(distill3d.priors.factory, "load_prior", fake.load_prior)
     monkeypatch.setattr(distill3d.job, "generate", fake.generate)
+    monkeypatch.setattr(RunningServer, "default_runner", "thread")  # the stand-ins live in this process
     return fake
 
 

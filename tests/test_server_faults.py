@@ -171,7 +171,7 @@ def test_a_failing_checkpoint_is_a_storage_error_not_a_bug(tmp_path, monkeypatch
     monkeypatch.setattr(Trainer, "save_checkpoint", save_checkpoint)
     caplog.set_level(logging.INFO)
     jobs = tmp_path / "jobs"
-    running = RunningServer(jobs, **FAST)
+    running = RunningServer(jobs, **FAST, job_runner="thread")
     try:
         with Client(running.endpoint, name="artist", timeout=REPLY_TIMEOUT) as c:
             broken, other = c.submit({**LONG_JOB, "seed": 7}), c.submit(TINY_JOB)
@@ -198,7 +198,7 @@ def test_a_result_file_that_cannot_be_written_fails_the_job_without_announcing_d
 
     monkeypatch.setattr(distill3d.export, "write_glb", write_glb)
     jobs = tmp_path / "jobs"
-    running = RunningServer(jobs, **FAST)
+    running = RunningServer(jobs, **FAST, job_runner="thread")
     try:
         with Client(running.endpoint, name="artist", timeout=REPLY_TIMEOUT) as c:
             broken = c.submit({**TINY_JOB, "iters": 30})
@@ -276,7 +276,7 @@ def test_result_files_and_their_folder_are_fsynced_before_done_is_posted(tmp_pat
         return real_post(self, event)
 
     monkeypatch.setattr(EventBus, "post", post)
-    running = RunningServer(tmp_path / "jobs")
+    running = RunningServer(tmp_path / "jobs", job_runner="thread")
     try:
         with Client(running.endpoint, timeout=REPLY_TIMEOUT) as c:
             job = c.submit(TINY_JOB)

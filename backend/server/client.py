@@ -57,6 +57,8 @@ class Client:
         self.socket.connect(endpoint)
         self._inbox: Deque[Message] = deque()
         self._ids = itertools.count(1)
+        self.last_heartbeat: Optional[Message] = None
+        self.heartbeats = 0
 
     # ------------------------------------------------------------------ low level
     def send(self, kind: str, header: Optional[Dict[str, Any]] = None, job_id: Optional[str] = None) -> str:
@@ -69,9 +71,16 @@ class Client:
         return req
 
     def _receive(self, timeout: float) -> Optional[Message]:
-        if not self.socket.poll(max(0, int(timeout * 1000))):
-            return None
-        return decode(self.socket.recv_multipart(copy=False), max_array_bytes=self.max_array_bytes)
+        """The next message within ``timeout``; the server's heartbeats are noted
+        (``last_heartbeat``, ``heartbeats``) and not returned."""
+        deadline = time.monotonic() + timeout
+        while True:
+            if not self.socket.poll(max(0, int((deadline - time.monotonic()) * 1000))):
+                return None
+            msg = decode(self.socket.recv_multipart(copy=False), max_array_bytes=self.max_array_bytes)
+            if msg.kind != Kind.HEARTBEAT:
+                return msg
+            self.last_heartbeat, self.heartbeats = msg, self.heartbeats + 1
 
     def recv(self, timeout: Optional[float] = None) -> Optional[Message]:
         """The next message (inbox first); None when nothing arrives in time."""

@@ -1,9 +1,15 @@
-"""The ZeroMQ service: a ROUTER socket, a job queue, worker threads, streaming, persistence.
+"""The ZeroMQ service: a ROUTER socket, a job queue, job processes, streaming, persistence.
 
-Threading model: only the main loop (:meth:`Server.serve_forever`) touches the socket and the
-job records. Workers (:class:`~distill3d.server.worker.JobWorker`) post lifecycle events
-and offer latest-wins progress/preview payloads on an :class:`EventBus` whose wake-up socket
-sits in the same ``zmq.Poller`` as the ROUTER, so the loop sleeps until there is work.
+Process model: only the main loop (:meth:`Server.serve_forever`) touches the socket and the
+job records (job.json). Jobs run in worker processes, one per device slot (:mod:`.process`,
+spawned, reused between jobs, the prior kept loaded), so no job can stall the loop: a UV unwrap
+holding its interpreter's GIL delays no ping. Each slot's reader thread moves the child's
+lifecycle events and latest-wins progress/preview payloads onto an :class:`EventBus` whose
+wake-up socket sits in the same ``zmq.Poller`` as the ROUTER, so the loop sleeps until there is
+work. A child that dies fails its job with the cause (signal or exit code) and the next job gets
+a fresh child; a cancelled job that has not stopped after ``cancel_grace_s`` is killed.
+``job_runner="thread"`` runs jobs as threads of this process instead (tests with stand-ins).
+The loop sends a ``heartbeat`` every ``heartbeat_s`` to each client with queued or running jobs.
 
 Outbound traffic never blocks: sends are non-blocking with ``ROUTER_MANDATORY``; a client
 whose queue is full (send high-water mark) misses progress and previews (the next one
@@ -36,6 +42,7 @@ import json
 import logging
 import math
 import queue
+import select
 import threading
 import time
 from collections import deque
@@ -66,6 +73,7 @@ from .admission import GIB, Limits, admission_problem, estimate_job
 from .auth import AuthError, ServerKeys, is_loopback, load_server_keys, secure_socket, start_authenticator
 from .jobs import RESUMABLE_STATES, JobRecord, JobStore, StorageError
 from .outbound import MIB, TRACK_MIN_BYTES, DropLog, OutboundLedger, Outgoing, frames_nbytes
+from .process import JobProcess
 from .worker import Event, EventBus, JobWorker
 
 log = logging.getLogger("distill3d.server")
@@ -111,6 +119,9 @@ class ServerConfig:
     max_mc_resolution: int = 512  # export.mc_resolution above this is refused (memory and minutes of export)
     max_texture_size: int = 4096  # export.texture_size above this is refused
     max_job_minutes: float = 0.0  # estimated duration above this is refused (0 = no limit)
+    job_runner: str = "process"  # "process": one spawned child per slot; "thread": jobs as threads of the server
+    cancel_grace_s: float = 30.0  # a cancelled job still running after this is killed (its process)
+    heartbeat_s: float = 1.0  # heartbeats to clients with queued or running jobs (0 = none)
 
     def validate(self) -> "ServerConfig":
         if not isinstance(self.bind, str) or "://" not in self.bind:
@@ -127,12 +138,14 @@ class ServerConfig:
         numbers = {
             "progress_interval_s": 3600, "preview_interval_s": 3600, "critical_retry_s": 3600, "shutdown_timeout_s": 3600,
             "status_save_interval_s": 3600, "client_budget_mib": 1 << 20, "max_job_memory_gib": 1 << 20,
-            "max_job_minutes": 10**7,
+            "max_job_minutes": 10**7, "cancel_grace_s": 3600, "heartbeat_s": 3600,
         }
         for name, hi in numbers.items():
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or not 0 <= value <= hi:
                 raise ServerConfigError(f"{name} must be a number in [0, {hi}], got {value!r}")
+        if self.job_runner not in ("process", "thread"):
+            raise ServerConfigError(f"job_runner must be 'process' or 'thread', got {self.job_runner!r}")
         if self.client_budget_mib <= 0:
             raise ServerConfigError(f"client_budget_mib must be positive, got {self.client_budget_mib!r}")
         if self.jobs_dir is None:
@@ -144,10 +157,23 @@ class ServerConfig:
 @dataclass
 class RunningJob:
     record: JobRecord
-    worker: JobWorker
+    slot: int
+    worker: Optional[JobWorker] = None  # job_runner "thread"
+    process: Optional[JobProcess] = None  # job_runner "process"
     stop_reason: Optional[str] = None  # "cancel" | "shutdown" | "storage"
     last_saved: float = field(default_factory=time.monotonic)
     storage_problem: Optional[str] = None  # why it was stopped for storage
+    phase: str = "starting"  # the last phase its progress named
+    kill_at: Optional[float] = None  # when a stop that has not taken effect ends with a kill
+
+    def request_stop(self, grace_s: Optional[float] = None) -> None:
+        """Flag the job to stop at its next iteration; its process is killed ``grace_s`` later."""
+        if self.worker is not None:
+            self.worker.cancel.set()
+        if self.process is not None:
+            self.process.cancel(self.record.job_id)
+            if grace_s is not None and self.kill_at is None:
+                self.kill_at = time.monotonic() + grace_s
 
 
 def _gpu_memory_gib() -> float:
@@ -194,7 +220,9 @@ class Server:
         self.outbound = OutboundLedger(int(config.client_budget_mib * MIB))
         self.drops = DropLog(log)
         self.bus = EventBus()
-        self.priors = PriorCache(config.keep_priors)
+        self.priors = PriorCache(config.keep_priors)  # job_runner "thread" only: each job process keeps its own
+        self._processes: Dict[int, JobProcess] = {}  # slot -> its job process
+        self._next_heartbeat = 0.0
         self.context = zmq.Context()
         self.socket: Optional[zmq.Socket] = None
         self.endpoint: Optional[str] = None
@@ -274,6 +302,7 @@ class Server:
         self._retry_pending()
         self._retry_saves()
         self._schedule()
+        next_due = min(next_due, self._enforce_kills(), self._heartbeat())
         self.drops.flush()
         if self._pending:
             next_due = min(next_due, 0.05)
@@ -524,7 +553,7 @@ class Server:
         if rec.job_id in self._running:
             running = self._running[rec.job_id]
             running.stop_reason = running.stop_reason or "cancel"
-            running.worker.cancel.set()
+            running.request_stop(self.config.cancel_grace_s)
             self._cancel_waiters.setdefault(rec.job_id, []).append((envelope, msg.req))
             log.info("job=%s client=%s kind=cancel (stopping at the next iteration)", rec.job_id, owner)
         elif rec.state == "queued":
@@ -546,7 +575,8 @@ class Server:
         server = {
             "version": __version__, "protocol": PROTOCOL_VERSION, "workers": self.workers, "gpus": self.gpus,
             "running": len(self._running), "queued": len(self._queue), "uptime_s": round(time.time() - self._started_at, 3),
-            "curve": self.keys is not None,
+            "curve": self.keys is not None, "job_runner": self.config.job_runner,
+            "job_processes": [{"slot": p.slot, "pid": p.pid, "job": p.job_id} for p in self._processes.values() if p.alive],
             # what the service itself costs: CPU seconds of the socket loop, and of the
             # progress/preview callbacks on the training threads (finished jobs)
             "loop_cpu_s": round(time.thread_time() - (self._loop_cpu_start or time.thread_time()), 6),
@@ -649,17 +679,65 @@ class Server:
             config = rec.config  # typed and validated when the job was submitted (or its job.json read)
             if config.checkpoint_every == 0 and self.config.checkpoint_every:
                 config = dataclasses.replace(config, checkpoint_every=self.config.checkpoint_every)  # the record keeps the job's own
-            slot = len(self._running)
+            slot = min(set(range(self.workers)) - {r.slot for r in self._running.values()})
             rec.state, rec.total, rec.message = "running", config.iters, None
             problem = self._try_save(rec)  # "running" is on disk before the first step: a crash reads as interrupted
             if problem is not None:
                 rec.resume = False
                 self._finish_failed(rec, f"the job could not start: {problem}", code="storage")
                 continue
-            worker = JobWorker(job_id, config, self.store, self.bus, resume=rec.resume, gpu_slot=slot, priors=self.priors)
-            self._running[job_id] = RunningJob(rec, worker)
+            start = (rec.checkpoint_step or 0) if rec.resume else 0  # the step its phase messages show until training reports
+            if self.config.job_runner == "thread":
+                worker = JobWorker(job_id, config, self.store, self.bus, resume=rec.resume, gpu_slot=slot, priors=self.priors,
+                                   start_step=start)
+                self._running[job_id] = RunningJob(rec, slot, worker=worker)
+                worker.start()
+            else:
+                process = self._process(slot)
+                self._running[job_id] = RunningJob(rec, slot, process=process)
+                process.run(job_id, config, rec.resume, start)
             log.info("job=%s state=running resume=%s slot=%d", job_id, rec.resume, slot)
-            worker.start()
+
+    def _process(self, slot: int) -> JobProcess:
+        """The slot's job process: the one that ran its last job, or a fresh one if that one died."""
+        process = self._processes.get(slot)
+        if process is None or not process.alive:
+            if process is not None:
+                process.close(timeout=0.1)
+            process = JobProcess(slot, self.bus, self.store.root, self.config.keep_priors)
+            self._processes[slot] = process
+        return process
+
+    def _enforce_kills(self) -> float:
+        """Kill job processes whose stop did not take effect in time; seconds until the next is due."""
+        now, next_due = time.monotonic(), math.inf
+        for running in self._running.values():
+            if running.kill_at is None or running.process is None:
+                continue
+            if now >= running.kill_at:
+                running.kill_at = None
+                log.warning("job=%s did not stop within %.1f s: killing its process", running.record.job_id, self.config.cancel_grace_s)
+                running.process.kill()  # its reader reports the death; _on_event finishes the job
+            else:
+                next_due = min(next_due, running.kill_at - now)
+        return next_due
+
+    def _heartbeat(self) -> float:
+        """Tell each client with queued or running jobs that this loop is alive; seconds to the next."""
+        interval = self.config.heartbeat_s
+        if interval <= 0:
+            return math.inf
+        now = time.monotonic()
+        if now < self._next_heartbeat:
+            return self._next_heartbeat - now
+        self._next_heartbeat = now + interval
+        jobs_of: Dict[Envelope, List[str]] = {}
+        for job_id in [*self._running, *self._queue]:
+            for envelope in self._subscribers.get(job_id, []):
+                jobs_of.setdefault(envelope, []).append(job_id)
+        for envelope, jobs in jobs_of.items():
+            self._send(envelope, encode(Kind.HEARTBEAT, {"t": time.time(), "interval_s": interval, "jobs": jobs[:MAX_LIST]}))
+        return interval
 
     # ------------------------------------------------------------------ worker events
     def _drain_events(self) -> None:
@@ -678,7 +756,7 @@ class Server:
         rec = self._jobs.get(event.job_id)
         if rec is None:
             return
-        if event.kind == "started":
+        if event.kind == "started" or (event.kind == "died" and running is None):  # a death after its job ended says nothing
             return
         self._flush_streams(job_id=event.job_id, force=event.kind == "done")
         self.bus.discard_streams(event.job_id)
@@ -715,6 +793,8 @@ class Server:
             self._try_save(rec)
             log.info("job=%s state=cancelled step=%s", rec.job_id, step)
             self._announce_cancelled(rec, step, self._cancel_waiters.pop(rec.job_id, []))
+        elif event.kind == "died":  # its process ended without a word (kill -9, a segfault, the OOM killer)
+            self._on_process_died(rec, running, event.data.get("cause", "ended"))
         elif event.kind == "failed":
             if running is not None and running.stop_reason == "shutdown":
                 self._mark_interrupted(rec, rec.step)
@@ -724,6 +804,24 @@ class Server:
             if storage is not None and code != "storage":
                 code, message = "storage", storage
             self._finish_failed(rec, message, code=code)
+
+    def _on_process_died(self, rec: JobRecord, running: Optional[RunningJob], cause: str) -> None:
+        rec.checkpoint_step = self.store.last_checkpoint_step(rec.job_id)
+        reason = running.stop_reason if running is not None else None
+        start = "the start" if rec.checkpoint_step is None else f"checkpoint step {rec.checkpoint_step}"
+        if reason == "shutdown":
+            self._mark_interrupted(rec, rec.step)
+        elif reason == "cancel":  # killed after the grace period
+            rec.state, rec.message = "cancelled", f"cancelled at step {rec.step} (its process was stopped: {cause})"
+            self._try_save(rec)
+            log.info("job=%s state=cancelled step=%s (process killed)", rec.job_id, rec.step)
+            self._announce_cancelled(rec, rec.checkpoint_step, self._cancel_waiters.pop(rec.job_id, []))
+        elif reason == "storage":
+            self._finish_failed(rec, running.storage_problem or "storage", code="storage")
+        else:
+            phase = running.phase if running is not None else "running"
+            self._finish_failed(rec, f"the job's process {cause}, at step {rec.step} of {rec.total} ({phase}); the server is "
+                                     f"still running and the next job gets a fresh process; resume continues from {start}")
 
     def _finish_failed(self, rec: JobRecord, message: str, code: str = "job_failed") -> None:
         """Record and announce a failure; ``code`` is job_failed, or storage (the message then says how to recover)."""
@@ -741,7 +839,7 @@ class Server:
         """A running job whose state cannot be saved stops at its next iteration and fails with ``storage``."""
         if running.stop_reason is None:
             running.stop_reason, running.storage_problem = "storage", f"the job's status could not be saved: {problem}"
-            running.worker.cancel.set()
+            running.request_stop(self.config.cancel_grace_s)
             log.error("job=%s stopping: its status cannot be saved: %s", running.record.job_id, problem)
 
     def _mark_interrupted(self, rec: JobRecord, step: Optional[int]) -> None:
@@ -789,6 +887,8 @@ class Server:
             if stream == "progress":
                 rec.step = header["step"]
                 running = self._running.get(jid)
+                if running is not None:
+                    running.phase = header.get("phase", running.phase)
                 if running is not None and now - running.last_saved >= self.config.status_save_interval_s:
                     running.last_saved = now
                     problem = self._try_save(rec)  # the periodic save: a failure stops this job, never the server
@@ -808,19 +908,26 @@ class Server:
         log.info("shutting down running=%d", len(self._running))
         for running in self._running.values():
             running.stop_reason = "shutdown"
-            running.worker.cancel.set()
+            running.request_stop()
         deadline = time.monotonic() + self.config.shutdown_timeout_s
-        for running in list(self._running.values()):
-            running.worker.join(max(0.0, deadline - time.monotonic()))
-        try:
-            self._drain_events()
-        except Exception:
-            log.exception("error while draining events at shutdown")
-        for running in list(self._running.values()):  # still alive: interrupted without a fresh checkpoint
+        while self._running and time.monotonic() < deadline:  # each job checkpoints and reports
+            try:
+                self._drain_events()
+            except Exception:
+                log.exception("error while draining events at shutdown")
+            if self._running:
+                select.select([self.bus.wake_fd], [], [], min(0.1, max(0.0, deadline - time.monotonic())))
+                self.bus.drain_wake()
+        for running in list(self._running.values()):  # still running: interrupted without a fresh checkpoint
+            if running.process is not None:
+                running.process.kill()
             rec = running.record
             rec.checkpoint_step = self.store.last_checkpoint_step(rec.job_id)
             self._mark_interrupted(rec, rec.step)
         self._running.clear()
+        for process in self._processes.values():
+            process.close(timeout=5.0)
+        self._processes.clear()
         self._retry_pending()
         self._retry_saves(force=True)
         for rec in self._unsaved.values():

@@ -1,9 +1,14 @@
-"""One job on its own thread: runs ``distill3d.job.generate`` and reports through an event bus.
+"""One job: runs ``distill3d.job.generate`` and reports through an event bus.
 
-The worker never touches the ZeroMQ socket. It hands the server's main loop
+A :class:`JobWorker` runs on the main thread of a job process (:mod:`.process`, the default)
+or, with ``job_runner="thread"``, as a thread of the server (tests with stand-ins for the
+trainer). The worker never touches the ZeroMQ socket. It hands the server's main loop
 * lifecycle events (``started``, ``done``, ``cancelled``, ``failed``) through a queue, and
 * progress / preview payloads through a latest-wins slot per job and stream, so a slow
   client or a busy main loop can never make training wait (old previews are overwritten).
+  Progress carries the job's ``phase``: loading prior, training, exporting (from the last
+  step on), writing results; finer phases where the job reports them (an ``on_phase`` hook of
+  the trainer's callbacks, when it has one).
 Result files (GLB, texture, summary, mesh.npz) are written and fsynced (files and folder)
 before ``done`` is posted.
 
@@ -26,7 +31,7 @@ import socket
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Any, Dict, Optional, Tuple
+from typing import Any, Callable, Dict, Optional, Tuple
 
 import numpy as np
 
@@ -120,7 +125,7 @@ class JobWorker(threading.Thread):
     """Runs one job; ``cancel`` stops it at the next iteration (the trainer checkpoints first)."""
 
     def __init__(self, job_id: str, config: JobConfig, store: JobStore, bus: EventBus, resume: bool = False, gpu_slot: int = 0,
-                 priors: Optional[PriorCache] = None) -> None:
+                 priors: Optional[PriorCache] = None, start_step: int = 0) -> None:
         super().__init__(name=f"job-{job_id}", daemon=True)
         self.job_id = job_id
         self.config = config
@@ -131,6 +136,9 @@ class JobWorker(threading.Thread):
         self.priors = priors
         self.cancel = threading.Event()
         self.callback_cpu_s = 0.0  # CPU time this thread spent in the service's callbacks
+        self.phase = "starting"
+        self.phase_hook: Optional[Callable[[str], None]] = None  # called after each phase is reported (fault injection)
+        self._progress: Dict[str, Any] = {"step": max(int(start_step), 0), "total": max(int(config.iters), 1), "losses": {}, "elapsed_s": 0.0, "eta_s": None}
 
     # ------------------------------------------------------------------ trainer callbacks
     def _on_progress(self, step: int, total: int, losses: dict, elapsed: float, eta: float) -> None:
@@ -141,9 +149,13 @@ class JobWorker(threading.Thread):
             "losses": {str(k)[:64]: _finite_or_none(v) for k, v in list(losses.items())[:64]},
             "elapsed_s": max(_finite_or_none(elapsed) or 0.0, 0.0),
             "eta_s": None if _finite_or_none(eta) is None else max(float(eta), 0.0),
+            "phase": self.phase,
         }
+        self._progress = header
         self.bus.offer(self.job_id, "progress", header)
         self.callback_cpu_s += time.thread_time() - t0
+        if header["step"] >= header["total"] and self.phase == "training":  # the last step: export follows
+            self._on_phase("exporting")
 
     def _on_preview(self, step: int, mesh: Any, image: Optional[np.ndarray]) -> None:
         t0 = time.thread_time()
@@ -159,6 +171,17 @@ class JobWorker(threading.Thread):
             log.exception("job=%s preview at step %s could not be packed", self.job_id, step)
         self.callback_cpu_s += time.thread_time() - t0
 
+    def _on_phase(self, phase: str) -> None:
+        """A new phase: sent at once as progress (the last step's figures, no ETA outside training)."""
+        self.phase = str(phase)[:64]
+        header = {**self._progress, "phase": self.phase}
+        if self.phase != "training":
+            header["eta_s"] = None
+        self._progress = header
+        self.bus.offer(self.job_id, "progress", header)
+        if self.phase_hook is not None:
+            self.phase_hook(self.phase)
+
     # ------------------------------------------------------------------ the run
     def run(self) -> None:
         from ..device import resolve_device
@@ -171,9 +194,13 @@ class JobWorker(threading.Thread):
         prior = device = None
         try:
             device = self._select_gpu(resolve_device(self.config.device))
+            self._on_phase("loading prior")
             if self.priors is not None:
                 prior = self.priors.lease(self.config, device) or load_prior(self.config, device)
+            self._on_phase("training")
             callbacks = TrainerCallbacks(on_progress=self._on_progress, on_preview=self._on_preview)
+            if hasattr(callbacks, "on_phase"):  # finer export phases, where the job reports them
+                callbacks.on_phase = self._on_phase
             result = generate(
                 self.config,
                 self.store.job_dir(self.job_id),
@@ -183,6 +210,8 @@ class JobWorker(threading.Thread):
                 resume=self.resume,
                 prior=prior,
             )
+            if self.phase != "writing results":
+                self._on_phase("writing results")
             arrays = arrays_from_mesh(result.mesh)
             self.store.write_mesh(self.job_id, arrays)
             self.store.sync_results(self.job_id)  # everything durably on disk before it is announced

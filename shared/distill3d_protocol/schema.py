@@ -39,6 +39,7 @@ class Kind:
     FETCH = "fetch"  # request: the stored result of job ``job``; reply: state + arrays when done
     PING = "ping"  # client -> server
     PONG = "pong"  # server -> client
+    HEARTBEAT = "heartbeat"  # server -> client: sent by the server's loop to clients with running or queued jobs
 
 
 KINDS = frozenset(v for k, v in vars(Kind).items() if k.isupper())
@@ -46,7 +47,7 @@ REQUEST_REPLY_KINDS = frozenset({Kind.STATUS, Kind.LIST, Kind.FETCH})
 CLIENT_TO_SERVER = frozenset({Kind.SUBMIT, Kind.CANCEL, Kind.STATUS, Kind.LIST, Kind.FETCH, Kind.PING})
 SERVER_TO_CLIENT = frozenset(
     {Kind.ACCEPTED, Kind.PROGRESS, Kind.PREVIEW, Kind.RESULT, Kind.ERROR, Kind.CANCELLED,
-     Kind.STATUS, Kind.LIST, Kind.FETCH, Kind.PONG}
+     Kind.STATUS, Kind.LIST, Kind.FETCH, Kind.PONG, Kind.HEARTBEAT}
 )
 
 JOB_STATES = ("queued", "running", "done", "failed", "cancelled", "interrupted")
@@ -347,6 +348,7 @@ KIND_FIELDS: Dict[Tuple[str, bool], Dict[str, F]] = {
         "losses": F(_check_losses),
         "elapsed_s": F(_seconds),
         "eta_s": F(v_optional(_seconds)),
+        "phase": F(v_str(64)),  # loading prior | training | exporting | rendering previews | writing results
     },
     (Kind.PREVIEW, False): dict(_step_fields),
     (Kind.RESULT, False): dict(_result_fields),
@@ -384,6 +386,11 @@ KIND_FIELDS: Dict[Tuple[str, bool], Dict[str, F]] = {
         **_result_fields,
     },
     (Kind.PING, False): {"t": F(v_num(-1e12, 1e12))},
+    (Kind.HEARTBEAT, False): {
+        "t": F(v_num(-1e12, 1e12)),  # the server's clock (seconds since the epoch)
+        "interval_s": F(_seconds),  # the next heartbeat follows within this
+        "jobs": F(v_list(v_str(64))),  # this client's running or queued jobs
+    },
     (Kind.PONG, False): {
         "t": F(v_num(-1e12, 1e12)),  # echoed from the ping
         "server_version": F(v_str(64)),
