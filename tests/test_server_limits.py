@@ -138,8 +138,8 @@ def test_a_client_over_its_byte_budget_is_refused_new_large_replies(tmp_path):
     jobs = [_done_job(store, seed=i) for i in range(5)]
     running = RunningServer(tmp_path / "jobs", client_budget_mib=24)
     lazy = LazyClient(running.endpoint)
-    try:
-        with Client(running.endpoint, name="observer", timeout=REPLY_TIMEOUT) as observer:
+    try:  # the same owner on another connection: budgets are per connection
+        with Client(running.endpoint, name="lazy", timeout=REPLY_TIMEOUT) as observer:
             for i, job in enumerate(jobs):
                 lazy.fetch(job, f"f{i}")
             lazy.socket.send_multipart(encode(Kind.PING, {"req": "ping"}))  # small replies are never refused
@@ -187,7 +187,7 @@ def test_a_dead_subscriber_costs_a_few_log_lines_not_one_per_message(tmp_path, m
         assert gone.poll(int(REPLY_TIMEOUT * 1000))
         job = decode(gone.recv_multipart()).job_id
         gone.close(0)  # the subscriber dies; its job keeps running and streaming
-        with Client(running.endpoint, name="observer", timeout=REPLY_TIMEOUT) as observer:
+        with Client(running.endpoint, name="gone", timeout=REPLY_TIMEOUT) as observer:  # its owner, back
             deadline = time.monotonic() + 60
             while observer.status(job).header["info"]["state"] != "done":
                 assert time.monotonic() < deadline

@@ -1,4 +1,4 @@
-"""`distill3d serve`: run the backend service until SIGINT/SIGTERM."""
+"""`distill3d serve`: run the backend service until SIGINT/SIGTERM (jobs in job processes)."""
 
 from __future__ import annotations
 
@@ -45,7 +45,19 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--preview-interval", type=float, default=0.25, help="minimum seconds between previews of one job")
     p.add_argument("--progress-interval", type=float, default=0.05, help="minimum seconds between progress messages of one job")
     p.add_argument("--shutdown-timeout", type=float, default=60.0, help="seconds to wait for running jobs to checkpoint on stop")
-    p.add_argument("--keep-priors", type=int, default=1, help="loaded priors kept between jobs (0 = reload per job and free GPU memory)")
+    p.add_argument("--keep-priors", type=int, default=1, help="loaded priors kept between jobs by each job process (0 = reload per job and free GPU memory)")
+    p.add_argument("--job-runner", choices=("process", "thread"), default="process",
+                   help="process (default): each device slot runs its jobs in its own spawned process, so no job can stall the "
+                   "socket and a crashing job fails alone; thread: jobs run inside the server process (debugging)")
+    p.add_argument("--cancel-grace", type=float, default=30.0, metavar="SECONDS",
+                   help="a cancelled job still running after this is killed (its process)")
+    p.add_argument("--heartbeat", type=float, default=1.0, metavar="SECONDS",
+                   help="seconds between heartbeats to clients with queued or running jobs (0 = none)")
+    p.add_argument("--admin-keys", type=Path, default=None, metavar="DIR",
+                   help="folder of CURVE public keys (*.key) whose clients see, fetch, cancel and resume every job "
+                   "(default: KEYS_DIR/admin_clients when it exists)")
+    p.add_argument("--admin-client", action="append", default=[], metavar="NAME",
+                   help="on a loopback bind without keys: a client name that sees every job (repeatable)")
     limits = p.add_argument_group("limits", "what one job or one client may take; a job beyond them is refused with the setting to lower")
     limits.add_argument("--max-job-memory", type=float, default=0.0, metavar="GIB",
                         help="estimated peak memory per job (default 0: 90%% of the smallest GPU's memory, 8 GiB without CUDA)")
@@ -76,6 +88,8 @@ def run(args: argparse.Namespace) -> int:
         shutdown_timeout_s=args.shutdown_timeout, keep_priors=args.keep_priors,
         max_job_memory_gib=args.max_job_memory, max_mc_resolution=args.max_mc_resolution, max_texture_size=args.max_texture_size,
         max_job_minutes=args.max_job_minutes, client_budget_mib=args.client_budget,
+        job_runner=args.job_runner, cancel_grace_s=args.cancel_grace, heartbeat_s=args.heartbeat,
+        admin_keys_dir=args.admin_keys, admin_clients=tuple(args.admin_client),
     )
     try:
         server = Server(config)
@@ -90,7 +104,7 @@ def run(args: argparse.Namespace) -> int:
 
     signal.signal(signal.SIGINT, on_signal)
     signal.signal(signal.SIGTERM, on_signal)
-    print(f"distill3d serve: listening on {endpoint} (jobs in {server.store.root}, {server.workers} worker(s), "
+    print(f"distill3d serve: listening on {endpoint} (jobs in {server.store.root}, {server.workers} job {'process(es)' if args.job_runner == 'process' else 'thread(s)'}, "
           f"up to {server.limits.memory_gib:g} GiB per job)", flush=True)
     started = time.time()
     server.serve_forever()

@@ -1,7 +1,9 @@
 """The distill3d backend service: a ZeroMQ ROUTER that queues, runs and streams generation jobs.
 
-* :mod:`.service`: :class:`Server` and :class:`ServerConfig` (the socket-owning main loop)
-* :mod:`.worker`: a job on its own thread, events to the main loop through :class:`EventBus`
+* :mod:`.service`: :class:`Server` and :class:`ServerConfig` (the socket-owning main loop; jobs
+  belong to the CURVE key, or without keys the client name, that submitted them)
+* :mod:`.process`: the job processes, one spawned child per device slot, reused between jobs
+* :mod:`.worker`: one job (in a job process, or a thread), events to the loop through :class:`EventBus`
 * :mod:`.jobs`: the jobs folder (state, results, checkpoints), survives restarts; storage faults
   become :class:`~.jobs.StorageError` (wire code ``storage``)
 * :mod:`.admission`: a job's estimated memory and duration against the server's limits

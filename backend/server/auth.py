@@ -5,6 +5,7 @@ Key folder layout (``distill3d keys --out DIR`` creates it)::
     DIR/server.key, DIR/server.key_secret      the server's key pair (keep the secret on the server)
     DIR/client.key, DIR/client.key_secret      a client key pair (give both to the artist's add-on)
     DIR/authorized_clients/client.key          public keys the server accepts (add more files here)
+    DIR/admin_clients/*.key                    optional: authorised keys that see every client's jobs
 
 The server serves with ``server.key_secret`` and authorises every public key found in
 ``authorized_clients/`` through a ZAP handler (``zmq.auth.thread.ThreadAuthenticator``).
@@ -31,6 +32,7 @@ from zmq.auth.thread import ThreadAuthenticator
 log = logging.getLogger(__name__)
 
 AUTHORIZED_DIR = "authorized_clients"
+ADMIN_DIR = "admin_clients"  # public keys whose clients see every job (they must be authorised too)
 
 
 class AuthError(Distill3DError, RuntimeError):

@@ -59,6 +59,7 @@ class Client:
         self._ids = itertools.count(1)
         self.last_heartbeat: Optional[Message] = None
         self.heartbeats = 0
+        self.heartbeat_times: Deque[float] = deque(maxlen=100_000)  # when each arrived (time.monotonic)
 
     # ------------------------------------------------------------------ low level
     def send(self, kind: str, header: Optional[Dict[str, Any]] = None, job_id: Optional[str] = None) -> str:
@@ -81,6 +82,7 @@ class Client:
             if msg.kind != Kind.HEARTBEAT:
                 return msg
             self.last_heartbeat, self.heartbeats = msg, self.heartbeats + 1
+            self.heartbeat_times.append(time.monotonic())
 
     def recv(self, timeout: Optional[float] = None) -> Optional[Message]:
         """The next message (inbox first); None when nothing arrives in time."""

@@ -26,6 +26,12 @@ with the code ``storage``, as does a job whose checkpoint or result files cannot
 (the worker reports it). A job is admitted only if its estimated memory and duration
 (:mod:`.admission`) fit the server's limits.
 
+Isolation: a job belongs to the owner that submitted it, the CURVE public key the ZAP handler
+authenticated (``key:<z85>``), or without keys (loopback) the client's name. Requests naming
+another owner's job are answered ``not_found`` exactly as for a job that does not exist, and
+``list`` shows only the requester's jobs; admins (keys in ``admin_clients/`` or
+``admin_keys_dir``, names in ``admin_clients`` without keys) see and act on every job.
+
 A job is validated once, at submit, by :func:`distill3d.config.parse_job` (the nested form,
 or the flat one of older clients; a config that breaks the job description is already refused
 by the wire's decode, naming ``config.<dotted path>``, and what only the backend can check is
@@ -51,6 +57,7 @@ from pathlib import Path
 from typing import Any, Deque, Dict, List, Optional, Sequence, Tuple
 
 import zmq
+import zmq.auth
 
 from distill3d_protocol import (
     CLIENT_TO_SERVER,
@@ -70,7 +77,7 @@ from .. import __version__
 from ..config import ConfigError, parse_job
 from ..priors.factory import PriorCache
 from .admission import GIB, Limits, admission_problem, estimate_job
-from .auth import AuthError, ServerKeys, is_loopback, load_server_keys, secure_socket, start_authenticator
+from .auth import ADMIN_DIR, AuthError, ServerKeys, is_loopback, load_server_keys, secure_socket, start_authenticator
 from .jobs import RESUMABLE_STATES, JobRecord, JobStore, StorageError
 from .outbound import MIB, TRACK_MIN_BYTES, DropLog, OutboundLedger, Outgoing, frames_nbytes
 from .process import JobProcess
@@ -122,6 +129,10 @@ class ServerConfig:
     job_runner: str = "process"  # "process": one spawned child per slot; "thread": jobs as threads of the server
     cancel_grace_s: float = 30.0  # a cancelled job still running after this is killed (its process)
     heartbeat_s: float = 1.0  # heartbeats to clients with queued or running jobs (0 = none)
+    # isolation: a job belongs to the CURVE key that submitted it (without keys: to the client's name);
+    # these see, fetch, cancel and resume every job
+    admin_keys_dir: Optional[Path] = None  # public keys (*.key) of admins; None = keys_dir/admin_clients when it exists
+    admin_clients: Tuple[str, ...] = ()  # without CURVE (loopback): client names that are admins
 
     def validate(self) -> "ServerConfig":
         if not isinstance(self.bind, str) or "://" not in self.bind:
@@ -152,6 +163,30 @@ class ServerConfig:
             self.jobs_dir = default_jobs_dir()
         self.jobs_dir = Path(self.jobs_dir)
         return self
+
+
+class Requester(str):
+    """Who a request acts for: the job owner it is (``key:<z85 public key>`` under CURVE, else the
+    client's name, or ``peer:<routing id>`` for nameless clients); ``admin`` sees every job."""
+
+    admin: bool
+
+    def __new__(cls, owner: str, admin: bool = False) -> "Requester":
+        obj = super().__new__(cls, owner)
+        obj.admin = admin
+        return obj
+
+    def may_see(self, rec: JobRecord) -> bool:
+        return self.admin or rec.owner == self
+
+
+def _curve_key(frame: zmq.Frame) -> Optional[str]:
+    """The z85 public key ZAP authenticated for this message (None without CURVE)."""
+    try:
+        user = frame.get("User-Id")
+    except (zmq.ZMQError, KeyError, AttributeError):
+        return None
+    return user or None
 
 
 @dataclass
@@ -211,6 +246,7 @@ class Server:
                 f"refusing to serve without CURVE keys: {reason}. Create keys with `distill3d keys --out DIR` "
                 "and pass --keys-dir DIR, or bind a loopback address (tcp://127.0.0.1:PORT)."
             )
+        self.admin_keys = self._load_admin_keys()
         self.store = JobStore(config.jobs_dir)
         self.gpus = _gpu_count()
         self.workers = config.workers or max(self.gpus, 1)
@@ -241,6 +277,40 @@ class Server:
         self.ready = threading.Event()
         self._loop_cpu_start: Optional[float] = None
         self._callback_cpu_s = 0.0  # workers' CPU time in the service's callbacks, finished jobs
+
+    def _load_admin_keys(self) -> frozenset:
+        """The z85 public keys of the admin clients (CURVE only)."""
+        folder = self.config.admin_keys_dir
+        if folder is None and self.config.keys_dir is not None:
+            folder = Path(self.config.keys_dir) / ADMIN_DIR
+            if not folder.is_dir():
+                return frozenset()
+        if folder is None:
+            return frozenset()
+        if self.keys is None:
+            raise ServerConfigError(f"admin keys ({folder}) need CURVE: pass --keys-dir as well")
+        folder = Path(folder)
+        if not folder.is_dir():
+            raise ServerConfigError(f"admin keys folder {folder} does not exist")
+        keys = set()
+        for path in sorted(folder.glob("*.key")):
+            try:
+                public, _ = zmq.auth.load_certificate(path)
+            except (OSError, ValueError) as exc:
+                raise ServerConfigError(f"cannot read admin key {path}: {exc}") from None
+            keys.add(public.decode("ascii"))
+            if not (self.keys.authorized_dir / path.name).is_file():
+                log.warning("admin key %s is not in %s: that client cannot connect", path, self.keys.authorized_dir)
+        log.info("admin keys=%d from %s", len(keys), folder)
+        return frozenset(keys)
+
+    def _requester(self, frame: zmq.Frame, msg: Message, peer: str) -> Requester:
+        if self.keys is not None:
+            key = _curve_key(frame)
+            if key is not None:
+                return Requester(f"key:{key}", key in self.admin_keys)
+        name = msg.get("client") or f"peer:{peer}"
+        return Requester(name, self.keys is None and name in self.config.admin_clients)
 
     # ------------------------------------------------------------------ lifecycle
     def start(self) -> str:
@@ -384,7 +454,7 @@ class Server:
             log.info("rejected peer=%s code=%s %s", peer, exc.code, exc.message)
             self._send(envelope, error_frames(exc.code, exc.message, req=exc.req), critical=True)
             return
-        owner = msg.get("client") or f"peer:{peer}"
+        owner = self._requester(frames[-1], msg, peer)
         log.debug("request peer=%s client=%s kind=%s job=%s", peer, owner, msg.kind, msg.job_id)
         if msg.kind not in CLIENT_TO_SERVER or msg.reply:
             self._error(envelope, msg, "unexpected_kind", f"the server does not accept {msg.kind}{' replies' if msg.reply else ''} "
@@ -490,13 +560,13 @@ class Server:
             self._send(envelope, frames, critical=critical)
 
     # ------------------------------------------------------------------ handlers
-    def _on_ping(self, envelope: Envelope, msg: Message, owner: str) -> None:
+    def _on_ping(self, envelope: Envelope, msg: Message, owner: Requester) -> None:
         header: Dict[str, Any] = {"server_version": __version__, "protocol": PROTOCOL_VERSION}
         if "t" in msg.header:
             header["t"] = msg.header["t"]
         self._reply(envelope, msg, Kind.PONG, header)
 
-    def _on_submit(self, envelope: Envelope, msg: Message, owner: str) -> None:
+    def _on_submit(self, envelope: Envelope, msg: Message, owner: Requester) -> None:
         if msg.get("resume") is True:
             self._resume(envelope, msg, owner)
             return
@@ -521,8 +591,8 @@ class Server:
         self._reply(envelope, msg, Kind.ACCEPTED, {"state": "queued", "position": len(self._queue) - 1, "config": config.to_dict()},
                     job_id=rec.job_id)
 
-    def _resume(self, envelope: Envelope, msg: Message, owner: str) -> None:
-        rec = self._find(envelope, msg)
+    def _resume(self, envelope: Envelope, msg: Message, owner: Requester) -> None:
+        rec = self._find(envelope, msg, owner)
         if rec is None:
             return
         if rec.state not in RESUMABLE_STATES:
@@ -546,8 +616,8 @@ class Server:
         self._reply(envelope, msg, Kind.ACCEPTED, {"state": "queued", "position": len(self._queue) - 1, "resumed_from": rec.checkpoint_step},
                     job_id=rec.job_id)
 
-    def _on_cancel(self, envelope: Envelope, msg: Message, owner: str) -> None:
-        rec = self._find(envelope, msg)
+    def _on_cancel(self, envelope: Envelope, msg: Message, owner: Requester) -> None:
+        rec = self._find(envelope, msg, owner)
         if rec is None:
             return
         if rec.job_id in self._running:
@@ -565,10 +635,10 @@ class Server:
         else:
             self._error(envelope, msg, "bad_state", f"job {rec.job_id} is {rec.state}; there is nothing to cancel", job_id=rec.job_id)
 
-    def _on_status(self, envelope: Envelope, msg: Message, owner: str) -> None:
+    def _on_status(self, envelope: Envelope, msg: Message, owner: Requester) -> None:
         info = None
         if msg.job_id is not None:
-            rec = self._find(envelope, msg)
+            rec = self._find(envelope, msg, owner)
             if rec is None:
                 return
             info = self._info(rec)
@@ -576,7 +646,9 @@ class Server:
             "version": __version__, "protocol": PROTOCOL_VERSION, "workers": self.workers, "gpus": self.gpus,
             "running": len(self._running), "queued": len(self._queue), "uptime_s": round(time.time() - self._started_at, 3),
             "curve": self.keys is not None, "job_runner": self.config.job_runner,
-            "job_processes": [{"slot": p.slot, "pid": p.pid, "job": p.job_id} for p in self._processes.values() if p.alive],
+            "job_processes": [{"slot": p.slot, "pid": p.pid, "job": self._visible_id(p.job_id, owner)}
+                              for p in self._processes.values() if p.alive],
+            "admin": owner.admin,
             # what the service itself costs: CPU seconds of the socket loop, and of the
             # progress/preview callbacks on the training threads (finished jobs)
             "loop_cpu_s": round(time.thread_time() - (self._loop_cpu_start or time.thread_time()), 6),
@@ -591,11 +663,11 @@ class Server:
         }
         self._reply(envelope, msg, Kind.STATUS, {"reply": True, "server": server, "info": info}, job_id=msg.job_id)
 
-    def _on_list(self, envelope: Envelope, msg: Message, owner: str) -> None:
+    def _on_list(self, envelope: Envelope, msg: Message, owner: Requester) -> None:
         """Jobs of this client (``all``: of every client). A request with ``offset`` or ``limit``
         gets a page, oldest first (offsets stay valid as jobs are added), with ``more`` and
         ``next_offset``; one without (older clients) gets the newest jobs that fit one header."""
-        show_all = msg.get("all") is True
+        show_all = msg.get("all") is True and owner.admin  # others get their own jobs, whatever they ask
         records = [r for r in self._jobs.values() if show_all or r.owner == owner]
         records.sort(key=lambda r: (r.created, r.job_id))
         paged = "offset" in msg.header or "limit" in msg.header
@@ -624,8 +696,8 @@ class Server:
         self._reply(envelope, msg, Kind.LIST, {"reply": True, "jobs": infos, "more": more, "next_offset": end if more else None,
                                                "total": len(records)})
 
-    def _on_fetch(self, envelope: Envelope, msg: Message, owner: str) -> None:
-        rec = self._find(envelope, msg)
+    def _on_fetch(self, envelope: Envelope, msg: Message, owner: Requester) -> None:
+        rec = self._find(envelope, msg, owner)
         if rec is None:
             return
         header: Dict[str, Any] = {"reply": True, "info": self._info(rec)}
@@ -657,11 +729,20 @@ class Server:
         log.info("job=%s client=%s kind=fetch state=done bytes=%d", rec.job_id, owner, frames_nbytes(frames))
         self._send(envelope, frames, critical=True, fetch_job=rec.job_id)
 
-    def _find(self, envelope: Envelope, msg: Message) -> Optional[JobRecord]:
+    def _find(self, envelope: Envelope, msg: Message, owner: Requester) -> Optional[JobRecord]:
+        """The job the request names, if this requester may see it: another owner's job is
+        answered exactly like one that does not exist."""
         rec = self._jobs.get(msg.job_id) if msg.job_id else None
+        if rec is not None and not owner.may_see(rec):
+            log.info("job=%s client=%s kind=%s refused: another owner's job", rec.job_id, owner, msg.kind)
+            rec = None
         if rec is None:
             self._error(envelope, msg, "not_found", f"no job {msg.job_id!r} on this server", job_id=None)
         return rec
+
+    def _visible_id(self, job_id: Optional[str], owner: Requester) -> Optional[str]:
+        rec = self._jobs.get(job_id) if job_id else None
+        return job_id if rec is not None and owner.may_see(rec) else None
 
     def _info(self, rec: JobRecord) -> dict:
         position = self._queue.index(rec.job_id) if rec.state == "queued" and rec.job_id in self._queue else None
