@@ -1,7 +1,9 @@
 """A local backend process started and stopped by the add-on (or the batch script).
 
 Runs ``<python> -m distill3d serve --bind <endpoint> [--jobs-dir DIR]`` with its output in a
-log file, and stops it (terminate, then kill) on request, on unregister and at exit. No bpy.
+log file, and stops it (terminate, then kill) on request, on unregister and at exit; when it
+dies, :meth:`LocalBackend.exit_message` says how (exit code or signal) with the last lines of
+its log. No bpy.
 """
 
 from __future__ import annotations
@@ -19,6 +21,17 @@ from typing import Optional, Sequence
 from .client import ClientError, check_endpoint, is_loopback_endpoint
 
 log = logging.getLogger(__name__)
+
+
+def describe_returncode(code: int) -> str:
+    """'exit code 2', or 'killed by signal 9 (SIGKILL), exit code -9' for a POSIX signal."""
+    if code < 0:
+        try:
+            name = signal.Signals(-code).name
+        except ValueError:
+            name = "unknown signal"
+        return f"killed by signal {-code} ({name}), exit code {code}"
+    return f"exit code {code}"
 
 
 class BackendProcessError(RuntimeError):
@@ -120,11 +133,16 @@ class LocalBackend:
             text = f.read().decode("utf-8", errors="replace")
         return "\n".join(text.splitlines()[-lines:])
 
-    def exit_message(self) -> str:
-        """A sentence for the status line when the process has exited."""
+    def exit_message(self, lines: int = 5) -> str:
+        """A sentence for the status line and the Info log once the process has exited: how it
+        ended (exit code, or the signal that killed it) and the last lines of its log."""
         code = self.returncode
-        tail = self.log_tail(3).replace("\n", " | ")
-        return f"The local backend exited with code {code}" + (f": {tail}" if tail else "")
+        if code is None:
+            return f"The local backend is running (pid {self.process.pid if self.process else '?'})"
+        how = describe_returncode(code)
+        tail = self.log_tail(lines).replace("\n", " | ")
+        where = f" Last lines of its log ({self.log_path}): {tail}" if tail else (f" Its log: {self.log_path}" if self.log_path else "")
+        return f"The local backend died ({how}); its jobs stopped with it.{where}"
 
     def stop(self, timeout_s: float = 5.0) -> None:
         proc = self.process

@@ -11,11 +11,19 @@ Connection handling:
 * The socket sets ``ZMQ_IMMEDIATE``, so a send fails at once while no backend is connected.
   Requests wait in an outbox until a connection exists or their deadline passes, which is
   how "backend not reachable" is detected without a blocking connect.
-* While a job runs the client pings every ``heartbeat_s``. Silence for ``lost_after_s``
-  marks the connection LOST (the job keeps running on the backend). The socket has a fixed
-  routing id, so after a reconnect the backend's events reach it again; on the first sign
-  of life the client sends ``fetch`` for its job, which returns the result if it was
-  finished (and announced) while the connection was down, or resumes an interrupted job.
+* Liveness comes from the backend's own ``heartbeat`` messages, sent by its socket loop to
+  clients with queued or running jobs (the loop keeps beating while a job exports, as jobs
+  run in their own processes). While they arrive the client sends no pings; without them
+  (an older backend, or a job this connection does not follow yet) it pings every
+  ``heartbeat_s``. Silence for ``lost_after_s`` (at least three heartbeat intervals) marks
+  the connection LOST. The socket has a fixed routing id, so after a reconnect the backend's
+  events reach it again; on the first sign of life the client sends ``fetch`` for its job,
+  which returns the result if it was finished (and announced) while the connection was
+  down, or resumes an interrupted job: exactly one resume per interruption (a second fetch
+  while it is on its way sends none; a ``bad_state`` answer to it means the job already runs).
+* Progress carries the job's ``phase`` (training, exporting, ...): kept in ``JobStatus.phase``.
+* Errors that are not about the current job (a late answer, another job) reach
+  :meth:`ClientListener.on_backend_error`.
 """
 
 from __future__ import annotations
@@ -135,6 +143,21 @@ class CurveKeys:
         return CurveKeys(server, public, secret)
 
 
+def default_client_name() -> str:
+    """``blender-<user>@<host>``: the same after Blender restarts, so this user's jobs stay theirs
+    (on a backend without keys a job belongs to the name that submitted it)."""
+    try:
+        import getpass
+
+        user = getpass.getuser()
+    except Exception:  # noqa: BLE001 - no user name in this environment
+        user = "user"
+    import socket
+
+    name = re.sub(r"[^A-Za-z0-9_.@:+-]", "-", f"blender-{user}@{socket.gethostname()}")
+    return name[:64]
+
+
 # ----------------------------------------------------------------------------- job state
 
 
@@ -149,6 +172,7 @@ class JobStatus:
     step: int = 0
     total: int = 0
     eta_s: Optional[float] = None
+    phase: str = ""  # the backend's phase: loading prior, training, exporting, writing results, ...
     elapsed_s: float = 0.0
     losses: dict = field(default_factory=dict)
     message: str = ""
@@ -162,6 +186,7 @@ class JobStatus:
     cancel_requested: bool = False
     submitted_at: float = 0.0
     sent_at: Optional[float] = None
+    resume_req: Optional[str] = None  # the resume request on its way (one per interruption)
 
     @property
     def finished(self) -> bool:
@@ -195,6 +220,9 @@ class ClientListener:
     def on_pong(self, latency_s: float, server_version: str) -> None: ...
 
     def on_reply(self, message: Message) -> None: ...
+
+    def on_backend_error(self, code: str, text: str, job_id: Optional[str]) -> None:
+        """An error that is not the end of the current job (it arrived late, or is about another job)."""
 
 
 @dataclass
@@ -235,7 +263,7 @@ class BackendClient:
         self.heartbeat_s = float(heartbeat_s)
         self.lost_after_s = float(lost_after_s)
         self.resume_interrupted = resume_interrupted
-        self.client_name = client_name or f"blender-{os.getpid()}"
+        self.client_name = client_name or default_client_name()
         self.clock = clock
         self.routing_id = f"distill3d-{uuid.uuid4().hex[:16]}".encode("ascii")
         self.connection = Connection.UNKNOWN
@@ -252,6 +280,9 @@ class BackendClient:
         self._ping_waiting_since: Optional[float] = None
         self._fetch_req: Optional[str] = None
         self._last_job_event: Optional[float] = None
+        self._last_heartbeat: Optional[float] = None  # when the backend's last heartbeat arrived
+        self.heartbeat_interval_s: Optional[float] = None  # what the backend announced
+        self.last_heartbeat_jobs: list = []
         self.refetch_after_s = max(10.0, 5 * self.heartbeat_s)
         self._ping_timeout_s = self.connect_timeout_s
         self._submit_timeout_s = self.connect_timeout_s
@@ -302,6 +333,8 @@ class BackendClient:
         return f"{self._req_prefix}-{next(self._req_ids)}"
 
     def _queue(self, kind: str, header: dict, job_id: Optional[str] = None, timeout_s: Optional[float] = None) -> Optional[str]:
+        """Send now or keep in the outbox; every request names this client (it owns its jobs)."""
+        header = {**header, "client": header.get("client", self.client_name)}
         req = header.get("req")
         frames = encode(kind, header, None, job_id)
         out = _Outgoing(kind, frames, self.clock() + (timeout_s or self.connect_timeout_s), req)
@@ -478,6 +511,8 @@ class BackendClient:
             f"Start it with `distill3d serve --bind {self.endpoint}` or enable \"Start local backend\" in the add-on preferences."
         )
         job = self.job
+        if out.kind == Kind.SUBMIT and job is not None and out.req is not None and out.req == job.resume_req:
+            job.resume_req = None  # never left: the next fetch may resume
         if out.kind == Kind.SUBMIT and job is not None and job.req == out.req and not job.finished:
             self._set_connection(Connection.UNREACHABLE, reason)
             self._fail(job, "unreachable", reason)
@@ -499,7 +534,9 @@ class BackendClient:
                 self._ping_waiting_since = None
         if not active:
             return
-        if self._last_ping is None or now - self._last_ping >= self.heartbeat_s:
+        if self._heartbeats_arriving(now):
+            self._last_ping = now  # the backend's heartbeat says it all; no ping needed
+        elif self._last_ping is None or now - self._last_ping >= self.heartbeat_s:
             self._last_ping = now
             if not any(o.kind == Kind.PING for o in self._outbox):
                 self._queue(Kind.PING, {"t": time.time()}, timeout_s=self.heartbeat_s)
@@ -522,12 +559,22 @@ class BackendClient:
             self._set_connection(Connection.UNREACHABLE, reason)
             self._fail(job, "no_answer", reason)
             return
-        if heard is not None and now - heard > self.lost_after_s and self.connection != Connection.LOST:
+        if heard is not None and now - heard > self.lost_after and self.connection != Connection.LOST:
             self._set_connection(
                 Connection.LOST,
-                f"Connection to the backend at {self.endpoint} lost; waiting for it to come back "
-                f"(the job keeps running there and its result will be fetched)",
+                f"Connection to the backend at {self.endpoint} lost (no heartbeat for {now - heard:.0f} s); waiting for it "
+                f"to come back (a backend that is still running goes on with the job, and its result will be fetched)",
             )
+
+    @property
+    def lost_after(self) -> float:
+        """Silence after which the connection counts as lost: ``lost_after_s``, and at least three
+        of the backend's announced heartbeat intervals."""
+        return max(self.lost_after_s, 3.0 * (self.heartbeat_interval_s or 0.0))
+
+    def _heartbeats_arriving(self, now: float) -> bool:
+        return (self._last_heartbeat is not None and self.heartbeat_interval_s is not None
+                and now - self._last_heartbeat <= 2.0 * self.heartbeat_interval_s)
 
     # ------------------------------------------------------------------ receiving
 
@@ -556,6 +603,7 @@ class BackendClient:
         job = self.job
         if was == Connection.LOST and job is not None and job.job_id and not job.finished:
             log.info("backend at %s is back; fetching job %s", self.endpoint, job.job_id)
+            job.resume_req = None  # a resume sent before the silence may have died with the backend
             self.fetch(job.job_id)
 
     def _set_connection(self, state: Connection, detail: str, quiet: bool = False) -> None:
@@ -591,7 +639,10 @@ class BackendClient:
         self.listener.on_pong(self.latency_s or 0.0, self.server_version)
 
     def _on_heartbeat(self, msg: Message) -> None:
-        """The backend's loop is alive (``_alive`` noted it); its jobs list says which are still on."""
+        """The backend's loop is alive (``_alive`` noted it); ``jobs``: this connection's jobs it runs or queues."""
+        self._last_heartbeat = self.clock()
+        interval = msg.get("interval_s")
+        self.heartbeat_interval_s = float(interval) if interval else None
         self.last_heartbeat_jobs = [str(j) for j in (msg.get("jobs") or [])]
 
     def _on_accepted(self, msg: Message) -> None:
@@ -604,6 +655,8 @@ class BackendClient:
             return
         job.job_id = msg.job_id
         self._last_job_event = self.clock()
+        if msg.req is not None and msg.req == job.resume_req:
+            job.resume_req = None  # the resume was taken
         job.state = msg.get("state", "queued")
         job.position = msg.get("position")
         if isinstance(msg.get("config"), dict):
@@ -623,6 +676,7 @@ class BackendClient:
         job.step, job.total = int(msg.get("step", 0)), int(msg.get("total", 0))
         job.elapsed_s = float(msg.get("elapsed_s") or 0.0)
         job.eta_s = msg.get("eta_s")
+        job.phase = str(msg.get("phase") or "")
         job.losses = dict(msg.get("losses") or {})
         if not job.cancel_requested:
             job.message = "Running"
@@ -663,11 +717,22 @@ class BackendClient:
             (job.job_id is not None and msg.job_id == job.job_id)
             or (msg.job_id is None and msg.req is not None and msg.req in (job.req, self._fetch_req))
         )
+        if job is not None and msg.req is not None and msg.req == job.resume_req:
+            job.resume_req = None
+            if code == "bad_state":  # resumed already (another fetch's resume, or the backend's own): follow it
+                log.info("job %s: the resume was not needed (%s); asking for its state", job.job_id, text)
+                if job.job_id:
+                    self.fetch(job.job_id)
+                return
         if ours:
             self._fail(job, code, f"Backend error ({code}): {text}")
         else:
             log.warning("backend error (%s): %s", code, text)
             self.status = f"Backend error ({code}): {text}"
+            try:
+                self.listener.on_backend_error(code, text, msg.job_id)
+            except Exception:  # noqa: BLE001 - a listener bug must not kill the pump
+                log.exception("error listener failed")
 
     def _on_cancelled(self, msg: Message) -> None:
         job = self._mine(msg)
@@ -699,9 +764,13 @@ class BackendClient:
             self._finish(job, "cancelled", "Cancelled on the backend")
         elif state == "interrupted":
             if self.resume_interrupted:
+                if job.resume_req is not None:  # one resume per interruption: it is on its way
+                    log.info("job %s: a resume is already on its way", job.job_id)
+                    return
                 job.message = f"Job was interrupted ({info.get('message') or 'backend restarted'}); resuming"
                 log.info("job %s was interrupted; asking the backend to resume it", job.job_id)
-                self._queue(Kind.SUBMIT, {"resume": True, "req": job.req, "client": self.client_name}, job.job_id)
+                job.resume_req = self._next_req()
+                self._queue(Kind.SUBMIT, {"resume": True, "req": job.resume_req, "client": self.client_name}, job.job_id)
             else:
                 self._fail(job, "interrupted", f"The job was interrupted: {info.get('message') or 'backend restarted'}")
 

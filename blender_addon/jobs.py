@@ -5,7 +5,13 @@ scene changes (one preview object refilled in place at most every ``preview_inte
 the result as a new textured object) and keeps the status the panel shows. ``pump()`` is
 driven by a ``bpy.app.timers`` timer in the UI and by :meth:`JobController.wait_until_done`
 under ``blender -b``, in the batch script and in tests (timers never fire in the ``bpy``
-module). Nothing here raises into Blender's UI: failures become status messages.
+module). Nothing here raises into Blender's UI: failures become status messages, and
+errors (a failed job, an error the backend sends later, a local backend that died) also go
+to Blender's Info log through the ``distill3d.report`` operator.
+
+A local backend started from the preferences is watched for as long as the client talks to
+it: when it exits (a crash, kill -9, the out-of-memory killer), the job is failed with the
+exit code or signal and the last lines of the backend's log, instead of waiting for it.
 """
 
 from __future__ import annotations
@@ -117,6 +123,8 @@ class JobController(ClientListener):
         self._last_preview_at = -math.inf
         self._waiting_for_backend: Optional[LocalBackend] = None
         self._testing_connection = False  # the status line awaits the answer to "Test connection"
+        self.reports: list = []  # (level, text) sent to the Info log, newest last (the last 100)
+        self._dead_backend_reported: Optional[int] = None  # pid of the local backend whose death was reported
 
     # ------------------------------------------------------------------ status
 
@@ -131,6 +139,17 @@ class JobController(ClientListener):
         self.status_is_error = error
         log.log(logging.WARNING if error else logging.INFO, "%s", text)
         print(f"distill3d: {'ERROR: ' if error else ''}{text}")
+
+    def report(self, level: str, text: str) -> None:
+        """To Blender's Info log (``level`` INFO, WARNING or ERROR); works from timers too."""
+        self.reports = [*self.reports[-99:], (level, text)]
+        try:
+            bpy.ops.distill3d.report(level=level, message=f"distill3d: {text}"[:4000])
+        except RuntimeError as exc:  # bpy.ops raises an operator's ERROR report after logging it: expected
+            if "distill3d:" not in str(exc):
+                log.debug("distill3d: the Info log did not take %r: %s", text, exc)
+        except Exception:  # noqa: BLE001 - e.g. not registered (during shutdown); the console has it
+            log.debug("distill3d: the Info log did not take %r", text, exc_info=True)
 
     @property
     def job(self) -> Optional[JobStatus]:
@@ -160,9 +179,14 @@ class JobController(ClientListener):
         if job.state == "queued":
             pos = f" (position {job.position})" if job.position else ""
             return f"Queued{pos}"
-        if job.total:
-            return f"Step {job.step}/{job.total} · ETA {format_duration(job.eta_s)}"
-        return job.state.capitalize()
+        phase = job.phase or "training"
+        if phase == "training" and job.total and job.step < job.total:
+            eta = "" if job.eta_s is None else " · ETA " + ("<0:01" if job.eta_s < 0.5 else format_duration(job.eta_s))
+            return f"Step {job.step}/{job.total}{eta}"
+        if phase == "training" and job.total:  # the last step is done: the export follows
+            phase = "exporting"
+        steps = f"Step {job.step}/{job.total} · " if job.total else ""
+        return f"{steps}{phase[:1].upper()}{phase[1:]}…" if job.state == "running" else job.state.capitalize()
 
     # ------------------------------------------------------------------ client
 
@@ -174,6 +198,7 @@ class JobController(ClientListener):
             settings.connect_timeout_s,
             settings.heartbeat_s,
             settings.lost_after_s,
+            settings.client_name,
         )
         if self.client is not None and not self.client.closed and key == self._client_key:
             return self.client
@@ -187,6 +212,7 @@ class JobController(ClientListener):
             connect_timeout_s=settings.connect_timeout_s,
             heartbeat_s=settings.heartbeat_s,
             lost_after_s=settings.lost_after_s,
+            client_name=settings.client_name or None,
         )
         self._client_key = key
         return self.client
@@ -283,14 +309,9 @@ class JobController(ClientListener):
         try:
             client.pump()
             self._apply_pending_preview()
-            backend = self._waiting_for_backend
-            if backend is not None:
-                if client.connection == Connection.CONNECTED:
-                    self._waiting_for_backend = None
-                elif not backend.running:
-                    self._waiting_for_backend = None
-                    if client.abandon(backend.exit_message()) is False:
-                        self._set_status(backend.exit_message(), error=True)
+            if self._waiting_for_backend is not None and client.connection == Connection.CONNECTED:
+                self._waiting_for_backend = None
+            self._check_local_backend()
         except Exception:  # noqa: BLE001 - called from a timer: never raise into Blender
             log.exception("distill3d: error while pumping")
         return client.busy or client.connection == Connection.CONNECTING or self._pending_preview is not None
@@ -313,10 +334,22 @@ class JobController(ClientListener):
 
     def _tick(self) -> None:
         self._apply_pending_preview()
-        backend = self._waiting_for_backend
-        if backend is not None and not backend.running and self.client is not None:
-            self._waiting_for_backend = None
-            self.client.abandon(backend.exit_message())
+        self._check_local_backend()
+
+    def _check_local_backend(self) -> None:
+        """A local backend serving this client's endpoint that has exited is reported dead, once;
+        its job fails with the exit code and the last lines of its log."""
+        backend, client = local_backend(), self.client
+        if backend is None or client is None or backend.process is None or backend.running:
+            return
+        if backend.endpoint != client.endpoint or self._dead_backend_reported == backend.process.pid:
+            return
+        self._dead_backend_reported = backend.process.pid
+        self._waiting_for_backend = None
+        message = backend.exit_message()
+        if not client.abandon(message):
+            self._set_status(message, error=True)
+            self.report("ERROR", message)
 
     def shutdown(self) -> None:
         """Close the connection, stop the timer and the local backend (unregister, exit)."""
@@ -421,6 +454,14 @@ class JobController(ClientListener):
         except Exception:  # noqa: BLE001
             log.exception("distill3d: removing the preview failed")
         self._set_status(job.message, error=True)
+        self.report("ERROR", job.message)
+
+    def on_backend_error(self, code: str, text: str, job_id: Optional[str]) -> None:
+        about = f" about job {job_id}" if job_id else ""
+        message = f"the backend reported an error{about} ({code}): {text}"
+        if not self.busy:
+            self._set_status(message[:1].upper() + message[1:], error=True)
+        self.report("WARNING" if self.busy else "ERROR", message)
 
     def on_cancelled(self, job: JobStatus) -> None:
         self._pending_preview = None

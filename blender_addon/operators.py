@@ -172,7 +172,23 @@ class DISTILL3D_OT_stop_backend(bpy.types.Operator):
         return {"FINISHED"}
 
 
+class DISTILL3D_OT_report(bpy.types.Operator):
+    """Put a message of the add-on into the Info log (used from timers, where no operator runs)"""
+
+    bl_idname = "distill3d.report"
+    bl_label = "distill3d message"
+    bl_options = {"INTERNAL"}
+
+    level: bpy.props.EnumProperty(items=[(k, k.title(), "") for k in ("INFO", "WARNING", "ERROR")], default="INFO")
+    message: bpy.props.StringProperty(default="")
+
+    def execute(self, context: Any) -> set:
+        self.report({self.level}, self.message)
+        return {"FINISHED"}
+
+
 CLASSES = (
+    DISTILL3D_OT_report,
     DISTILL3D_OT_generate,
     DISTILL3D_OT_cancel,
     DISTILL3D_OT_test_connection,

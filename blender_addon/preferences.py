@@ -29,6 +29,7 @@ class ConnectionSettings:
     python: str = ""
     jobs_dir: str = ""
     backend_start_timeout_s: float = 120.0
+    client_name: str = ""  # who this Blender is to the backend (its jobs are its own); empty: blender-<user>@<host>
 
     @property
     def keys(self) -> Optional[CurveKeys]:
@@ -52,8 +53,14 @@ class Distill3DPreferences(bpy.types.AddonPreferences):
     )
     client_public_key: StringProperty(name="Client public key", description="This client's CURVE public key (empty: a temporary one)", default="")
     client_secret_key: StringProperty(name="Client secret key", description="This client's CURVE secret key", default="", subtype="PASSWORD")
+    client_name: StringProperty(
+        name="Client name",
+        description="Who this Blender is to a backend without keys: jobs belong to the name that submitted them "
+        "(with keys, to the client key). Empty: blender-<user>@<host>",
+        default="",
+    )
     connect_timeout: FloatProperty(name="Connect timeout", description="Seconds to wait for a backend to answer", default=5.0, min=0.5, max=600.0, unit="TIME_ABSOLUTE")
-    heartbeat: FloatProperty(name="Heartbeat", description="Seconds between pings while a job runs", default=1.0, min=0.1, max=60.0, unit="TIME_ABSOLUTE")
+    heartbeat: FloatProperty(name="Heartbeat", description="Seconds between pings while a job runs and the backend sends no heartbeat of its own", default=1.0, min=0.1, max=60.0, unit="TIME_ABSOLUTE")
     lost_after: FloatProperty(name="Lost after", description="Silence (seconds) after which the connection counts as lost", default=4.0, min=0.5, max=600.0, unit="TIME_ABSOLUTE")
     preview_interval: FloatProperty(name="Preview interval", description="At most one preview mesh update per this many seconds", default=0.5, min=0.0, max=60.0, unit="TIME_ABSOLUTE")
     start_local_backend: BoolProperty(
@@ -81,6 +88,7 @@ class Distill3DPreferences(bpy.types.AddonPreferences):
 
             col = layout.column()
             col.prop(self, "endpoint")
+            col.prop(self, "client_name")
             row = col.row()
             row.operator("distill3d.test_connection", icon="LINKED")
             row.label(text=CONTROLLER.connection_text)
@@ -122,6 +130,7 @@ class Distill3DPreferences(bpy.types.AddonPreferences):
             start_local_backend=self.start_local_backend,
             python=bpy.path.abspath(self.python_path) if self.python_path else "",
             jobs_dir=bpy.path.abspath(self.jobs_dir) if self.jobs_dir else "",
+            client_name=self.client_name.strip(),
         )
 
 

@@ -1,10 +1,13 @@
 """The add-on's bpy-free parts: endpoint rules, CURVE keys, the PNG encoder, and the DEALER
-client's behaviour against real sockets (an unreachable port, a hostile peer)."""
+client's behaviour against real sockets (an unreachable port, a hostile peer, and a ROUTER
+playing the backend: liveness from its heartbeat, one resume after a restart, phases, late
+errors)."""
 
 from __future__ import annotations
 
 import io
 import logging
+import time
 import zlib
 
 import addon_support  # first: puts the source tree on sys.path for `blender_addon`
@@ -13,7 +16,7 @@ import pytest
 import zmq
 from PIL import Image
 
-from blender_addon.client import BackendClient, ClientError, Connection, CurveKeys, check_endpoint, is_loopback_endpoint
+from blender_addon.client import BackendClient, ClientError, ClientListener, Connection, CurveKeys, check_endpoint, is_loopback_endpoint
 from blender_addon.png import encode_png_rgba, parallel_zlib
 from distill3d_protocol import PROTOCOL_VERSION, Kind, encode
 
@@ -136,3 +139,123 @@ def test_malformed_messages_are_logged_and_dropped_not_raised(caplog):
             assert sum("malformed" in r.getMessage() for r in caplog.records) == 3
     finally:
         router.close(0)
+
+
+# ----------------------------------------------------------------------------- the truth about the backend
+# A real ROUTER socket plays the backend, so each test decides exactly what the backend says.
+
+
+class FakeBackend:
+    """A ROUTER on loopback that records what the client sends and answers by hand."""
+
+    def __init__(self) -> None:
+        self.router = zmq.Context.instance().socket(zmq.ROUTER)
+        self.router.setsockopt(zmq.LINGER, 0)
+        self.endpoint = f"tcp://127.0.0.1:{self.router.bind_to_random_port('tcp://127.0.0.1')}"
+        self.identity = None
+        self.received: list = []
+
+    def drain(self, client: BackendClient, seconds: float = 0.3) -> list:
+        """Pump the client and collect what it sent for ``seconds``."""
+        from distill3d_protocol import decode
+
+        got = []
+        deadline = time.monotonic() + seconds
+        while time.monotonic() < deadline:
+            client.pump()
+            while self.router.poll(0):
+                self.identity, *frames = self.router.recv_multipart()
+                got.append(decode(frames))
+            time.sleep(0.01)
+        self.received += got
+        return got
+
+    def send(self, kind: str, header: dict, job_id=None) -> None:
+        self.router.send_multipart([self.identity, *encode(kind, header, job_id=job_id)])
+
+    def close(self) -> None:
+        self.router.close(0)
+
+
+def _info(job_id: str, state: str, message=None) -> dict:
+    return {"job": job_id, "state": state, "prompt": "a rubber duck", "method": "sds", "prior": "reference", "client": "me",
+            "step": 3, "total": 10, "created": 1.0, "updated": 2.0, "message": message, "position": None, "checkpoint_step": 2,
+            "files": []}
+
+
+class Recorder(ClientListener):
+    def __init__(self) -> None:
+        self.errors: list = []
+
+    def on_backend_error(self, code, text, job_id) -> None:
+        self.errors.append((code, text, job_id))
+
+
+JOB_ID = "20261201-120000-aaaaaaaaaaaa"
+
+
+def test_liveness_comes_from_the_backends_heartbeat():
+    backend = FakeBackend()
+    try:
+        with BackendClient(backend.endpoint, heartbeat_s=0.1, lost_after_s=0.5, connect_timeout_s=3.0) as client:
+            client.submit({"prompt": "a rubber duck", "iters": 10})
+            submit = next(m for m in backend.drain(client, 0.5) if m.kind == Kind.SUBMIT)
+            backend.send(Kind.ACCEPTED, {"state": "queued", "req": submit.req}, job_id=JOB_ID)
+            backend.drain(client, 0.2)
+            quiet = []
+            for _ in range(8):  # 1.2 s of heartbeats and nothing else: no pong, no progress
+                backend.send(Kind.HEARTBEAT, {"t": time.time(), "interval_s": 0.15, "jobs": [JOB_ID]})
+                quiet += backend.drain(client, 0.15)
+                assert client.connection == Connection.CONNECTED
+            assert client.heartbeat_interval_s == 0.15 and client.last_heartbeat_jobs == [JOB_ID]
+            assert [m.kind for m in quiet if m.kind == Kind.PING] == []  # heartbeats make pings unnecessary
+            backend.drain(client, 1.0)  # then silence: lost after lost_after_s (>= 3 intervals)
+            assert client.connection == Connection.LOST and "no heartbeat" in client.status
+            assert client.busy  # lost is not failed: the job may still finish there
+    finally:
+        backend.close()
+
+
+def test_one_resume_after_a_restart_and_a_refused_duplicate_is_not_a_failure():
+    backend = FakeBackend()
+    try:
+        with BackendClient(backend.endpoint, heartbeat_s=0.2, lost_after_s=2.0, connect_timeout_s=3.0) as client:
+            job = client.adopt(JOB_ID)
+            fetch = next(m for m in backend.drain(client) if m.kind == Kind.FETCH)
+            interrupted = _info(JOB_ID, "interrupted", "the server stopped while this job was running")
+            # the backend came back: two fetch answers say interrupted (the reconnect's and the safety net's)
+            backend.send(Kind.FETCH, {"reply": True, "info": interrupted, "req": fetch.req}, job_id=JOB_ID)
+            backend.send(Kind.FETCH, {"reply": True, "info": interrupted}, job_id=JOB_ID)
+            resumes = [m for m in backend.drain(client) if m.kind == Kind.SUBMIT]
+            assert len(resumes) == 1 and resumes[0].header["resume"] is True and resumes[0].job_id == JOB_ID
+            # a resume from elsewhere won the race: bad_state answers ours; the job is followed, not failed
+            backend.send(Kind.ERROR, {"code": "bad_state", "message": f"job {JOB_ID} is queued", "req": resumes[0].req}, job_id=JOB_ID)
+            refetch = [m for m in backend.drain(client) if m.kind == Kind.FETCH]
+            assert not job.finished and len(refetch) == 1
+            backend.send(Kind.FETCH, {"reply": True, "info": _info(JOB_ID, "running"), "req": refetch[0].req}, job_id=JOB_ID)
+            backend.drain(client)
+            assert job.state == "running" and not job.finished
+            assert not [m for m in backend.received if m.kind == Kind.SUBMIT and m is not resumes[0]]
+    finally:
+        backend.close()
+
+
+def test_progress_keeps_the_phase_and_late_errors_reach_the_listener():
+    backend = FakeBackend()
+    listener = Recorder()
+    try:
+        with BackendClient(backend.endpoint, listener, connect_timeout_s=3.0) as client:
+            client.submit({"prompt": "a rubber duck", "iters": 4})
+            submit = next(m for m in backend.drain(client) if m.kind == Kind.SUBMIT)
+            backend.send(Kind.ACCEPTED, {"state": "queued", "req": submit.req}, job_id=JOB_ID)
+            backend.send(Kind.PROGRESS, {"step": 4, "total": 4, "eta_s": None, "phase": "exporting"}, job_id=JOB_ID)
+            backend.drain(client)
+            assert client.job.phase == "exporting" and client.job.step == 4
+            backend.send(Kind.CANCELLED, {"step": 4}, job_id=JOB_ID)
+            backend.drain(client)
+            assert client.job.finished
+            backend.send(Kind.ERROR, {"code": "storage", "message": "the record could not be written"}, job_id=JOB_ID)
+            backend.drain(client)
+            assert listener.errors == [("storage", "the record could not be written", JOB_ID)]
+    finally:
+        backend.close()
