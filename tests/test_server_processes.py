@@ -45,7 +45,8 @@ def procs(tmp_path_factory):
     patch.setenv(FAULT_PAUSE_ENV, f"@{pause}")  # inherited by the job processes the server spawns
     running = RunningServer(root / "jobs", job_runner="process", cancel_grace_s=1.5, heartbeat_s=0.2,
                             progress_interval_s=0.0, status_save_interval_s=0.0)
-    state = SimpleNamespace(running=running, pause=pause, jobs=root / "jobs", done={})  # done: job -> (owner, faces)
+    # announced outcomes: done job -> (owner, faces); failed or cancelled job -> state
+    state = SimpleNamespace(running=running, pause=pause, jobs=root / "jobs", done={}, ended={})
     try:
         yield state
     finally:
@@ -137,6 +138,7 @@ def test_a_job_process_killed_in_any_phase_fails_its_job_and_the_next_job_gets_a
         assert c.ping().kind == Kind.PONG
         info = c.status(job).header["info"]
         assert info["state"] == "failed" and info["message"] == message
+        srv.ended[job] = "failed"
         srv.pause.write_text("")
         if phase == "training":  # resumed from its checkpoint in a fresh process
             assert info["checkpoint_step"] is not None and info["checkpoint_step"] >= 2  # progress of step 4 precedes its checkpoint
@@ -150,6 +152,7 @@ def test_a_job_process_killed_in_any_phase_fails_its_job_and_the_next_job_gets_a
                     break
             assert min(steps) >= info["checkpoint_step"] and info["checkpoint_step"] + 1 in steps  # never from the start
             assert c.cancel(job, timeout=60).kind == Kind.CANCELLED
+            srv.ended[job] = "cancelled"
         else:
             again = c.submit(TINY_JOB)
             _result(srv, c, again)
@@ -168,6 +171,7 @@ def test_a_cancel_that_does_not_take_effect_kills_the_process_after_the_grace(sr
         assert time.monotonic() - t0 >= 1.0  # the grace (1.5 s) was given
         info = c.status(job).header["info"]
         assert info["state"] == "cancelled" and "SIGKILL" in info["message"]
+        srv.ended[job] = "cancelled"
         srv.pause.write_text("")
         again = c.submit(TINY_JOB)
         _result(srv, c, again)
@@ -217,3 +221,21 @@ def test_ten_clients_polling_while_a_job_runs(srv):
             t.join(120)
         assert not errors and len(answered) == 150
         _result(srv, owner, job)
+
+
+def test_the_jobs_folder_holds_what_the_clients_were_told(srv):
+    """Last: after every fault above, each announced outcome is on disk (nothing lost, nothing
+    left running), and a server restarted on the folder would serve the same."""
+    import json
+
+    from distill3d.server.jobs import JobStore
+
+    assert len(srv.done) >= 5 and len(srv.ended) >= 3
+    store = JobStore(srv.jobs)
+    on_disk = {rec.job_id: rec.state for rec in store.load_all()}
+    assert {job: on_disk[job] for job in srv.done} == {job: "done" for job in srv.done}
+    assert {job: on_disk[job] for job in srv.ended} == srv.ended
+    assert "running" not in on_disk.values() and "queued" not in on_disk.values()
+    for job, (_, faces) in srv.done.items():
+        np.testing.assert_array_equal(store.read_mesh(job)["faces"], faces)
+        assert json.loads((srv.jobs / job / "job.json").read_text())["files"]
