@@ -1,8 +1,12 @@
 """One job end to end: train, export, and write the job's files (GLB, previews, summary).
 
 :func:`generate` is what the CLI, the server's workers and the batch script run. In the
-reference world, where the prior knows the true object, the summary also scores the mesh
-against it (Chamfer distance after the best turn about Z).
+reference world, where the prior knows the true object, the summary's ``mesh`` section also
+scores the mesh against it (:func:`distill3d.export.compare_to_truth`: Chamfer distance,
+normal consistency, roughness against the true mesh's, texture error, after the best turn
+about Z); every summary states the mesh's pieces and roughness. Scores are taken in the
+field's frame, then the mesh is placed (origin at the bottom centre, target height) before
+its files are written.
 """
 
 from __future__ import annotations
@@ -44,7 +48,7 @@ def generate(
 ) -> GenerationResult:
     """Run a job end to end and write result.glb, preview.png and summary.json into ``out_dir``
     (plus texture.png when textured). Raises :class:`~distill3d.trainer.Cancelled` if cancelled."""
-    from .export import TexturedMesh, write_glb, write_turntable_png
+    from .export import TexturedMesh, place, write_glb, write_turntable_png
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -59,6 +63,8 @@ def generate(
     t0 = time.perf_counter()
     mesh = trainer.export()
     export_s = time.perf_counter() - t0
+    quality = mesh_scores(trainer, mesh)
+    mesh, placement = place(mesh, config.export.origin, config.export.height)
     # 4. turntable pictures: 128 px for real jobs, smaller for tiny test jobs (rendering dominates those)
     images = trainer.turntable_images(8, resolution=int(min(128, max(64, 4 * config.resolution))))
     preview = np.concatenate(images, axis=1)
@@ -78,20 +84,24 @@ def generate(
         "timings_s": {"setup": setup_s, "train": train.seconds, **{f"train_{k}": v for k, v in train.timings.items()}, "export": export_s, "total": time.perf_counter() - wall0},
         "seconds_per_iteration": train.seconds / max(train.steps, 1),
         "final_losses": train.losses,
-        "mesh": {"vertices": int(len(mesh.vertices)), "faces": int(len(mesh.faces)), "textured": isinstance(mesh, TexturedMesh)},
+        "mesh": {"vertices": int(len(mesh.vertices)), "faces": int(len(mesh.faces)), "textured": isinstance(mesh, TexturedMesh),
+                 "placement": placement.to_dict(), "height": float(np.ptp(mesh.vertices[:, 2])), **quality},
     }
-    summary.update(reference_scores(trainer, mesh))
+    if "chamfer" in quality:  # the summary's older place for the reference figures
+        summary["reference"] = {"object": quality["object"], "chamfer": quality["chamfer"], "best_rotation_deg": quality["best_rotation_deg"]}
     files["summary"].write_text(json.dumps(summary, indent=2, default=str))
     return GenerationResult(mesh=mesh, preview_image=preview, files=files, summary=summary)
 
 
-def reference_scores(trainer: Trainer, mesh) -> dict[str, Any]:
-    """Where the prior knows the true object: the Chamfer distance of the mesh to it."""
-    from .export.compare import chamfer_distance_best_rotation
+def mesh_scores(trainer: Trainer, mesh) -> dict[str, Any]:
+    """The mesh's pieces and roughness; where the prior knows the true object, the figures of
+    :func:`distill3d.export.compare_to_truth` against it (the true mesh at the export's resolution)."""
+    from .export import connected_pieces, roughness
+    from .export.quality import compare_to_truth
 
-    truth = trainer.prior.ground_truth(trainer.prompt)
+    truth = trainer.prior.ground_truth(trainer.prompt, resolution=trainer.config.export.mc_resolution)
     if truth is None:
-        return {}
+        return {"pieces": connected_pieces(mesh.vertices, mesh.faces), "roughness_deg": roughness(mesh.vertices, mesh.faces)}
     name, gt_vertices, gt_faces = truth
-    chamfer, angle = chamfer_distance_best_rotation(np.asarray(mesh.vertices), np.asarray(mesh.faces), gt_vertices, gt_faces)
-    return {"reference": {"object": name, "chamfer": float(chamfer), "best_rotation_deg": float(angle)}}
+    scores = compare_to_truth(mesh, gt_vertices, gt_faces, trainer.prior.ground_truth_albedo(name))
+    return {"object": name, **scores}

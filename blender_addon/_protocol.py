@@ -38,6 +38,7 @@ ProtocolError = _package.ProtocolError
 decode = _package.decode
 encode = _package.encode
 image_from_message = _package.image_from_message
+weld = _package.weld
 mesh_from_message = _package.mesh_from_message
 
 # the job description

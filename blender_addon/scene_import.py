@@ -1,8 +1,13 @@
 """Build Blender data from the backend's mesh payloads (main thread only).
 
 Meshes are created with ``foreach_set`` on numpy buffers (no glTF round trip): vertices,
-loops (three per triangle), polygons by loop start, then ``update()`` and ``validate()``;
-per-loop UVs are gathered from the per-vertex UVs through the face indices. Positions and
+loops (three per triangle), polygons by loop start, then ``update()`` and ``validate()``.
+The result arrives split at its UV seams (each seam vertex once per chart, as glTF needs);
+it is welded here (:func:`weld`: copies at the same position become one vertex) and its UVs
+become per-loop UVs gathered through the split faces, so the object is one connected piece
+with seams only in its UV map, as an artist would model it. Triangles that welding makes
+degenerate (two corners on one vertex) are dropped with their UVs first, so Blender's
+``validate()`` never changes the loops and the UV map always survives. Positions and
 corner vertices go through the generic attribute API where Blender has it (about 30x faster
 than ``MeshLoop.vertex_index`` for 600k corners), with the classic path as fallback.
 
@@ -25,7 +30,7 @@ from typing import Any
 import bpy
 import numpy as np
 
-from ._protocol import migrate
+from ._protocol import migrate, weld
 from .png import encode_png_rgba
 
 log = logging.getLogger(__name__)
@@ -74,10 +79,28 @@ def _check_mesh_arrays(vertices: np.ndarray, faces: np.ndarray, uvs: np.ndarray 
     return vertices, faces, uvs
 
 
+def welded_triangles(vertices: np.ndarray, faces: np.ndarray, uvs: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """(welded vertices, faces into them, per-loop UVs [3F, 2] or None), without degenerate triangles."""
+    corner_uvs = None if uvs is None else uvs[faces.reshape(-1)].reshape(-1, 3, 2)
+    vertices, faces, _ = weld(vertices, faces)
+    keep = (faces[:, 0] != faces[:, 1]) & (faces[:, 1] != faces[:, 2]) & (faces[:, 2] != faces[:, 0])
+    if not keep.all():
+        log.info("dropped %d degenerate triangles", int((~keep).sum()))
+        faces = faces[keep]
+        corner_uvs = None if corner_uvs is None else corner_uvs[keep]
+    used = np.zeros(len(vertices), dtype=bool)
+    used[faces.reshape(-1)] = True
+    if not used.all():  # vertices only degenerate triangles used
+        remap = np.cumsum(used) - 1
+        vertices, faces = vertices[used], remap[faces].astype(np.int32)
+    return vertices, faces, None if corner_uvs is None else np.ascontiguousarray(corner_uvs.reshape(-1, 2))
+
+
 def fill_mesh(mesh: Any, vertices: np.ndarray, faces: np.ndarray, uvs: np.ndarray | None = None, timings: ImportTimings | None = None) -> Any:
-    """Replace ``mesh``'s geometry with the given triangles (in place, same datablock)."""
+    """Replace ``mesh``'s geometry with the given triangles (in place, same datablock), welded."""
     vertices, faces, uvs = _check_mesh_arrays(vertices, faces, uvs)
     t0 = time.perf_counter()
+    vertices, faces, corner_uvs = welded_triangles(vertices, faces, uvs)
     if len(mesh.vertices) or len(mesh.polygons):
         mesh.clear_geometry()
     n_vert, n_face = len(vertices), len(faces)
@@ -100,10 +123,10 @@ def fill_mesh(mesh: Any, vertices: np.ndarray, faces: np.ndarray, uvs: np.ndarra
         log.warning("mesh %s: Blender's validate() corrected invalid geometry", mesh.name)
     mesh.shade_smooth()
     t1 = time.perf_counter()
-    if uvs is not None and len(mesh.loops) == 3 * n_face:
+    if corner_uvs is not None and len(mesh.loops) == 3 * n_face:
         layer = mesh.uv_layers.new(name="UVMap")
-        layer.uv.foreach_set("vector", uvs[faces.ravel()].ravel())
-    elif uvs is not None:
+        layer.uv.foreach_set("vector", corner_uvs.ravel())
+    elif corner_uvs is not None:
         log.warning("mesh %s: UVs dropped because validate() changed the faces", mesh.name)
     t2 = time.perf_counter()
     if timings is not None:
@@ -228,7 +251,10 @@ def create_result_object(
     collection: Any = None,
     timings: ImportTimings | None = None,
 ) -> Any:
-    """The final object: named after the prompt, at the 3D cursor, textured, settings attached."""
+    """The final object: named after the prompt, its origin (the base's centre, as the backend
+    places it) at the 3D cursor, textured, settings attached, selected and active."""
+    if len(faces) == 0 or len(vertices) == 0:
+        raise ValueError("the result has no surface (0 faces): nothing to import; train longer or lower the threshold")
     timings = timings if timings is not None else ImportTimings()
     name = object_name_for_prompt(prompt)
     mesh = new_mesh(name, vertices, faces, uvs, timings)
@@ -254,8 +280,22 @@ def create_result_object(
     if job_id:
         obj[JOB_ID_KEY] = str(job_id)
     link_object(obj, scene, collection)
+    select_only(obj, scene)
     timings.extra["link"] = timings.extra.get("link", 0.0) + time.perf_counter() - t0
     return obj
+
+
+def select_only(obj: Any, scene: Any) -> None:
+    """Make ``obj`` the only selected object and the active one (in the scene's view layers)."""
+    for layer in scene.view_layers:
+        for other in scene.objects:
+            if other is not None and other != obj and other.select_get(view_layer=layer):
+                other.select_set(False, view_layer=layer)
+        try:
+            obj.select_set(True, view_layer=layer)
+            layer.objects.active = obj
+        except RuntimeError:  # the object's collection is excluded from this view layer
+            log.debug("%s is not in view layer %s", obj.name, layer.name)
 
 
 def find_preview_object(scene: Any) -> Any:
@@ -283,10 +323,28 @@ def update_preview_object(
         obj.location = scene.cursor.location.copy()
         link_object(obj, scene, collection)
     fill_mesh(obj.data, vertices, faces)
-    if vertex_colors is not None and len(vertex_colors) == len(obj.data.vertices):
-        set_vertex_colors(obj.data, vertex_colors)
+    if vertex_colors is not None and len(vertex_colors) == len(vertices):
+        # previews are welded too: the first copy of a position gives its colour
+        _, _, index = weld(vertices, faces)
+        first = np.zeros(int(index.max()) + 1 if len(index) else 0, dtype=np.int64)
+        first[index[::-1]] = np.arange(len(index))[::-1]
+        colors = np.asarray(vertex_colors)[first]
+        if len(colors) == len(obj.data.vertices):
+            set_vertex_colors(obj.data, colors)
+            if not obj.data.materials:
+                obj.data.materials.append(preview_material())
     obj[JOB_ID_KEY] = str(job_id)
     return obj
+
+
+PREVIEW_MATERIAL = "distill3d preview"
+
+
+def preview_material() -> Any:
+    """The preview objects' material: their vertex colours, shown in Solid (Attribute colour),
+    Material Preview and Rendered shading alike."""
+    material = bpy.data.materials.get(PREVIEW_MATERIAL)
+    return material if material is not None else vertex_color_material(PREVIEW_MATERIAL)
 
 
 def remove_preview_object(scene: Any) -> bool:

@@ -19,6 +19,7 @@ from addon_support import JOB_TIMEOUT_S, SMALL_JOB_SETTINGS, BackendServer, Blen
 from distill3d_protocol import CONFIG_VERSION, FIELDS, METHODS, PRIORS, JobConfig, jobconfig, parse_job
 from distill3d_protocol.jobconfig import CAMERAS
 from distill3d_protocol import settings as records
+from distill3d.export.quality import connected_pieces
 
 pytestmark = pytest.mark.bpy
 
@@ -559,13 +560,22 @@ def test_generate_updates_one_preview_in_place_and_imports_the_textured_result(b
     assert not [o for o in scene.objects if o.get("distill3d_preview")]
     preview_image = bpy.data.images.get("distill3d preview")  # the backend's preview render
     assert preview_image is not None and min(preview_image.size) > 0
-    # the result: named after the prompt, at the cursor, exactly the backend's mesh
+    # the result: named after the prompt, resting on the cursor, the backend's mesh welded at its UV seams
     obj = bpy.data.objects[controller.result_object_name]
     assert obj.name.startswith(PROMPT) and tuple(obj.location) == pytest.approx((1.0, -2.0, 0.5))
+    assert obj.select_get() and bpy.context.view_layer.objects.active == obj
+    assert [o for o in scene.objects if o.select_get()] == [obj]
     stored = backend.stored_mesh(job.job_id)
     vertices, faces = mesh_arrays_of(obj)
-    np.testing.assert_array_equal(vertices, stored["vertices"])
-    np.testing.assert_array_equal(faces, stored["faces"])
+    welded, welded_faces, _ = blender.submodule("_protocol").weld(stored["vertices"], stored["faces"])
+    assert len(np.unique(stored["vertices"], axis=0)) == len(vertices) < len(stored["vertices"])  # one vertex per position
+    np.testing.assert_array_equal(vertices, welded)
+    np.testing.assert_array_equal(faces, welded_faces)
+    assert connected_pieces(vertices, faces) == 1
+    # the origin is the centre of the base: the object rests on the cursor
+    assert vertices[:, 2].min() == pytest.approx(0.0, abs=1e-6)
+    assert (vertices[:, :2].min(axis=0) + vertices[:, :2].max(axis=0)) / 2 == pytest.approx((0.0, 0.0), abs=1e-6)
+    assert obj.data.uv_layers.active is not None and obj.data.uv_layers.active.name == "UVMap"
     uv = np.empty(len(obj.data.loops) * 2, np.float32)
     obj.data.uv_layers.active.uv.foreach_get("vector", uv)
     np.testing.assert_array_equal(uv.reshape(-1, 2), stored["uvs"][stored["faces"].ravel()])
@@ -587,7 +597,7 @@ def test_generate_updates_one_preview_in_place_and_imports_the_textured_result(b
     assert pump_until(controller, lambda: not controller.busy, 60.0)
     again = bpy.data.objects[controller.result_object_name]
     assert again != obj and again.name.startswith(PROMPT) and again["distill3d_job_id"] == job.job_id
-    np.testing.assert_array_equal(mesh_arrays_of(again)[1], stored["faces"])
+    np.testing.assert_array_equal(mesh_arrays_of(again)[1], welded_faces)
 
 
 def test_scene_cameras_become_the_backends_rig_and_cancel_stops_the_job(blender, controller, backend):

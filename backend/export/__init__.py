@@ -10,6 +10,8 @@ Modules:
 * :mod:`.uv` - xatlas unwrapping (``UnwrapOptions``)
 * :mod:`.raster` - vectorised torch triangle rasteriser (CPU or CUDA)
 * :mod:`.bake` - texture baking with seam dilation, vertex colours
+* :mod:`.placement` - origin at the bottom centre, target height (``place``, ``Placement``)
+* :mod:`.quality` - pieces, roughness, and figures against a true surface (``compare_to_truth``)
 * :mod:`.pipeline` - ``textured_from_field``, ``build_final_mesh`` driven by ``ExportConfig``
 * :mod:`.formats` - GLB (Y up, PBR material), OBJ + MTL + PNG, ``read_glb``
 * :mod:`.preview` - turntable PNG sheets and a software mesh renderer
@@ -24,12 +26,15 @@ from .formats import blender_to_yup, read_glb, write_glb, write_obj, write_png, 
 from .marching import auto_threshold, density_grid, extract_mesh
 from .mesh import MAX_TEXTURE_SIZE, MIN_TEXTURE_SIZE, ExportError, Mesh, TexturedMesh, check_texture_size
 from .pipeline import build_final_mesh, textured_from_field
+from .placement import Placement, place, placement_for
+from .quality import compare_to_truth, connected_pieces, roughness, weld
 from .preview import render_mesh, turntable_images, turntable_sheet, write_turntable_png
 from .raster import Raster, rasterize
 from .uv import UnwrapOptions, UVLayout, unwrap
 
 __all__ = [
-    "BakeResult", "ExportError", "MAX_TEXTURE_SIZE", "MIN_TEXTURE_SIZE", "Mesh", "Raster", "TexturedMesh",
+    "BakeResult", "ExportError", "Placement", "compare_to_truth", "connected_pieces", "place", "placement_for",
+    "roughness", "weld", "MAX_TEXTURE_SIZE", "MIN_TEXTURE_SIZE", "Mesh", "Raster", "TexturedMesh",
     "UVLayout", "UnwrapOptions", "auto_threshold", "bake_texture", "bake_texture_details", "blender_to_yup",
     "build_final_mesh", "check_texture_size", "component_labels", "decimate", "density_grid", "dilate",
     "extract_mesh", "numpy_field", "push_pull", "query_field", "rasterize", "rasterize_uv", "read_glb",

@@ -94,3 +94,31 @@ def query_field(
                 raise ExportError(f"{name} returned NaN or infinite values")
             out[start : start + m] = res
     return out
+
+
+def ball_averaged(albedo_fn: FieldFn, radius: float, samples: int, seed: int = 0) -> FieldFn:
+    """``albedo_fn`` averaged over ``samples`` fixed points spread uniformly in a ball of ``radius``.
+
+    A distilled field's colour is noisy at the scale of its cells (speckle where an estimator
+    pushes views apart at low noise levels); a texel that reads the average of a small ball
+    around its surface point shows the colour of the neighbourhood instead. The offsets are
+    drawn once from ``seed`` (the same for every texel: the bake stays deterministic);
+    ``samples`` = 1 or ``radius`` = 0 returns ``albedo_fn`` itself.
+    """
+    if samples <= 1 or radius <= 0:
+        return albedo_fn
+    rng = np.random.default_rng(seed)
+    direction = rng.normal(size=(samples, 3))
+    direction /= np.linalg.norm(direction, axis=1, keepdims=True)
+    offsets = direction * radius * rng.random((samples, 1)) ** (1.0 / 3.0)
+    offsets[0] = 0.0  # the surface point itself is always one of the samples
+    offsets_t = torch.as_tensor(offsets, dtype=torch.float32)
+
+    def averaged(points: torch.Tensor):
+        total = None
+        for offset in offsets_t.to(points.device):
+            value = _to_numpy(albedo_fn(points + offset), "albedo_fn")
+            total = value.astype(np.float64) if total is None else total + value
+        return (total / samples).astype(np.float32)
+
+    return averaged

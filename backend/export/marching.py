@@ -16,6 +16,12 @@ blind to a thin fog spread over the empty volume (plain percentiles are not: a f
 90% of the volume would set them). It depends only on the shape of the field, not its
 scale (a field scaled by k gives the same mesh).
 
+Density blur (``blur`` > 0, in world units): the grid is convolved with a Gaussian of that
+standard deviation before the iso-level is chosen. A distilled field's density is noisy at the
+scale of its own cells; the raw level set shows that noise as lumps ("popcorn") that no mesh
+smoothing removes (Taubin smoothing acts on the marching-cubes scale, a few times finer). A
+blur of about one field cell removes the lumps and keeps the shape (measured: docs/meshes.md).
+
 PyMCubes orients its triangles so that, for values that are higher inside the surface (as
 density is), they are counter-clockwise seen from outside: the project's convention as it
 is (the world mapping is a positive scale and shift, so it keeps the orientation; tests
@@ -87,8 +93,12 @@ def extract_mesh(
     threshold: float | None = None,
     chunk: int = DEFAULT_CHUNK,
     device: "str | torch.device | None" = None,
+    blur: float = 0.0,
 ) -> Mesh:
     """Marching-cubes surface of ``density_fn`` at ``threshold`` (automatic when None).
+
+    ``blur`` is the standard deviation in world units of a Gaussian applied to the density
+    grid first (0 = none; see the module docstring).
 
     ``density_fn`` follows the convention of :mod:`distill3d.export.fields` (float32 torch
     points ``[N, 3]`` in, density ``[N]`` as torch or numpy out). Returns a :class:`Mesh`
@@ -100,7 +110,12 @@ def extract_mesh(
     if threshold is not None:
         if isinstance(threshold, bool) or not np.isfinite(threshold) or threshold <= 0:
             raise ExportError(f"threshold must be a positive finite density level or None (automatic), got {threshold!r}")
+    if isinstance(blur, bool) or not np.isfinite(blur) or blur < 0:
+        raise ExportError(f"density blur must be a non-negative finite length, got {blur!r}")
     grid = density_grid(density_fn, bound, resolution, chunk=chunk, device=device)
+    spacing = 2.0 * bound / resolution
+    if blur > 0:
+        grid = blur_grid(grid, blur / spacing)
     t1 = time.perf_counter()
     level = auto_threshold(grid) if threshold is None else float(threshold)
     if not (grid > level).any():
@@ -117,7 +132,6 @@ def extract_mesh(
     verts, faces = mcubes.marching_cubes(padded.astype(np.float64, copy=False), level)
     if len(faces) == 0:
         raise ExportError(f"field is empty at threshold {level:.4g}; train longer or lower the threshold")
-    spacing = 2.0 * bound / resolution
     world = (verts - 1.0) * spacing - bound  # undo the one-sample padding
     world = np.clip(world, -bound, bound).astype(np.float32)
     mesh = Mesh(world, faces.astype(np.int32))
@@ -127,6 +141,13 @@ def extract_mesh(
         t1 - t0, time.perf_counter() - t1,
     )
     return mesh
+
+
+def blur_grid(grid: np.ndarray, sigma_cells: float) -> np.ndarray:
+    """The grid convolved with a Gaussian of ``sigma_cells`` samples (zero density beyond the edges)."""
+    from scipy.ndimage import gaussian_filter
+
+    return gaussian_filter(np.asarray(grid, dtype=np.float32), float(sigma_cells), mode="constant", cval=0.0, truncate=3.0)
 
 
 def _check_grid(bound, resolution) -> tuple[float, int]:

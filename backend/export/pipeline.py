@@ -1,9 +1,12 @@
 """The whole export chain, driven by :class:`distill3d.config.ExportConfig`.
 
-:func:`build_final_mesh`: density grid -> marching cubes (automatic or fixed threshold)
--> drop small components -> Taubin smoothing -> then either
+:func:`build_final_mesh`: density grid -> Gaussian blur (``density_blur``) -> marching cubes
+(automatic or fixed threshold) -> drop small components -> Taubin smoothing -> then, with the
+albedo averaged over a small ball per point (``color_radius``, ``color_samples``), either
 :func:`textured_from_field` (decimate -> xatlas unwrap -> bake) or decimation plus vertex
-colours. Both field functions follow :mod:`distill3d.export.fields`.
+colours. Both field functions follow :mod:`distill3d.export.fields`. The result is in the
+field's frame; :mod:`distill3d.export.placement` then sets its origin and height (the job does,
+after scoring it in that frame).
 """
 
 from __future__ import annotations
@@ -14,7 +17,7 @@ import time
 from ..config import ConfigError, ExportConfig, build
 from .bake import bake_texture_details, vertex_colors
 from .cleanup import decimate, remove_small_components, smooth
-from .fields import DEFAULT_CHUNK, FieldFn
+from .fields import DEFAULT_CHUNK, FieldFn, ball_averaged
 from .marching import extract_mesh
 from .mesh import ExportError, Mesh, TexturedMesh
 from .uv import UnwrapOptions, unwrap
@@ -73,7 +76,8 @@ def build_final_mesh(
 ) -> Mesh | TexturedMesh:
     """The export chain from field functions to the final mesh (textured or vertex-coloured)."""
     cfg = _config(export_config)
-    mesh = extract_mesh(density_fn, bound, cfg.mc_resolution, cfg.threshold, chunk=chunk, device=device)
+    albedo_fn = ball_averaged(albedo_fn, cfg.color_radius, cfg.color_samples)
+    mesh = extract_mesh(density_fn, bound, cfg.mc_resolution, cfg.threshold, chunk=chunk, device=device, blur=cfg.density_blur)
     if cfg.min_component_fraction > 0:
         mesh = remove_small_components(mesh, cfg.min_component_fraction)
     if cfg.smooth_iterations:

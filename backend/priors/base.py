@@ -91,9 +91,15 @@ class Prior(abc.ABC):
 
         return CameraDistribution()
 
-    def ground_truth(self, prompt: "PromptEmbedding") -> Optional[tuple[str, Any, Any]]:
+    def ground_truth(self, prompt: "PromptEmbedding", resolution: Optional[int] = None) -> Optional[tuple[str, Any, Any]]:
         """``(name, vertices, faces)`` of the true object a prompt describes, when the prior
-        knows it (the reference world); None otherwise."""
+        knows it (the reference world), extracted at ``resolution`` marching-cubes cells (None =
+        the prior's default); None otherwise."""
+        return None
+
+    def ground_truth_albedo(self, name: str) -> Optional[Any]:
+        """The true surface colour of the object ``name`` (from :meth:`ground_truth`) as a function
+        of points ``[N, 3]`` (numpy) to RGB ``[N, 3]`` in [0, 1], when the prior knows it; else None."""
         return None
 
     @property

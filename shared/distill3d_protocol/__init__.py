@@ -32,7 +32,7 @@ ping/pong   c / s    t (echoed); pong: server_version, protocol
 from .codec import Message, decode, encode, error_frames
 from .errors import PROTOCOL_ERROR_CODES, SERVER_ERROR_CODES, ConfigError, Distill3DError, ProtocolError
 from .jobconfig import CONFIG_VERSION, FIELDS, METHODS, PRIORS, JobConfig, job_schema, parse_job
-from .mesh import MeshPayload, image_from_message, mesh_arrays, mesh_from_message
+from .mesh import MeshPayload, image_from_message, mesh_arrays, mesh_from_message, weld
 from .schema import (
     ARRAY_SLOTS,
     CLIENT_TO_SERVER,
@@ -82,5 +82,6 @@ __all__ = [
     "error_frames",
     "image_from_message",
     "mesh_arrays",
+    "weld",
     "mesh_from_message",
 ]

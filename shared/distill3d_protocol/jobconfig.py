@@ -361,8 +361,18 @@ class ExportConfig:
     textured: bool = setting(True, "UV unwrap and bake a texture (else vertex colours only)")
     texture_size: int = setting(1024, "baked texture size in pixels", lo=64, hi=4096, pow2=True, label="Texture")
     faces: int = setting(0, "decimate to about this many faces before unwrapping (0 = keep all)", lo=0, hi=10_000_000)
+    # a little more than one cell of the default dense grid (2 / 63); docs/meshes.md has the measurements
+    density_blur: float = setting(0.04, "std in world units of a Gaussian blur of the density before marching cubes: "
+                                  "removes lumps, keeps the shape (0 = off)", lo=0.0, hi=1.0, label="Surface blur")
     smooth_iterations: int = setting(0, "Taubin smoothing passes on the marching-cubes surface", lo=0, hi=100)
+    color_radius: float = setting(0.03, "each texel's colour is the field's average over a ball of this radius "
+                                  "(world units) around its surface point: less speckle (0 = the point only)", lo=0.0, hi=1.0)
+    color_samples: int = setting(8, "points averaged per texel within color_radius", lo=1, hi=64)
     min_component_fraction: float = setting(0.05, "drop pieces with a smaller share of the faces", lo=0.0, hi=1.0)
+    origin: str = setting("bottom", "where the result's origin sits: bottom = the centre of its base, so it rests on "
+                          "the floor (or Blender's 3D cursor); center = the centre of the field", choices=("bottom", "center"))
+    height: Optional[float] = setting(None, "scale the result to this height in world units; null = the generated size",
+                                      kind="float", lo=0.0, lo_open=True, hi=1e4, nullable=True, label="Height")
 
 
 @dataclass

@@ -9,7 +9,7 @@ vertex_colors uint8 [V,4] RGBA, preview image uint8 [H,W,3] with row 0 = top.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Dict, Optional
+from typing import Any, Dict, Optional, Tuple
 
 import numpy as np
 
@@ -78,6 +78,25 @@ def mesh_arrays(
     if image is not None:
         out["image"] = _to_uint8_rgba("image", image, 3)
     return out
+
+
+def weld(vertices: Any, faces: Any) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Merge vertices at bitwise-equal positions: the copies a UV unwrap makes along its seams.
+
+    Returns (welded vertices float32 [W, 3] in order of first appearance, faces int32 [F, 3]
+    into them, index int64 [V] of each input vertex's welded vertex). Faces keep their order
+    and corners, so per-corner data (``uvs[faces]`` of the split mesh) stays valid.
+    """
+    v = np.ascontiguousarray(np.asarray(vertices, dtype=np.float32).reshape(-1, 3))
+    f = np.asarray(faces, dtype=np.int64).reshape(-1, 3)
+    if len(v) == 0:
+        return v, f.astype(np.int32), np.zeros(0, dtype=np.int64)
+    unique, first, inverse = np.unique(v, axis=0, return_index=True, return_inverse=True)
+    order = np.argsort(first, kind="stable")
+    rank = np.empty_like(order)
+    rank[order] = np.arange(len(order))
+    index = rank[inverse.reshape(-1)].astype(np.int64)
+    return unique[order], index[f].astype(np.int32), index
 
 
 def mesh_from_message(message: Any) -> Optional[MeshPayload]:

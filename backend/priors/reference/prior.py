@@ -26,6 +26,7 @@ import os
 from dataclasses import dataclass
 from typing import Any, Optional, Sequence
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -205,13 +206,21 @@ class ReferencePrior(Prior):
         """The object a prompt embedding selects."""
         return self._data(prompt.data).objects[0]
 
-    def ground_truth(self, prompt: PromptEmbedding) -> tuple[str, Any, Any]:
+    def ground_truth(self, prompt: PromptEmbedding, resolution: Optional[int] = None) -> tuple[str, Any, Any]:
         """The object the prompt names and its true surface (vertices, faces)."""
-        from .mesh import ground_truth_mesh
+        from .mesh import DEFAULT_MESH_RESOLUTION, ground_truth_mesh
 
         name = self.object_name(prompt)
-        vertices, faces = ground_truth_mesh(name)
+        vertices, faces = ground_truth_mesh(name, DEFAULT_MESH_RESOLUTION if resolution is None else min(int(resolution), 512))
         return name, vertices, faces
+
+    def ground_truth_albedo(self, name: str):
+        obj = get_object(name)
+
+        def albedo(points):
+            return obj.albedo(torch.as_tensor(np.asarray(points), dtype=torch.float32)).numpy()
+
+        return albedo
 
     @staticmethod
     def _data(d) -> ReferencePromptData:
