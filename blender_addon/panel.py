@@ -36,7 +36,7 @@ MAIN_ICONS = {"prompt": "OUTLINER_OB_FONT", "negative_prompt": "CANCEL"}
 METHOD_MENU = "method.kind"  # drawn as a row of buttons above the method panel's column
 METHOD_PATHS = ("method.lam", "prior.kind", "prior.model", "method.guidance_scale", "iters", "seed",
                 "resolution", "batch_size", "view_dependent", "preview.every")
-EXPORT_PATHS = ("export.texture_size", "export.faces", "export.mc_resolution")
+EXPORT_PATHS = ("export.height", "export.texture_size", "export.faces", "export.mc_resolution")
 COMMON_PATHS = frozenset((*MAIN_PATHS, METHOD_MENU, *METHOD_PATHS, *EXPORT_PATHS))
 CAMERA_SECTION = "cameras"  # every setting of the camera source is drawn in the Cameras panel
 ADVANCED_ORDER = ("", "prior", "method", "field", "renderer", "schedule", "optim", "export", "preview")  # "": the job's own

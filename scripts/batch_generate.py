@@ -98,6 +98,7 @@ def build_parser() -> argparse.ArgumentParser:
     job.add_argument("--texture-size", type=int, default=None)
     job.add_argument("--faces", type=int, default=None)
     job.add_argument("--mc-resolution", type=int, default=None)
+    job.add_argument("--height", type=float, default=None, help="scale each result to this height (default: the generated size)")
     job.add_argument("--vertex-colors", action="store_true", help="vertex colours instead of a UV texture")
     job.add_argument("--cameras", type=_json_value, default=None,
                      help="camera distribution or rig as JSON (or a JSON file); default: the prior's recommendation")
@@ -200,6 +201,8 @@ def panel_like_settings(addon: ModuleType, args: argparse.Namespace, prompt: str
         values["view_dependent"] = True
     if args.guidance_scale is not None:
         values["method__guidance_scale"], values["method__guidance_scale_auto"] = args.guidance_scale, False
+    if args.height is not None:
+        values["export__height"], values["export__height_auto"] = args.height, False
     return addon.properties.default_settings(**values)
 
 

@@ -404,6 +404,27 @@ def test_a_v1_job_stored_by_an_older_add_on_loads_and_regenerates_as_the_equival
     _reset(settings)
 
 
+def test_an_import_welds_seams_keeps_uvs_past_a_degenerate_triangle_and_refuses_an_empty_result(blender):
+    bpy, scene_import = blender.bpy, blender.submodule("scene_import")
+    scene = bpy.context.scene
+    # two triangles of a quad split at a UV seam (vertices 1 and 2 copied), plus one sliver that
+    # welding makes degenerate (two of its corners are copies of one vertex)
+    v = np.float32([[0, 0, 0], [1, 0, 0], [0, 1, 0], [1, 0, 0], [0, 1, 0], [1, 1, 0], [1, 0, 0]])
+    f = np.array([[0, 1, 2], [3, 5, 4], [1, 6, 5]])
+    uv = np.float32([[0, 0], [0.4, 0], [0, 0.4], [0.6, 0.6], [0.6, 1], [1, 1], [0.9, 0.9]])
+    obj = scene_import.create_result_object(scene, "a quad", v, f, uv, np.zeros((64, 64, 4), np.uint8))
+    mesh = obj.data
+    assert len(mesh.vertices) == 4 and len(mesh.polygons) == 2  # welded; the sliver dropped
+    loops = np.empty(len(mesh.loops) * 2, np.float32)
+    mesh.uv_layers["UVMap"].uv.foreach_get("vector", loops)
+    np.testing.assert_array_equal(loops.reshape(-1, 2), uv[f[:2].ravel()])  # each corner keeps its chart's UV
+    assert connected_pieces(*mesh_arrays_of(obj)) == 1
+    assert bpy.context.view_layer.objects.active == obj and obj.select_get()
+    bpy.data.objects.remove(obj)
+    with pytest.raises(ValueError, match="no surface"):
+        scene_import.create_result_object(scene, "nothing", np.zeros((0, 3), np.float32), np.zeros((0, 3), np.int32), None, None)
+
+
 def test_what_a_stored_job_has_that_the_panel_cannot_show_is_reported(blender):
     props = blender.submodule("properties")
     settings = blender.bpy.context.scene.distill3d

@@ -55,6 +55,7 @@ def test_batch_jobs_are_the_panels_jobs_with_command_line_and_set_overrides(tmp_
     assert job["method"]["kind"] == "esd" and job["method"]["lam"] == 0.25 and job["method"]["lora_rank"] == 8
     assert job["method"]["guidance_scale"] == 7.5 and job["iters"] == 5 and job["resolution"] == 16
     assert job["export"]["texture_size"] == 64 and job["export"]["textured"] is False
+    assert job["export"]["height"] is None and job_for("--height", "1.8")["export"]["height"] == 1.8
     assert job["renderer"]["shading"] == "mixed" and job["field"]["kind"] == "hash" and job["field"]["levels"] == 16
     with pytest.raises(addon.properties.JobSettingsError, match=r"method\.lora_rank must be .*256"):
         job_for("--method", "vsd", "--set", "method.lora_rank=0")

@@ -29,7 +29,7 @@ from distill3d.cli import main
 
 METRIC_KEYS = ("agreement", "truth_fid", "fid", "iq", "iv", "front_features", "no_front", "front_at_back", "front_everywhere", "chamfer")
 TABLE_HEADER = ("| method | agreement (↑) | FID to truth (↓) | FID to collection (not a score) | IQ (↓) | IV (↑) | front features (→1) | "
-                "Chamfer (↓) | runs with 0 / 1 / ≥2 fronts | runs with no front / front at back / front everywhere | s / iter (× SDS) |")
+                "Chamfer (↓) | normal consistency (↑) | roughness ×truth (↓) | texture error (↓) | runs with 0 / 1 / ≥2 fronts | runs with no front / front at back / front everywhere | s / iter (× SDS) |")
 
 
 def test_default_methods_are_the_papers_set():

@@ -30,6 +30,9 @@ METRICS = (
     ("iv", "IV", "up"),
     ("front_features", "front features", "one"),
     ("chamfer", "Chamfer", "down"),
+    ("normal_consistency", "normal consistency", "up"),
+    ("roughness_ratio", "roughness ×truth", "down"),
+    ("texture_error", "texture error", "down"),
 )
 ARROWS = {"up": "↑", "down": "↓", "one": "→1", "info": "not a score"}
 #: the front failures each run is flagged with (bench.metrics.front_failures), in table order
@@ -237,7 +240,12 @@ def write_markdown(path: Path, config: BenchConfig, result: dict[str, Any], summ
         "near 0.66 under total collapse, and two faces (front and back) still score IV about 1.56; read IV with the front failures.",
         f"- **Chamfer**: symmetric Chamfer distance (mean nearest-neighbour distance both ways, halved; scene units, the objects span about 1.5) "
         f"between {config.chamfer_points} points sampled on the marching-cubes surface ({config.mesh_resolution}³, automatic threshold) and on the "
-        "ground-truth mesh, after the best rotation about the vertical axis (5° grid, then refined).",
+        "ground-truth mesh, after the best rotation about the vertical axis (5° grid, then refined); the mesh is extracted with the job's "
+        "density blur (export.density_blur), as the exported result is.",
+        "- **normal consistency** (↑, 1 is ideal): mean |cos| between each surface sample's normal and the nearest sample's on the other "
+        "surface, both ways, after that rotation. **roughness ×truth** (↓, 1 is ideal): the mean angle between adjacent faces' normals over "
+        "the true mesh's at the same resolution (lumps raise it). **texture error** (↓): mean absolute RGB difference in [0, 1] between the "
+        "mesh's vertex colours and the true albedo at the nearest true surface point.",
         "- **s / iter**: training wall time per iteration (render, prior, backward, estimator update; the variance "
         "measurement is excluded) with one torch thread per worker process; relative to SDS in brackets (mean over every run of "
         "the method); the ratio is the median over (object, bias, seed) of the ratio to that unit's SDS run. Absolute times "

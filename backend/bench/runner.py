@@ -185,18 +185,23 @@ def image_metrics(config: BenchConfig, prior, classifiers, object_name: str, vie
     return {k: float(v) for k, v in m.items()}
 
 
-def chamfer_of_field(config: BenchConfig, trainer, object_name: str) -> tuple[float, Optional[str]]:
-    from ..export import ExportError, extract_mesh
-    from ..priors.reference import ground_truth_mesh
-    from .metrics import chamfer_distance_best_rotation
+def mesh_metrics(config: BenchConfig, trainer, run, object_name: str) -> tuple[dict[str, float], Optional[str]]:
+    """The run's mesh against the true one (:func:`distill3d.export.quality.compare_to_truth`): marching
+    cubes at the bench's resolution with the job's density blur, vertex colours, truth at the same resolution."""
+    from ..export import ExportError, extract_mesh, vertex_colors
+    from ..export.quality import compare_to_truth
 
     try:
-        mesh = extract_mesh(trainer.density_fn, trainer.field.bound, config.mesh_resolution)
+        mesh = extract_mesh(trainer.density_fn, trainer.field.bound, config.mesh_resolution, blur=run.export.density_blur)
+        mesh = vertex_colors(mesh, trainer.albedo_fn)
     except ExportError as exc:
-        return math.nan, f"no surface: {exc}"
-    gv, gf = ground_truth_mesh(object_name)
-    cd, _ = chamfer_distance_best_rotation(np.asarray(mesh.vertices), np.asarray(mesh.faces), gv, gf, num_points=config.chamfer_points)
-    return float(cd), None
+        return {k: math.nan for k in MESH_METRICS}, f"no surface: {exc}"
+    name, gv, gf = trainer.prior.ground_truth(trainer.prompt, resolution=config.mesh_resolution)
+    q = compare_to_truth(mesh, gv, gf, trainer.prior.ground_truth_albedo(name), num_points=config.chamfer_points)
+    return {k: float(q[k]) for k in MESH_METRICS if k in q}, None
+
+
+MESH_METRICS = ("chamfer", "normal_consistency", "roughness_ratio", "pieces", "texture_error")
 
 
 def ground_truth_metrics(config: BenchConfig, bias, object_name: str) -> dict[str, Any]:
@@ -206,7 +211,7 @@ def ground_truth_metrics(config: BenchConfig, bias, object_name: str) -> dict[st
     views = render_truth(object_name, eval_cameras(prior, config.views), EVAL_RESOLUTION)
     turn = render_truth(object_name, turntable_cameras(prior, config.turntable_views), EVAL_RESOLUTION)
     m = image_metrics(config, prior, clf, object_name, views, turn)
-    m["chamfer"] = 0.0
+    m.update({"chamfer": 0.0, "normal_consistency": 1.0, "roughness_ratio": 1.0, "pieces": 1.0, "texture_error": 0.0})
     return m
 
 
@@ -255,7 +260,8 @@ def run_job(config: BenchConfig, job: RunJob) -> tuple[dict[str, Any], np.ndarra
     views = render_field(trainer, eval_cameras(prior, config.views), EVAL_RESOLUTION)
     turn = render_field(trainer, turntable_cameras(prior, config.turntable_views), EVAL_RESOLUTION)
     metrics = image_metrics(config, prior, clf, job.object_name, views, turn)
-    metrics["chamfer"], mesh_note = chamfer_of_field(config, trainer, job.object_name)
+    mesh_scores, mesh_note = mesh_metrics(config, trainer, run, job.object_name)
+    metrics.update(mesh_scores)
     strip = strip_image(render_field(trainer, turntable_cameras(prior, config.strip_views), STRIP_RESOLUTION))
     record = {
         "run_id": job.run_id, "object": job.object_name, "bias": bias_label(job.bias), "kappa": bias_kappa(job.bias), "seed": job.seed,

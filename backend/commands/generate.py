@@ -52,7 +52,10 @@ def run(args: argparse.Namespace) -> int:
     s = result.summary
     print(f"wrote {', '.join(str(p) for p in result.files.values())}")
     print(f"{s['steps']} iterations in {s['timings_s']['train']:.1f} s ({s['seconds_per_iteration'] * 1000:.0f} ms/it); "
-          f"mesh {s['mesh']['vertices']} vertices, {s['mesh']['faces']} faces")
-    if "reference" in s:
-        print(f"Chamfer distance to the ground-truth '{s['reference']['object']}': {s['reference']['chamfer']:.4f}")
+          f"mesh {s['mesh']['vertices']} vertices, {s['mesh']['faces']} faces, {s['mesh']['pieces']} piece(s), "
+          f"{s['mesh']['height']:.2f} tall, origin at its {config.export.origin}")
+    m = s["mesh"]
+    if "chamfer" in m:
+        print(f"against the true '{m['object']}': Chamfer {m['chamfer']:.4f}, normal consistency {m['normal_consistency']:.3f}, "
+              f"roughness {m['roughness_ratio']:.2f}x the truth's, texture error {m['texture_error']:.3f}")
     return 0
