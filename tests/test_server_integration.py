@@ -197,7 +197,9 @@ def test_resume_after_cancel_reaches_a_result(server):
                 first_step = msg.header["step"]
             final = msg
         assert final.kind == Kind.RESULT, final.header
-        assert first_step == step + 1  # continued, not restarted
+        # continued, not restarted (progress is latest-wins: the phase messages before the first step
+        # may make it wait for the throttle and be replaced by the next)
+        assert step + 1 <= first_step <= step + 2
         _check_textured_mesh(final)
 
 
@@ -309,7 +311,7 @@ def test_killed_server_reports_interrupted_and_resumes(tmp_path):
                     first_step = msg.header["step"]
                 final = msg
             assert final.kind == Kind.RESULT, final.header
-            assert first_step == info["checkpoint_step"] + 1
+            assert info["checkpoint_step"] + 1 <= first_step <= info["checkpoint_step"] + 2  # continued (latest-wins progress)
             _check_textured_mesh(final)
     finally:
         second.kill(signal.SIGTERM)
