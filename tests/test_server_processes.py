@@ -144,13 +144,13 @@ def test_a_job_process_killed_in_any_phase_fails_its_job_and_the_next_job_gets_a
             assert info["checkpoint_step"] is not None and info["checkpoint_step"] >= 2  # progress of step 4 precedes its checkpoint
             accepted = c.resume(job)
             assert accepted.header["resumed_from"] == info["checkpoint_step"]
-            steps = []
+            steps, start = [], info["checkpoint_step"]
             for m in c.events(job, JOB_TIMEOUT):
                 if m.kind == Kind.PROGRESS:
                     steps.append(m.header["step"])
-                if len(steps) >= 3:
+                if steps and steps[-1] > start:
                     break
-            assert min(steps) >= info["checkpoint_step"] and info["checkpoint_step"] + 1 in steps  # never from the start
+            assert min(steps) >= start and steps[-1] <= start + 2  # from the checkpoint, never from the start
             assert c.cancel(job, timeout=60).kind == Kind.CANCELLED
             srv.ended[job] = "cancelled"
         else:
