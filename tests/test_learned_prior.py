@@ -116,3 +116,18 @@ def test_recorded_sample_metric_of_the_shipped_weights(prior):
     measured = object_agreement_metric(prior, **recorded["settings"])
     assert measured == pytest.approx(recorded["value"], abs=0.05)
     assert measured > 0.3  # above chance (1 / 5 objects)
+
+
+def test_package_data_ships_every_weight_file():
+    """A non-editable install carries the weights: pyproject's package-data globs match every file."""
+    import fnmatch
+    import tomllib
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    patterns = tomllib.loads((root / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"]["distill3d.priors.learned"]
+    package = SHIPPED_WEIGHTS.parent
+    for path in SHIPPED_WEIGHTS.rglob("*"):
+        if path.is_file():
+            rel = path.relative_to(package).as_posix()
+            assert any(fnmatch.fnmatch(rel, p) and rel.count("/") == p.count("/") for p in patterns), rel
