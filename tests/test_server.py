@@ -590,3 +590,23 @@ def test_serve_command_is_registered():
 
     help_text = build_parser().format_help()
     assert "serve" in help_text and "keys" in help_text
+
+
+def test_serve_flags_reach_the_server_config(tmp_path, monkeypatch):
+    """The job runner, cancel grace, heartbeat and admin flags become ServerConfig fields."""
+    import distill3d.server.service as service
+
+    seen = {}
+
+    def capture(self, config):
+        seen["config"] = config
+        raise service.ServerConfigError("captured")  # the command reports it and exits 2
+
+    monkeypatch.setattr(service.Server, "__init__", capture)
+    assert 2 == cli_main(["serve", "--bind", "tcp://127.0.0.1:*", "--jobs-dir", str(tmp_path), "--job-runner", "thread",
+                  "--cancel-grace", "7.5", "--heartbeat", "0.5", "--admin-client", "ops", "--admin-client", "lead"])
+    config = seen["config"]
+    assert (config.job_runner, config.cancel_grace_s, config.heartbeat_s) == ("thread", 7.5, 0.5)
+    assert config.admin_clients == ("ops", "lead") and config.admin_keys_dir is None
+    with pytest.raises(service.ServerConfigError, match="job_runner"):
+        ServerConfig(jobs_dir=tmp_path, job_runner="fork").validate()

@@ -6,8 +6,11 @@ test_server (jobs as threads)."""
 
 from __future__ import annotations
 
-import zmq
+import time
+
 import pytest
+import zmq
+import zmq.auth
 
 from distill3d.server import Client, ClientKeys, ServerError, make_keys
 from distill3d.server.auth import ADMIN_DIR, AUTHORIZED_DIR, write_key_file
@@ -97,3 +100,26 @@ def test_admin_keys_need_curve_and_a_real_folder(tmp_path):
     make_keys(keys)
     with pytest.raises(ServerConfigError, match="does not exist"):
         RunningServer(tmp_path / "jobs", keys_dir=keys, admin_keys_dir=tmp_path / "nope")
+
+
+def test_keys_added_or_removed_take_effect_without_a_restart(tmp_path, fake_training):
+    keys = tmp_path / "keys"
+    make_keys(keys, "alice")
+    running = RunningServer(tmp_path / "jobs", keys_dir=keys, require_keys=True, keys_reload_s=0.2)
+    try:
+        _add_client(keys, "carol")  # authorised after the start
+        time.sleep(0.5)
+        with Client(running.endpoint, keys=ClientKeys.from_dir(keys, "carol"), timeout=REPLY_TIMEOUT) as carol:
+            assert carol.ping().kind == Kind.PONG
+        (keys / ADMIN_DIR).mkdir()
+        write_key_file(keys / ADMIN_DIR / "carol.key", zmq.auth.load_certificate(keys / "carol.key")[0])
+        time.sleep(0.5)
+        with Client(running.endpoint, keys=ClientKeys.from_dir(keys, "carol"), timeout=REPLY_TIMEOUT) as carol:
+            assert carol.status().header["server"]["admin"] is True
+        (keys / AUTHORIZED_DIR / "carol.key").unlink()
+        time.sleep(0.5)
+        with Client(running.endpoint, keys=ClientKeys.from_dir(keys, "carol"), timeout=1.0) as carol:
+            with pytest.raises(TimeoutError):
+                carol.ping()
+    finally:
+        running.stop()

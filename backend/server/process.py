@@ -17,6 +17,9 @@ The child ends at once when the server goes away (its end of the pipe closes), s
 server leaves no job writing into the jobs folder. Scripts that start a server must guard their
 main code with ``if __name__ == "__main__":`` ('spawn' imports the main module in the child).
 
+Children are daemonic (a job cannot start processes of its own; a server that exits takes them
+along) and ignore SIGINT (Ctrl-C in the server's terminal stops jobs through the server).
+
 A child that dies (segfault, kill -9, the out-of-memory killer) closes its end of the pipe; the
 reader then posts a ``died`` event naming the exit code or signal for the job it was running,
 and the slot is replaced by a fresh child when the next job is scheduled. Cancel sets the job's
@@ -163,10 +166,23 @@ def _fault_hook(phase: str) -> None:
         time.sleep(seconds)
 
 
-def child_main(conn: Any, slot: int, jobs_root: str, keep_priors: int, log_level: int) -> None:
+def _log_to_stderr(slot: int, level: int, json_lines: bool) -> None:
+    """The child logs to the server's stderr, as text or (``serve --log-json``) as JSON lines."""
+    if json_lines:
+        from ..commands.serve import JsonLogFormatter
+
+        handler = logging.StreamHandler()
+        handler.setFormatter(JsonLogFormatter())
+        logging.getLogger().handlers[:] = [handler]
+        logging.getLogger().setLevel(level)
+    else:
+        logging.basicConfig(level=level, format=f"%(asctime)s %(levelname)s %(name)s [job process {slot}] %(message)s")
+
+
+def child_main(conn: Any, slot: int, jobs_root: str, keep_priors: int, log_level: int, log_json: bool = False) -> None:
     """The child process: run jobs from the pipe until told to exit or the parent goes away."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the parent; it stops the jobs
-    logging.basicConfig(level=log_level, format=f"%(asctime)s %(levelname)s %(name)s [job process {slot}] %(message)s")
+    _log_to_stderr(slot, log_level, log_json)
     from ..priors.factory import PriorCache
     from .jobs import JobStore
     from .worker import JobWorker
@@ -239,7 +255,8 @@ class JobProcess:
         ctx = multiprocessing.get_context("spawn")
         self._conn, child_conn = ctx.Pipe(duplex=True)
         level = logging.getLogger("distill3d").getEffectiveLevel()
-        self.process = ctx.Process(target=child_main, args=(child_conn, slot, str(jobs_root), keep_priors, level),
+        log_json = any(type(h.formatter).__name__ == "JsonLogFormatter" for h in logging.getLogger().handlers)
+        self.process = ctx.Process(target=child_main, args=(child_conn, slot, str(jobs_root), keep_priors, level, log_json),
                                    name=f"distill3d-job-{slot}", daemon=True)
         self.process.start()
         child_conn.close()

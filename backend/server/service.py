@@ -133,6 +133,7 @@ class ServerConfig:
     # these see, fetch, cancel and resume every job
     admin_keys_dir: Optional[Path] = None  # public keys (*.key) of admins; None = keys_dir/admin_clients when it exists
     admin_clients: Tuple[str, ...] = ()  # without CURVE (loopback): client names that are admins
+    keys_reload_s: float = 5.0  # authorized_clients/ and admin keys are read again this often (no restart needed)
 
     def validate(self) -> "ServerConfig":
         if not isinstance(self.bind, str) or "://" not in self.bind:
@@ -149,7 +150,7 @@ class ServerConfig:
         numbers = {
             "progress_interval_s": 3600, "preview_interval_s": 3600, "critical_retry_s": 3600, "shutdown_timeout_s": 3600,
             "status_save_interval_s": 3600, "client_budget_mib": 1 << 20, "max_job_memory_gib": 1 << 20,
-            "max_job_minutes": 10**7, "cancel_grace_s": 3600, "heartbeat_s": 3600,
+            "max_job_minutes": 10**7, "cancel_grace_s": 3600, "heartbeat_s": 3600, "keys_reload_s": 3600,
         }
         for name, hi in numbers.items():
             value = getattr(self, name)
@@ -259,6 +260,8 @@ class Server:
         self.priors = PriorCache(config.keep_priors)  # job_runner "thread" only: each job process keeps its own
         self._processes: Dict[int, JobProcess] = {}  # slot -> its job process
         self._next_heartbeat = 0.0
+        self._next_keys_reload = 0.0
+        self._keys_loaded = False  # the first reload is the start's own load
         self.context = zmq.Context()
         self.socket: Optional[zmq.Socket] = None
         self.endpoint: Optional[str] = None
@@ -278,7 +281,7 @@ class Server:
         self._loop_cpu_start: Optional[float] = None
         self._callback_cpu_s = 0.0  # workers' CPU time in the service's callbacks, finished jobs
 
-    def _load_admin_keys(self) -> frozenset:
+    def _load_admin_keys(self, quiet: bool = False) -> frozenset:
         """The z85 public keys of the admin clients (CURVE only)."""
         folder = self.config.admin_keys_dir
         if folder is None and self.config.keys_dir is not None:
@@ -299,9 +302,10 @@ class Server:
             except (OSError, ValueError) as exc:
                 raise ServerConfigError(f"cannot read admin key {path}: {exc}") from None
             keys.add(public.decode("ascii"))
-            if not (self.keys.authorized_dir / path.name).is_file():
+            if not quiet and not (self.keys.authorized_dir / path.name).is_file():
                 log.warning("admin key %s is not in %s: that client cannot connect", path, self.keys.authorized_dir)
-        log.info("admin keys=%d from %s", len(keys), folder)
+        if not quiet:
+            log.info("admin keys=%d from %s", len(keys), folder)
         return frozenset(keys)
 
     def _requester(self, frame: zmq.Frame, msg: Message, peer: str) -> Requester:
@@ -372,7 +376,7 @@ class Server:
         self._retry_pending()
         self._retry_saves()
         self._schedule()
-        next_due = min(next_due, self._enforce_kills(), self._heartbeat())
+        next_due = min(next_due, self._enforce_kills(), self._heartbeat(), self._reload_keys())
         self.drops.flush()
         if self._pending:
             next_due = min(next_due, 0.05)
@@ -802,6 +806,24 @@ class Server:
             else:
                 next_due = min(next_due, running.kill_at - now)
         return next_due
+
+    def _reload_keys(self) -> float:
+        """Read authorized_clients/ and the admin keys again: keys added or removed take effect
+        without a restart. Seconds until the next reload."""
+        if self._auth is None or self.keys is None or self.config.keys_reload_s <= 0:
+            return math.inf
+        now = time.monotonic()
+        if now < self._next_keys_reload:
+            return self._next_keys_reload - now
+        self._next_keys_reload = now + self.config.keys_reload_s
+        if self._keys_loaded:
+            try:
+                self._auth.configure_curve(domain="*", location=str(self.keys.authorized_dir))
+                self.admin_keys = self._load_admin_keys(quiet=True)
+            except (ServerConfigError, OSError) as exc:  # a half-written key file: the old keys stay
+                log.warning("keys not reloaded: %s", exc)
+        self._keys_loaded = True
+        return self.config.keys_reload_s
 
     def _heartbeat(self) -> float:
         """Tell each client with queued or running jobs that this loop is alive; seconds to the next."""
