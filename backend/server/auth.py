@@ -8,7 +8,8 @@ Key folder layout (``distill3d keys --out DIR`` creates it)::
     DIR/admin_clients/*.key                    optional: authorised keys that see every client's jobs
 
 The server serves with ``server.key_secret`` and authorises every public key found in
-``authorized_clients/`` through a ZAP handler (``zmq.auth.thread.ThreadAuthenticator``).
+``authorized_clients/`` through a ZAP handler (``zmq.auth.thread.ThreadAuthenticator``); the
+server reads the folder again every few seconds, so keys can be added or removed while it runs.
 Secret key files are created with mode 0600 from the start (never world-readable, not even
 for a moment), in zmq's certificate format.
 """
