@@ -5,7 +5,9 @@ Faults are injected where the service writes (the jobs module's ``open``/``os.re
 trainer's checkpoint, the result GLB) or are real: a small tmpfs filled up or remounted
 read-only (needs root and mount; skipped elsewhere). Every case ends the same way: the server
 answers ping, the job's client hears an ``error`` with the code ``storage``, other jobs run,
-and after the fault is gone a restarted server reads a consistent jobs folder.
+and after the fault is gone a restarted server reads a consistent jobs folder. Faults patched
+into the trainer or the export run their jobs as threads (``job_runner="thread"``), since a
+job process would not see the patch; the real-storage cases use job processes.
 """
 
 from __future__ import annotations

@@ -837,7 +837,8 @@ class Server:
         jobs_of: Dict[Envelope, List[str]] = {}
         for job_id in [*self._running, *self._queue]:
             for envelope in self._subscribers.get(job_id, []):
-                jobs_of.setdefault(envelope, []).append(job_id)
+                if len(envelope) == 1:  # not to REQ sockets (an envelope with the empty delimiter): they take replies only
+                    jobs_of.setdefault(envelope, []).append(job_id)
         for envelope, jobs in jobs_of.items():
             self._send(envelope, encode(Kind.HEARTBEAT, {"t": time.time(), "interval_s": interval, "jobs": jobs[:MAX_LIST]}))
         return interval
