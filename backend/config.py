@@ -24,6 +24,7 @@ from distill3d_protocol.jobconfig import (
     DenseFieldConfig,
     ESDConfig,
     ESDExactConfig,
+    ESDKernelConfig,
     ExportConfig,
     LAM_HELP,
     HashFieldConfig,
@@ -49,7 +50,7 @@ from .cameras import CameraError, camera_source_from_dict
 
 __all__ = [
     "CAMERAS", "CONFIG_VERSION", "CameraDistributionConfig", "CameraRigConfig", "LAM_HELP", "DEFAULT_DEPTH_MODEL", "DEFAULT_SD_MODEL", "FIELDS", "METHODS", "PRIORS", "ConfigError",
-    "DenseFieldConfig", "Distill3DError", "ESDConfig", "ESDExactConfig", "ExportConfig", "HashFieldConfig", "JobConfig",
+    "DenseFieldConfig", "Distill3DError", "ESDConfig", "ESDExactConfig", "ESDKernelConfig", "ExportConfig", "HashFieldConfig", "JobConfig",
     "LearnedPriorConfig", "LearnedScoreConfig", "MethodConfig", "OptimConfig", "PreviewConfig", "ReferencePriorConfig", "RendererConfig",
     "SDPriorConfig", "SDSConfig", "SSDConfig", "ScheduleConfig", "VSDConfig", "build", "job_schema", "leaf_paths",
     "migrate", "parse_job", "set_path", "to_dict", "union_sections", "with_overrides",

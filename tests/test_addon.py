@@ -326,7 +326,7 @@ def test_the_panel_draws_every_setting_for_the_kinds_that_have_it(blender):
                     assert all(e.applies(settings) for e in common + advanced)
                     assert not {e.name for e in common} & {e.name for e in advanced}
                     names = {e.name for e in common + advanced}
-                    assert ("method__lam" in names) == (method in ("esd", "esd-exact"))  # the lambda row follows the method
+                    assert ("method__lam" in names) == (method in ("esd", "esd-exact", "esd-kernel"))  # the lambda row follows the method
                     assert ("prior__model" in names) == (prior == "sd")
                     assert ("cameras__elevation_range" in names) == (cameras == "distribution")  # the ranges follow the camera source
                     drawn |= names

@@ -34,7 +34,7 @@ TABLE_HEADER = ("| method | agreement (↑) | FID to truth (↓) | FID to collec
 
 def test_default_methods_are_the_papers_set():
     names = list(BUILTIN_METHODS)
-    assert names == ["sds", "sds-vd", "vsd", "esd-0.25", "esd-0.5", "esd-0.75", "esd-1", "esd-exact", "ssd"]
+    assert names == ["sds", "sds-vd", "vsd", "esd-0.25", "esd-0.5", "esd-0.75", "esd-1", "esd-exact", "esd-kernel", "ssd"]
     assert BUILTIN_METHODS["sds-vd"].overrides == {"method.kind": "sds", "view_dependent": True}
     assert BUILTIN_METHODS["esd-0.25"].overrides == {"method.kind": "esd", "method.lam": 0.25}
     assert [BUILTIN_METHODS[n].lam for n in ("vsd", "esd-0.25", "esd-1", "esd-exact")] == [0.0, 0.25, 1.0, 0.5]
@@ -140,15 +140,16 @@ def test_committed_config_files_are_valid():
 def test_plan_runs_every_combination_unit_by_unit_learned_first_and_instruments_one_run_per_method():
     cfg = BenchConfig(objects=["mug", "house"], biases=["strong", "mild"], seeds=[0, 1, 2]).validate()
     jobs = plan_jobs(cfg)
-    assert len(jobs) == 2 * 2 * 3 * 9 == len({j.run_id for j in jobs})
+    n = len(BUILTIN_METHODS)
+    assert n == 10 and len(jobs) == 2 * 2 * 3 * n == len({j.run_id for j in jobs})
     assert [j.seed for j in jobs] == sorted(j.seed for j in jobs)
-    for start in range(0, len(jobs), 9):  # units of (seed, bias, object): every method, learned ones first
-        unit = jobs[start : start + 9]
+    for start in range(0, len(jobs), n):  # units of (seed, bias, object): every method, learned ones first
+        unit = jobs[start : start + n]
         assert len({(j.seed, j.bias, j.object_name) for j in unit}) == 1 and {j.spec.name for j in unit} == set(BUILTIN_METHODS)
         learned = [j.spec.learned for j in unit]
         assert learned == sorted(learned, reverse=True)
     instrumented = [j for j in jobs if j.measure_variance]
-    assert len(instrumented) == 2 * 9 and all(j.bias == "strong" and j.seed == 0 for j in instrumented)
+    assert len(instrumented) == 2 * n and all(j.bias == "strong" and j.seed == 0 for j in instrumented)
 
 
 def test_eval_cameras_cover_the_circle_in_the_band():

@@ -52,11 +52,11 @@ def test_defaults_validate_and_round_trip():
     [
         ({"iters": 0}, "iters must be an integer in [1, 1000000], got 0"),
         ({"resolution": 48}, "resolution must be an integer in [8, 1024], a power of two, got 48"),
-        ({"method": {"kind": "magic"}}, "method.kind must be one of sds, vsd, esd, esd-exact, ssd, got 'magic'"),
+        ({"method": {"kind": "magic"}}, "method.kind must be one of sds, vsd, esd, esd-exact, esd-kernel, ssd, got 'magic'"),
         ({"prior": {"kind": "dalle"}}, "prior.kind must be one of reference, sd"),
         ({"method": {"kind": "esd", "lam": 2}}, "method.lam must lie in [0, 1], got 2"),
         ({"method": {"kind": "esd", "lam": float("nan")}}, "method.lam must lie in [0, 1], got nan"),
-        ({"method": {"kind": "sds", "lam": 0.5}}, "method (sds) has no setting lam (lam is a setting of esd, esd-exact)"),
+        ({"method": {"kind": "sds", "lam": 0.5}}, "method (sds) has no setting lam (lam is a setting of esd, esd-exact, esd-kernel)"),
         ({"seed": -1}, "seed must be"),
         ({"prompt": "  "}, "prompt must be a non-empty string"),
         ({"export": {"texture_size": 1000}}, "export.texture_size must be an integer in [64, 4096], a power of two, got 1000"),
@@ -78,7 +78,7 @@ def test_bad_values_name_the_dotted_path(patch, message):
 
 
 def test_each_union_offers_its_registry():
-    assert METHODS.names == ("sds", "vsd", "esd", "esd-exact", "ssd")
+    assert METHODS.names == ("sds", "vsd", "esd", "esd-exact", "esd-kernel", "ssd")
     assert PRIORS.names == ("reference", "sd", "learned")
     assert FIELDS.names == ("dense", "hash")
     for registry in (METHODS, PRIORS, FIELDS):

@@ -154,7 +154,7 @@ def test_unknown_jobs_and_bad_configs_get_clear_errors(client):
     for config, code, expected in (
         ({"prompt": "duck", "method": {"kind": "esd", "lam": 2}}, "bad_field", "method.lam must lie in [0, 1], got 2"),
         ({"prompt": "duck", "method": "esd", "lam": 2}, "bad_field", "method.lam must lie in [0, 1], got 2"),  # v1
-        ({"prompt": "duck", "method": "magic"}, "bad_field", "method.kind must be one of sds, vsd, esd, esd-exact, ssd, got 'magic'"),
+        ({"prompt": "duck", "method": "magic"}, "bad_field", "method.kind must be one of sds, vsd, esd, esd-exact, esd-kernel, ssd, got 'magic'"),
         ({"prompt": "duck", "resolution": 24}, "bad_field", "resolution must be an integer in [8, 1024], a power of two, got 24"),
         ({"prompt": "duck", "t_min": 0.9, "t_max": 0.5}, "bad_field", "schedule.t_min (0.9) must be below"),
         ({"prompt": "duck", "schedule": {"t_min": 0.9, "t_max": 0.5}}, "bad_field", "schedule.t_min (0.9) must be below"),

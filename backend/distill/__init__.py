@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from typing import Any, Callable
 
-from ..config import METHODS, ESDConfig, ESDExactConfig, JobConfig, SDSConfig, SSDConfig, VSDConfig
+from ..config import METHODS, ESDConfig, ESDExactConfig, ESDKernelConfig, JobConfig, SDSConfig, SSDConfig, VSDConfig
 from ..priors.base import Prior
 from .base import SDS, DistillBatch, Estimator
 from .schedules import TimestepSchedule
@@ -73,6 +73,13 @@ def _esd_exact(prior: Prior, method: ESDExactConfig, job: JobConfig) -> Estimato
     from .esd import ESDExact
 
     return ESDExact(prior, bank_size=method.bank, lam=method.lam)
+
+
+@estimator_for(ESDKernelConfig)
+def _esd_kernel(prior: Prior, method: ESDKernelConfig, job: JobConfig) -> Estimator:
+    from .esd import ESDKernel
+
+    return ESDKernel(prior, bank_size=method.bank, lam=method.lam, exclude_deg=method.exclude_deg, max_age=method.max_age)
 
 
 @estimator_for(SSDConfig)

@@ -35,6 +35,12 @@ and kernel entropy estimators) removes that self-match. Measured in the image-sp
 (``benchmarks/bench_esd_particles.py``, 32 free images, strong front bias, 300 steps, mean
 of 3 seeds): IV 0.12 for SDS, 0.22 for the self-included oracle at lambda = 1, 0.75 with
 leave-one-out; in 3D with view-dependent prompts see docs/benchmark/README.md.
+
+:class:`ESDKernel` (``--method esd-kernel``) is the same mixture for every prior, over the
+prior's encoded renders (Stable Diffusion latents too), with a bank of recent renders of
+distant cameras so it works at batch 1: ESD at SDS's cost, with no LoRA. In latent space
+it is a kernel estimate of the rendered distribution's score, not an exact one (hence the
+name).
 """
 
 from __future__ import annotations
@@ -48,7 +54,7 @@ from typing import Any, Optional
 import torch
 
 from ..cameras import CameraBatch
-from ..config import ESDConfig, ESDExactConfig, VSDConfig
+from ..config import ESDConfig, ESDExactConfig, ESDKernelConfig, VSDConfig
 from ..priors.base import Prior, PromptEmbedding
 from .base import DistillBatch, Estimator
 from .learned_score import LearnedScore
@@ -190,3 +196,98 @@ class ESDExact(Estimator):
     def load_state_dict(self, state: dict[str, Any]) -> None:
         bank = state.get("bank")
         self.bank = None if bank is None else bank.to(self.prior.device)
+
+
+class ESDKernel(ESDExact):
+    """ESD's entropy term for every prior, at SDS's cost: a kernel estimate of q_t(x_t | y).
+
+    The mixture is esd-exact's, over the prior's *encoded* renders (SD latents, or pixels), so
+    it needs only the noise schedule: no LoRA, no extra UNet call. Its components are this
+    step's other renders (leave-one-out, as in esd-exact) plus a bank of the ``bank_size`` most
+    recent detached renders with their cameras and steps. For each render, bank entries whose
+    camera lies within ``exclude_deg`` of its own camera are left out (a stale render from
+    nearby acts like the render's own copy and cancels the term, as esd-exact's bank did), and
+    entries older than ``max_age`` steps are dropped. So it works at batch 1. A render with no
+    component left falls back to eps (the term is zero for it; ``q_empty`` counts those).
+    """
+
+    name = ESDKernelConfig.KIND
+
+    def __init__(self, prior: Prior, bank_size: int = 16, lam: float = 0.5, exclude_deg: float = 30.0, max_age: int = 50) -> None:
+        Estimator.__init__(self, prior)
+        if isinstance(bank_size, bool) or not isinstance(bank_size, int) or bank_size < 0:
+            raise EstimatorError(f"bank_size must be an integer >= 0, got {bank_size!r}")
+        if not (isinstance(exclude_deg, (int, float)) and 0.0 <= float(exclude_deg) <= 180.0):
+            raise EstimatorError(f"exclude_deg must lie in [0, 180], got {exclude_deg!r}")
+        if isinstance(max_age, bool) or not isinstance(max_age, int) or max_age < 1:
+            raise EstimatorError(f"max_age must be an integer >= 1, got {max_age!r}")
+        self.lam = _check_lam(lam)
+        self.bank_size = bank_size
+        self.exclude_cos = math.cos(math.radians(float(exclude_deg)))
+        self.max_age = max_age
+        self.s0 = 0.0
+        self.leave_one_out = True
+        self.bank: Optional[torch.Tensor] = None  # [K, C, h, w], newest last
+        self.bank_dirs: Optional[torch.Tensor] = None  # [K, 3] unit camera directions
+        self.bank_steps: Optional[torch.Tensor] = None  # [K] step of each entry
+        self.step = 0
+
+    @staticmethod
+    def directions(cameras: CameraBatch) -> torch.Tensor:
+        """Unit vectors from the origin to each camera centre [B, 3]."""
+        centre = cameras.c2w[:, :3, 3].float()
+        return centre / centre.norm(dim=1, keepdim=True).clamp_min(1e-8)
+
+    def log_weights(self, b: int, dirs: torch.Tensor) -> torch.Tensor:
+        """[B, B + K] log-weights: 0 where a component counts for a render, -inf where it is left out."""
+        device = dirs.device
+        current = torch.zeros(b, b, device=device)
+        current[torch.arange(b), torch.arange(b)] = float("-inf")  # leave one out
+        if self.bank is None:
+            return current
+        near = dirs @ self.bank_dirs.to(device).T >= self.exclude_cos  # [B, K]
+        bank = torch.zeros(near.shape, device=device).masked_fill(near, float("-inf"))
+        return torch.cat([current, bank], dim=1)
+
+    def direction(self, batch: DistillBatch) -> tuple[torch.Tensor, dict[str, float]]:
+        with torch.no_grad():
+            eps_pre = self.prior.predict_eps(batch.x_t, batch.t, batch.prompt, batch.guidance_scale, batch.cameras).float()
+            eps = batch.eps.float()
+            if self.lam == 0.0:
+                d = eps_pre - eps
+                return d, {"esd_kernel_norm": float(d.flatten(1).norm(dim=1).mean()), "q_vs_noise": 0.0, "q_empty": 0.0}
+            from ..priors.reference.mixture import mixture_eps
+
+            x0 = batch.x0.detach().float()
+            b = x0.shape[0]
+            refs = x0 if self.bank is None else torch.cat([x0, self.bank.to(x0.device)])
+            weights = self.log_weights(b, self.directions(batch.cameras).to(x0.device))
+            empty = torch.isinf(weights).all(dim=1)  # nothing to compare against: the term is zero
+            weights[empty] = 0.0  # (any finite row; its result is replaced by eps below)
+            eps_q = mixture_eps(batch.x_t.float(), batch.t, refs, weights, 0.0, self.prior.alphas_cumprod)
+            eps_q[empty] = eps[empty]
+            d = eps_pre - self.lam * eps_q - (1.0 - self.lam) * eps
+            entropy = float((eps_q - eps).flatten(1).norm(dim=1).mean())
+        return d, {"esd_kernel_norm": float(d.flatten(1).norm(dim=1).mean()), "q_vs_noise": entropy, "q_empty": float(empty.float().mean())}
+
+    def update(self, x0: torch.Tensor, cameras: CameraBatch, prompt: PromptEmbedding, generator: Optional[torch.Generator] = None) -> dict[str, float]:
+        """Add this step's detached renders and cameras to the bank; drop entries beyond its size or age."""
+        self.step += 1
+        if self.bank_size > 0:
+            new, dirs = x0.detach().float(), self.directions(cameras).to(x0.device)
+            steps = torch.full((new.shape[0],), self.step, device=x0.device, dtype=torch.long)
+            if self.bank is not None:
+                new, dirs, steps = torch.cat([self.bank, new]), torch.cat([self.bank_dirs, dirs]), torch.cat([self.bank_steps, steps])
+            fresh = steps > self.step - self.max_age
+            self.bank, self.bank_dirs, self.bank_steps = (a[fresh][-self.bank_size:] for a in (new, dirs, steps))
+        return {"bank": float(0 if self.bank is None else self.bank.shape[0])}
+
+    def state_dict(self) -> dict[str, Any]:
+        keep = lambda a: None if a is None else a.cpu()  # noqa: E731
+        return {"method": self.name, "lam": self.lam, "step": self.step, "bank": keep(self.bank), "bank_dirs": keep(self.bank_dirs),
+                "bank_steps": keep(self.bank_steps)}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        move = lambda a: None if a is None else a.to(self.prior.device)  # noqa: E731
+        self.step = int(state.get("step", 0))
+        self.bank, self.bank_dirs, self.bank_steps = move(state.get("bank")), move(state.get("bank_dirs")), move(state.get("bank_steps"))

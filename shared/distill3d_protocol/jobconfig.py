@@ -5,7 +5,7 @@ bounds, choices and help, as nested typed records (see :mod:`.settings`).
       prompt, negative_prompt, view_dependent, iters, batch_size, resolution, seed,
       cameras, device, cpu_threads, checkpoint_every
       prior     one of PRIORS    (reference | sd), each with its own loading options
-      method    one of METHODS   (sds | vsd | esd | esd-exact | ssd), each with only its knobs
+      method    one of METHODS   (sds | vsd | esd | esd-exact | esd-kernel | ssd), each with only its knobs
       field     one of FIELDS    (dense | hash), or null = dense on the CPU, hash on CUDA
       renderer, schedule, optim, export, preview
 
@@ -85,10 +85,10 @@ class LearnedPriorConfig:
     objects: tuple = setting((), "JSON or Python files of the extra objects the weights were trained on (for ground "
                              "truth and metrics)", kind="strs")
     guidance_sds: float = setting(LEARNED_GUIDANCE_SDS, "default guidance of SDS and SSD", lo=0.0, hi=1000.0)
-    guidance_vsd: float = setting(LEARNED_GUIDANCE_VSD, "default guidance of VSD, ESD and esd-exact", lo=0.0, hi=1000.0)
+    guidance_vsd: float = setting(LEARNED_GUIDANCE_VSD, "default guidance of VSD, ESD, esd-exact and esd-kernel", lo=0.0, hi=1000.0)
 
     def default_guidance(self, method: Any) -> float:
-        return self.guidance_vsd if isinstance(method, (VSDConfig, ESDConfig, ESDExactConfig)) else self.guidance_sds
+        return self.guidance_vsd if isinstance(method, (VSDConfig, ESDConfig, ESDExactConfig, ESDKernelConfig)) else self.guidance_sds
 
 
 # ----------------------------------------------------------------------------- methods
@@ -159,6 +159,21 @@ class ESDExactConfig(MethodConfig):
     # 0 (the current batch only) restored the most views: stale renders of nearby cameras act like
     # the render's own copy (mug, IV 0.92 / 0.49 / 0.38 at 0 / 8 / 64)
     bank: int = setting(0, "earlier renders kept besides the current batch in q's mixture (0 restored the most views)", lo=0, hi=100_000)
+
+
+@METHODS.register("esd-kernel", "ESD kernel",
+                  "ESD at SDS's cost for every prior (Stable Diffusion too): its entropy term from a Gaussian-mixture "
+                  "estimate over this step's renders and recent renders of distant cameras; no LoRA")
+@dataclass
+class ESDKernelConfig(MethodConfig):
+    """esd-exact's leave-one-out mixture score over the prior's encoded renders, plus a bank of recent
+    renders of other cameras, so it works at batch 1 and with any prior (latents included)."""
+
+    lam: float = setting(0.5, LAM_HELP, lo=0.0, hi=1.0, label="Lambda")
+    bank: int = setting(16, "recent encoded renders kept with their cameras for the mixture (0 = this step's only)", lo=0, hi=4096)
+    exclude_deg: float = setting(30.0, "bank renders whose camera lies within this angle of the render's own are left out "
+                                 "(a nearby stale render acts like the render's own copy)", lo=0.0, hi=180.0, label="Exclusion angle")
+    max_age: int = setting(50, "bank renders older than this many steps are dropped", lo=1, hi=1_000_000)
 
 
 @METHODS.register("ssd", "SSD", "SteinDreamer: SDS with a depth-based control variate that lowers gradient variance")

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from typing import Any, Dict, Optional, Tuple
 
-from .jobconfig import ESDConfig, SDPriorConfig, SDSConfig, SSDConfig, VSDConfig
+from .jobconfig import ESDConfig, ESDKernelConfig, SDPriorConfig, SDSConfig, SSDConfig, VSDConfig
 
 SD = SDPriorConfig.KIND
 
@@ -36,6 +36,10 @@ RECIPES: Dict[Tuple[str, str], Tuple[str, Dict[str, Any]]] = {
                                                    "renderer.shading": "mixed"}),
     (SD, SSDConfig.KIND): ("threestudio dreamfusion-sd (SteinDreamer on top)", {**_SD_COMMON, "iters": 10_000, "optim.lambda_sparsity": 1.0,
                                                                         "renderer.shading": "mixed"}),
+    # SDS's recipe: the camera-conditioned part of esd-kernel is SDS's (the drawn noise), so is its guidance
+    (SD, ESDKernelConfig.KIND): ("threestudio dreamfusion-sd (with ESD's kernel entropy term)", {**_SD_COMMON, "iters": 10_000,
+                                                                                        "optim.lambda_sparsity": 1.0,
+                                                                                        "renderer.shading": "mixed"}),
     (SD, VSDConfig.KIND): ("threestudio prolificdreamer (stage 1)", {**_SD_COMMON, "iters": 25_000, "optim.lambda_sparsity": 10.0,
                                                               "method.lora_lr": 1e-4}),
     (SD, ESDConfig.KIND): ("threestudio prolificdreamer (stage 1) with ESD's lambda", {**_SD_COMMON, "iters": 25_000,
