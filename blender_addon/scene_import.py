@@ -6,8 +6,9 @@ The result arrives split at its UV seams (each seam vertex once per chart, as gl
 it is welded here (:func:`weld`: copies at the same position become one vertex) and its UVs
 become per-loop UVs gathered through the split faces, so the object is one connected piece
 with seams only in its UV map, as an artist would model it. Triangles that welding makes
-degenerate (two corners on one vertex) are dropped with their UVs first, so Blender's
-``validate()`` never changes the loops and the UV map always survives. Positions and
+degenerate (two corners on one vertex) or duplicate (two chart copies of one triangle) are
+dropped with their UVs first, so Blender's ``validate()`` has nothing to remove and the UV map
+survives; per-vertex colours follow the weld's vertex map. Positions and
 corner vertices go through the generic attribute API where Blender has it (about 30x faster
 than ``MeshLoop.vertex_index`` for 600k corners), with the classic path as fallback.
 
@@ -68,6 +69,8 @@ def _check_mesh_arrays(vertices: np.ndarray, faces: np.ndarray, uvs: np.ndarray 
     faces = np.ascontiguousarray(faces, dtype=np.int32)
     if vertices.ndim != 2 or vertices.shape[1] != 3:
         raise ValueError(f"vertices must have shape [V, 3], got {vertices.shape}")
+    if not np.isfinite(vertices).all():
+        raise ValueError("vertices must be finite (the result holds NaN or infinite positions)")
     if faces.ndim != 2 or faces.shape[1] != 3:
         raise ValueError(f"faces must have shape [F, 3] (triangles), got {faces.shape}")
     if faces.size and (faces.min() < 0 or faces.max() >= len(vertices)):
@@ -79,28 +82,52 @@ def _check_mesh_arrays(vertices: np.ndarray, faces: np.ndarray, uvs: np.ndarray 
     return vertices, faces, uvs
 
 
-def welded_triangles(vertices: np.ndarray, faces: np.ndarray, uvs: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
-    """(welded vertices, faces into them, per-loop UVs [3F, 2] or None), without degenerate triangles."""
+@dataclass
+class WeldedTriangles:
+    """What :func:`welded_triangles` makes of a split mesh."""
+
+    vertices: np.ndarray  # [W, 3]
+    faces: np.ndarray  # [F', 3] into vertices
+    corner_uvs: np.ndarray | None  # [3 F', 2] per loop, or None
+    source: np.ndarray  # [W] one input vertex of each welded vertex (for per-vertex data such as colours)
+
+
+def welded_triangles(vertices: np.ndarray, faces: np.ndarray, uvs: np.ndarray | None = None) -> WeldedTriangles:
+    """The mesh welded at equal positions, without degenerate or duplicate triangles; raises
+    ValueError when no triangle is left (an empty result must not become an empty object)."""
     corner_uvs = None if uvs is None else uvs[faces.reshape(-1)].reshape(-1, 3, 2)
-    vertices, faces, _ = weld(vertices, faces)
+    welded, faces, index = weld(vertices, faces)
     keep = (faces[:, 0] != faces[:, 1]) & (faces[:, 1] != faces[:, 2]) & (faces[:, 2] != faces[:, 0])
+    _, first = np.unique(np.sort(faces, axis=1), axis=0, return_index=True)
+    unique = np.zeros(len(faces), dtype=bool)
+    unique[first] = True
+    keep &= unique
     if not keep.all():
-        log.info("dropped %d degenerate triangles", int((~keep).sum()))
+        log.info("dropped %d degenerate or duplicate triangles", int((~keep).sum()))
         faces = faces[keep]
         corner_uvs = None if corner_uvs is None else corner_uvs[keep]
-    used = np.zeros(len(vertices), dtype=bool)
+    if len(faces) == 0:
+        raise ValueError("the result has no surface (no triangle with an area): nothing to import; train longer or lower the threshold")
+    source = np.zeros(len(welded), dtype=np.int64)
+    source[index[::-1]] = np.arange(len(index))[::-1]  # the first input copy of each welded vertex
+    used = np.zeros(len(welded), dtype=bool)
     used[faces.reshape(-1)] = True
-    if not used.all():  # vertices only degenerate triangles used
+    if not used.all():  # vertices only dropped triangles used
         remap = np.cumsum(used) - 1
-        vertices, faces = vertices[used], remap[faces].astype(np.int32)
-    return vertices, faces, None if corner_uvs is None else np.ascontiguousarray(corner_uvs.reshape(-1, 2))
+        welded, faces, source = welded[used], remap[faces].astype(np.int32), source[used]
+    return WeldedTriangles(welded, faces, None if corner_uvs is None else np.ascontiguousarray(corner_uvs.reshape(-1, 2)), source)
 
 
-def fill_mesh(mesh: Any, vertices: np.ndarray, faces: np.ndarray, uvs: np.ndarray | None = None, timings: ImportTimings | None = None) -> Any:
-    """Replace ``mesh``'s geometry with the given triangles (in place, same datablock), welded."""
+def fill_mesh(mesh: Any, vertices: np.ndarray, faces: np.ndarray, uvs: np.ndarray | None = None, timings: ImportTimings | None = None,
+              vertex_colors: np.ndarray | None = None) -> Any:
+    """Replace ``mesh``'s geometry with the given triangles (in place, same datablock), welded;
+    ``vertex_colors`` (uint8 RGBA per input vertex) follow the weld."""
     vertices, faces, uvs = _check_mesh_arrays(vertices, faces, uvs)
+    if vertex_colors is not None and len(vertex_colors) != len(vertices):
+        raise ValueError(f"vertex colours must have one row per vertex ({len(vertices)}), got {len(vertex_colors)}")
     t0 = time.perf_counter()
-    vertices, faces, corner_uvs = welded_triangles(vertices, faces, uvs)
+    welded = welded_triangles(vertices, faces, uvs)
+    vertices, faces, corner_uvs = welded.vertices, welded.faces, welded.corner_uvs
     if len(mesh.vertices) or len(mesh.polygons):
         mesh.clear_geometry()
     n_vert, n_face = len(vertices), len(faces)
@@ -128,6 +155,8 @@ def fill_mesh(mesh: Any, vertices: np.ndarray, faces: np.ndarray, uvs: np.ndarra
         layer.uv.foreach_set("vector", corner_uvs.ravel())
     elif corner_uvs is not None:
         log.warning("mesh %s: UVs dropped because validate() changed the faces", mesh.name)
+    if vertex_colors is not None and len(mesh.vertices) == len(welded.source):
+        set_vertex_colors(mesh, np.asarray(vertex_colors)[welded.source])
     t2 = time.perf_counter()
     if timings is not None:
         timings.mesh += t1 - t0
@@ -135,11 +164,12 @@ def fill_mesh(mesh: Any, vertices: np.ndarray, faces: np.ndarray, uvs: np.ndarra
     return mesh
 
 
-def new_mesh(name: str, vertices: np.ndarray, faces: np.ndarray, uvs: np.ndarray | None = None, timings: ImportTimings | None = None) -> Any:
+def new_mesh(name: str, vertices: np.ndarray, faces: np.ndarray, uvs: np.ndarray | None = None, timings: ImportTimings | None = None,
+             vertex_colors: np.ndarray | None = None) -> Any:
     """A new mesh datablock holding the given triangles."""
     mesh = bpy.data.meshes.new(name)
     try:
-        return fill_mesh(mesh, vertices, faces, uvs, timings)
+        return fill_mesh(mesh, vertices, faces, uvs, timings, vertex_colors)
     except Exception:
         bpy.data.meshes.remove(mesh)
         raise
@@ -253,11 +283,9 @@ def create_result_object(
 ) -> Any:
     """The final object: named after the prompt, its origin (the base's centre, as the backend
     places it) at the 3D cursor, textured, settings attached, selected and active."""
-    if len(faces) == 0 or len(vertices) == 0:
-        raise ValueError("the result has no surface (0 faces): nothing to import; train longer or lower the threshold")
     timings = timings if timings is not None else ImportTimings()
     name = object_name_for_prompt(prompt)
-    mesh = new_mesh(name, vertices, faces, uvs, timings)
+    mesh = new_mesh(name, vertices, faces, uvs, timings, vertex_colors if texture is None else None)
     obj = bpy.data.objects.new(name, mesh)
     if texture is not None:
         t0 = time.perf_counter()
@@ -270,7 +298,6 @@ def create_result_object(
         timings.material += t2 - t1
     elif vertex_colors is not None:
         t0 = time.perf_counter()
-        set_vertex_colors(mesh, vertex_colors)
         mesh.materials.append(vertex_color_material(name))
         timings.material += time.perf_counter() - t0
     t0 = time.perf_counter()
@@ -288,14 +315,14 @@ def create_result_object(
 def select_only(obj: Any, scene: Any) -> None:
     """Make ``obj`` the only selected object and the active one (in the scene's view layers)."""
     for layer in scene.view_layers:
-        for other in scene.objects:
-            if other is not None and other != obj and other.select_get(view_layer=layer):
+        layer.update()  # a view layer lists a newly linked object only once it is updated
+        if layer.objects.get(obj.name) is None:  # its collection is excluded here: leave this layer's selection alone
+            continue
+        for other in layer.objects:
+            if other != obj and other.select_get(view_layer=layer):
                 other.select_set(False, view_layer=layer)
-        try:
-            obj.select_set(True, view_layer=layer)
-            layer.objects.active = obj
-        except RuntimeError:  # the object's collection is excluded from this view layer
-            log.debug("%s is not in view layer %s", obj.name, layer.name)
+        obj.select_set(True, view_layer=layer)
+        layer.objects.active = obj
 
 
 def find_preview_object(scene: Any) -> Any:
@@ -322,17 +349,15 @@ def update_preview_object(
         obj[PREVIEW_OBJECT_KEY] = True
         obj.location = scene.cursor.location.copy()
         link_object(obj, scene, collection)
-    fill_mesh(obj.data, vertices, faces)
-    if vertex_colors is not None and len(vertex_colors) == len(vertices):
-        # previews are welded too: the first copy of a position gives its colour
-        _, _, index = weld(vertices, faces)
-        first = np.zeros(int(index.max()) + 1 if len(index) else 0, dtype=np.int64)
-        first[index[::-1]] = np.arange(len(index))[::-1]
-        colors = np.asarray(vertex_colors)[first]
-        if len(colors) == len(obj.data.vertices):
-            set_vertex_colors(obj.data, colors)
-            if not obj.data.materials:
-                obj.data.materials.append(preview_material())
+    # rest the preview on its base, as the result will be (the backend places only the result)
+    vertices = np.asarray(vertices, dtype=np.float32)
+    if len(vertices):
+        lo, hi = vertices.min(axis=0), vertices.max(axis=0)
+        vertices = vertices - np.float32([(lo[0] + hi[0]) / 2, (lo[1] + hi[1]) / 2, lo[2]])
+    colors = vertex_colors if vertex_colors is not None and len(vertex_colors) == len(vertices) else None
+    fill_mesh(obj.data, vertices, faces, vertex_colors=colors)
+    if colors is not None and not obj.data.materials:
+        obj.data.materials.append(preview_material())
     obj[JOB_ID_KEY] = str(job_id)
     return obj
 

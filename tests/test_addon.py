@@ -421,8 +421,39 @@ def test_an_import_welds_seams_keeps_uvs_past_a_degenerate_triangle_and_refuses_
     assert connected_pieces(*mesh_arrays_of(obj)) == 1
     assert bpy.context.view_layer.objects.active == obj and obj.select_get()
     bpy.data.objects.remove(obj)
+    # a vertex-coloured result: the colours follow the weld (one per welded vertex, from its first copy)
+    colors = np.array([[i * 30, 0, 0, 255] for i in range(len(v))], np.uint8)
+    obj = scene_import.create_result_object(scene, "a quad", v, f, None, None, vertex_colors=colors)
+    got = np.empty(len(obj.data.vertices) * 4, np.float32)
+    obj.data.color_attributes["Color"].data.foreach_get("color_srgb", got)
+    np.testing.assert_allclose(got.reshape(-1, 4)[:, 0] * 255, [0, 30, 60, 150], atol=0.5)  # vertices 0, 1, 2, 5
+    bpy.data.objects.remove(obj)
+    # two chart copies of one triangle weld into one face (and the UVs survive validate())
+    dup = scene_import.create_result_object(scene, "twice", v, np.array([[0, 1, 2], [0, 3, 4]]), uv, np.zeros((64, 64, 4), np.uint8))
+    assert len(dup.data.polygons) == 1 and "UVMap" in dup.data.uv_layers
+    bpy.data.objects.remove(dup)
+    # nothing to import: no faces, or only triangles that welding makes degenerate
     with pytest.raises(ValueError, match="no surface"):
         scene_import.create_result_object(scene, "nothing", np.zeros((0, 3), np.float32), np.zeros((0, 3), np.int32), None, None)
+    with pytest.raises(ValueError, match="no surface"):
+        scene_import.create_result_object(scene, "sliver", v, np.array([[1, 3, 5]]), None, None)
+    with pytest.raises(ValueError, match="finite"):
+        scene_import.create_result_object(scene, "nan", np.float32([[np.nan, 0, 0], [1, 0, 0], [0, 1, 0]]), np.array([[0, 1, 2]]), None, None)
+    # a second view layer that excludes the result's collection keeps its own selection
+    layer = scene.view_layers.new("other")
+    cube = bpy.data.objects.new("keep selected", None)
+    scene.collection.objects.link(cube)
+    hidden = bpy.data.collections.new("hidden results")
+    scene.collection.children.link(hidden)
+    layer.layer_collection.children[hidden.name].exclude = True
+    layer.update()
+    cube.select_set(True, view_layer=layer)
+    obj = scene_import.create_result_object(scene, "a quad", v, f, uv, np.zeros((64, 64, 4), np.uint8), collection=hidden)
+    assert cube.select_get(view_layer=layer) and obj.select_get(view_layer=bpy.context.view_layer)
+    for thing in (obj, cube):
+        bpy.data.objects.remove(thing)
+    bpy.data.collections.remove(hidden)
+    scene.view_layers.remove(layer)
 
 
 def test_what_a_stored_job_has_that_the_panel_cannot_show_is_reported(blender):

@@ -187,17 +187,22 @@ def image_metrics(config: BenchConfig, prior, classifiers, object_name: str, vie
 
 def mesh_metrics(config: BenchConfig, trainer, run, object_name: str) -> tuple[dict[str, float], Optional[str]]:
     """The run's mesh against the true one (:func:`distill3d.export.quality.compare_to_truth`): marching
-    cubes at the bench's resolution with the job's density blur, vertex colours, truth at the same resolution."""
+    cubes at the bench's resolution with the job's density blur and colour averaging, vertex colours, truth at the same resolution."""
     from ..export import ExportError, extract_mesh, vertex_colors
+    from ..export.fields import ball_averaged
     from ..export.quality import compare_to_truth
 
+    missing = {k: math.nan for k in MESH_METRICS}
+    truth = trainer.prior.ground_truth(trainer.prompt, resolution=config.mesh_resolution)
+    if truth is None:
+        return missing, f"the prior knows no true mesh for {object_name!r}"
+    name, gv, gf = truth
     try:
         mesh = extract_mesh(trainer.density_fn, trainer.field.bound, config.mesh_resolution, blur=run.export.density_blur)
-        mesh = vertex_colors(mesh, trainer.albedo_fn)
-    except ExportError as exc:
-        return {k: math.nan for k in MESH_METRICS}, f"no surface: {exc}"
-    name, gv, gf = trainer.prior.ground_truth(trainer.prompt, resolution=config.mesh_resolution)
-    q = compare_to_truth(mesh, gv, gf, trainer.prior.ground_truth_albedo(name), num_points=config.chamfer_points)
+        mesh = vertex_colors(mesh, ball_averaged(trainer.albedo_fn, run.export.color_radius, run.export.color_samples))
+        q = compare_to_truth(mesh, gv, gf, trainer.prior.ground_truth_albedo(name), num_points=config.chamfer_points)
+    except (ExportError, ValueError) as exc:  # no surface, or one of zero area
+        return missing, f"no surface: {exc}"
     return {k: float(q[k]) for k in MESH_METRICS if k in q}, None
 
 

@@ -12,7 +12,9 @@ the benchmark), after the best turn about Z found by the Chamfer search:
 * ``normal_consistency``: mean |cos| between each sample's face normal and the normal of the
   nearest sample on the other surface, both ways (1 = the same orientation everywhere);
 * ``roughness_ratio``: roughness of the mesh over that of the true mesh extracted at the same
-  marching-cubes resolution (1 = as smooth as the truth can be at that resolution);
+  marching-cubes resolution (1 = as smooth as the truth can be at that resolution; the truth is
+  extracted over the unit cube at up to 512 cells, so with ``field.bound`` other than 1, a finer
+  grid or a decimated mesh the two cell sizes differ and the ratio is only indicative);
 * ``texture_error``: mean absolute RGB difference in [0, 1] between the mesh's colour
   (texture or vertex colours) at its surface samples and the true albedo at the nearest true
   surface point.
@@ -57,6 +59,8 @@ def _face_normals(vertices: np.ndarray, faces: np.ndarray) -> tuple[np.ndarray, 
 
 def roughness(vertices: np.ndarray, faces: np.ndarray) -> float:
     """Mean angle in degrees between the normals of faces sharing an edge (welded, degenerate faces skipped)."""
+    if len(faces) == 0:
+        return 0.0
     wv, wf, _ = weld(vertices, faces)
     normals, area = _face_normals(wv, wf)
     ok = area > 1e-12

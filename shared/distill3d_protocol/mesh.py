@@ -81,7 +81,8 @@ def mesh_arrays(
 
 
 def weld(vertices: Any, faces: Any) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Merge vertices at bitwise-equal positions: the copies a UV unwrap makes along its seams.
+    """Merge vertices at equal positions (the copies a UV unwrap makes along its seams; -0.0 and
+    0.0 are equal, NaN positions are never merged).
 
     Returns (welded vertices float32 [W, 3] in order of first appearance, faces int32 [F, 3]
     into them, index int64 [V] of each input vertex's welded vertex). Faces keep their order
