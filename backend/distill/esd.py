@@ -213,7 +213,7 @@ class ESDKernel(ESDExact):
 
     name = ESDKernelConfig.KIND
 
-    def __init__(self, prior: Prior, bank_size: int = 16, lam: float = 0.5, exclude_deg: float = 30.0, max_age: int = 50) -> None:
+    def __init__(self, prior: Prior, bank_size: int = 16, lam: float = 0.5, exclude_deg: float = 60.0, max_age: int = 50) -> None:
         Estimator.__init__(self, prior)
         if isinstance(bank_size, bool) or not isinstance(bank_size, int) or bank_size < 0:
             raise EstimatorError(f"bank_size must be an integer >= 0, got {bank_size!r}")

@@ -171,7 +171,8 @@ class ESDKernelConfig(MethodConfig):
 
     lam: float = setting(0.5, LAM_HELP, lo=0.0, hi=1.0, label="Lambda")
     bank: int = setting(16, "recent encoded renders kept with their cameras for the mixture (0 = this step's only)", lo=0, hi=4096)
-    exclude_deg: float = setting(30.0, "bank renders whose camera lies within this angle of the render's own are left out "
+    # batch 1, duck: 0 or 30 degrees left the term without effect (IV 1.59, as SDS), 60 gave 1.91 (docs/benchmark/esd_kernel.md)
+    exclude_deg: float = setting(60.0, "bank renders whose camera lies within this angle of the render's own are left out "
                                  "(a nearby stale render acts like the render's own copy)", lo=0.0, hi=180.0, label="Exclusion angle")
     max_age: int = setting(50, "bank renders older than this many steps are dropped", lo=1, hi=1_000_000)
 
