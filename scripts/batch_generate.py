@@ -83,7 +83,7 @@ def build_parser() -> argparse.ArgumentParser:
     src.add_argument("--scene", type=Path, default=None, help="open this .blend first (when not given to Blender itself)")
     job = p.add_argument_group("job (unset options keep the job description's defaults, as the panel starts)")
     job.add_argument("--negative-prompt", default=None)
-    job.add_argument("--prior", default=None, help="reference | sd")
+    job.add_argument("--prior", default=None, help="reference | sd | learned")
     job.add_argument("--model", default=None, help="the Stable Diffusion weights (prior sd)")
     job.add_argument("--method", default=None, help="sds | vsd | esd | esd-exact | ssd")
     job.add_argument("--lam", type=float, default=None, help="ESD's lambda (methods esd, esd-exact)")
