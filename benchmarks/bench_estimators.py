@@ -1,8 +1,8 @@
-"""Time per iteration of SDS, VSD and ESD on a Stable Diffusion prior with random weights.
+"""Time per iteration of SDS, VSD, ESD and esd-kernel on a Stable Diffusion prior with random weights.
 
 One "iteration" is what the trainer asks of an estimator each step: ``direction(batch)``
 (the guided pretrained UNet call, plus eps_psi for VSD/ESD) and ``update(...)`` (one LoRA
-training step for VSD/ESD, nothing for SDS). The rendering and the VAE encode are the same
+training step for VSD/ESD, a bank push for esd-kernel, nothing for SDS). The rendering and the VAE encode are the same
 for every method; ``--with-vae`` adds the VAE encode of 512 px renders and its backward to
 each iteration so the ratio can be read both ways.
 
@@ -29,7 +29,7 @@ import torch
 from distill3d.cameras import CameraDistribution
 from distill3d.distill import SDS
 from distill3d.distill.base import DistillBatch
-from distill3d.distill.esd import ESD, VSD
+from distill3d.distill.esd import ESD, VSD, ESDKernel
 from distill3d.distill.learned_score import LearnedScoreConfig, LoRAScore
 from distill3d.priors.stable_diffusion import random_prior
 
@@ -57,7 +57,9 @@ def _iteration(prior, estimator, batch: DistillBatch, generator: torch.Generator
         x0 = prior.encode(images)
         batch.x0 = x0.detach()
         batch.x_t = prior.add_noise(batch.x0, batch.eps, batch.t)
-    d, _ = estimator.direction(batch)
+    d, logs = estimator.direction(batch)
+    if logs.get("q_empty", 0.0) > 0:
+        raise RuntimeError("esd-kernel found no bank entry to compare against: the timing would leave out its mixture")
     if with_vae:
         grad = (1 - prior.alphas_cumprod[batch.t]).view(-1, 1, 1, 1) * d
         (0.5 * (x0 - (x0 - grad).detach()).square().sum()).backward()
@@ -69,10 +71,14 @@ def time_method(prior, name: str, args, generator: torch.Generator) -> dict:
     learned = None
     if name == "sds":
         estimator = SDS(prior)
+    elif name == "esd-kernel":  # a full bank of distant cameras: the mixture over 16 + batch renders is computed
+        estimator = ESDKernel(prior, lam=0.5, bank_size=64, max_age=10**6)  # (64: the 16 stay while the timed steps push theirs)
+        away = CameraDistribution(azimuth_range=(150.0, 210.0)).sample(16, generator).to(device)
+        estimator.update(0.5 * torch.randn(16, 4, prior.latent_size, prior.latent_size, generator=generator).to(device), away, None)
     else:
         learned = LoRAScore(prior, LearnedScoreConfig(lora_rank=args.lora_rank, lr=1e-4, p_null=0.1))
         estimator = VSD(prior, learned) if name == "vsd" else ESD(prior, learned, lam=0.5)
-    batch = _make_batch(prior, args.batch, generator, guidance=100.0 if name == "sds" else 7.5)
+    batch = _make_batch(prior, args.batch, generator, guidance=100.0 if name in ("sds", "esd-kernel") else 7.5)
     if device.type == "cuda":
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
@@ -108,7 +114,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--lora-rank", type=int, default=4)
     parser.add_argument("--with-vae", action="store_true", help="include the VAE encode of the renders and its backward")
-    parser.add_argument("--methods", default="sds,vsd,esd")
+    parser.add_argument("--methods", default="sds,vsd,esd,esd-kernel")
     parser.add_argument("--threads", type=int, default=0, help="CPU threads for torch (0 = leave as is)")
     parser.add_argument("--json", default="", help="also write the results to this JSON file")
     args = parser.parse_args(argv)
