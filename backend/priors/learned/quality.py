@@ -6,8 +6,10 @@
   the object agreement (mean p(object | sample) of the exact object classifier, and the
   share of samples whose arg-max is the object), the front share (p(view bin within 45 degrees
   of the front)) of the samples against the same number for the collection the model was
-  trained on (the front bias), and the view-word accuracy (share of "<v> view" samples the
-  view classifier puts in bin v).
+  trained on (the front bias), the view-word accuracy (share of "<v> view" samples the
+  view classifier puts in bin v), and the distance of the plain-prompt samples to the
+  training collection (the benchmark's Frechet distance on 8 x 8 features) against its floor,
+  the distance of as many views of a fresh collection (same bias, another seed).
 """
 
 from __future__ import annotations
@@ -70,7 +72,12 @@ def measure(prior, objects: Optional[Sequence[str]] = None, n: int = 16, steps: 
         idx = clf.object_index(name)
         p_obj = clf.object_probs(images)
         coll = load_collection(CollectionSpec(name, num_views=256, kappa=prior.kappa, resolution=prior.image_size))
+        from ...bench.metrics import reference_fid
+
+        fresh = load_collection(CollectionSpec(name, num_views=max(n, 16), kappa=prior.kappa, resolution=prior.image_size, seed=11))
         row = {
+            "fid_to_collection": reference_fid(images, coll.images),
+            "fid_floor": reference_fid(fresh.images[:n], coll.images),
             "object_agreement": float(p_obj[:, idx].mean()),
             "object_accuracy": float((p_obj.argmax(1) == idx).float().mean()),
             "front_share": front_share(clf.view_probs(images, name)),
@@ -87,7 +94,8 @@ def measure(prior, objects: Optional[Sequence[str]] = None, n: int = 16, steps: 
         report["objects"][name] = row
     rows = list(report["objects"].values())
     report["mean"] = {key: sum(r[key] for r in rows) / len(rows)
-                      for key in ("object_agreement", "object_accuracy", "front_share", "collection_front_share")}
+                      for key in ("object_agreement", "object_accuracy", "front_share", "collection_front_share",
+                                  "fid_to_collection", "fid_floor")}
     report["mean"]["view_accuracy"] = {v: sum(r["views"][v]["view_accuracy"] for r in rows) / len(rows) for v in views}
     return report
 
