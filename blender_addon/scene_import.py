@@ -185,7 +185,9 @@ def image_from_rgba(name: str, texture: np.ndarray) -> Any:
     image = bpy.data.images.new(name, width=width, height=height, alpha=True, float_buffer=False)
     image.pack(data=data, data_len=len(data))
     image.source = "FILE"  # load from the packed PNG (kept when the .blend is saved)
-    image.filepath_raw = f"//textures/{bpy.path.clean_name(name)}.png"  # where "unpack" would write it
+    # where "unpack" would write it: named after the image as Blender named it ("x texture.001" for a
+    # second result of the same prompt), so two results never share one file
+    image.filepath_raw = f"//textures/{bpy.path.clean_name(image.name)}.png"
     image.colorspace_settings.name = "sRGB"
     return image
 

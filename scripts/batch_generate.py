@@ -8,7 +8,7 @@ Each prompt is sent to the backend with the add-on's own client and job code, th
 imported exactly as the panel imports it (object named after the prompt, at the 3D cursor,
 packed texture, job settings stored on the object), then ``DIR/NNN_<prompt>.blend`` and
 ``DIR/NNN_<prompt>.glb`` are written and the object is removed again, so every file holds the
-input scene plus one result. ``DIR/batch_summary.json`` lists what happened. The exit code
+input scene plus one result (an empty scene when no .blend is given: not Blender's startup cube). ``DIR/batch_summary.json`` lists what happened. The exit code
 is 0 when every prompt succeeded, 1 when any failed, 2 on bad arguments.
 
 Job options left out keep the job description's defaults (as a fresh panel has them);
@@ -136,6 +136,15 @@ def read_prompts(args: argparse.Namespace) -> list[str]:
 def slug(text: str, limit: int = 48) -> str:
     s = re.sub(r"[^A-Za-z0-9]+", "_", text).strip("_").lower()
     return (s[:limit].rstrip("_") or "prompt")
+
+
+def prepare_scene(bpy: Any, scene: Path | None) -> None:
+    """Open ``--scene``; with none, and no .blend given to Blender itself, start from an empty
+    scene (Blender's startup scene would leave its default cube around every result)."""
+    if scene is not None:
+        bpy.ops.wm.open_mainfile(filepath=str(scene))
+    elif not bpy.data.filepath:
+        bpy.ops.wm.read_factory_settings(use_empty=True)
 
 
 def free_loopback_endpoint() -> str:
@@ -280,8 +289,7 @@ def run(argv: Sequence[str]) -> int:
 
     import bpy
 
-    if args.scene is not None:
-        bpy.ops.wm.open_mainfile(filepath=str(args.scene))
+    prepare_scene(bpy, args.scene)
     addon = load_addon()
     scene = bpy.context.scene
     collection = None

@@ -420,6 +420,11 @@ def test_an_import_welds_seams_keeps_uvs_past_a_degenerate_triangle_and_refuses_
     np.testing.assert_array_equal(loops.reshape(-1, 2), uv[f[:2].ravel()])  # each corner keeps its chart's UV
     assert connected_pieces(*mesh_arrays_of(obj)) == 1
     assert bpy.context.view_layer.objects.active == obj and obj.select_get()
+    # a second result of the same prompt gets its own texture file path (for "unpack")
+    second = scene_import.create_result_object(scene, "a quad", v, f, uv, np.zeros((64, 64, 4), np.uint8))
+    paths = {o.data.materials[0].node_tree.nodes["Image Texture"].image.filepath_raw for o in (obj, second)}
+    assert len(paths) == 2
+    bpy.data.objects.remove(second)
     bpy.data.objects.remove(obj)
     # a vertex-coloured result: the colours follow the weld (one per welded vertex, from its first copy)
     colors = np.array([[i * 30, 0, 0, 255] for i in range(len(v))], np.uint8)

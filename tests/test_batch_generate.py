@@ -96,6 +96,24 @@ def _scene_with_cameras(path):
 
 
 @pytest.mark.slow  # starts its own backend and generates two assets
+def test_without_a_scene_the_batch_starts_from_an_empty_one_not_the_startup_cube(tmp_path):
+    bpy = addon_support.fresh_blender()
+    batch = addon_support.load_script("batch_generate")
+    bpy.ops.wm.read_homefile()  # Blender's startup file: cube, light, camera
+    assert "Cube" in bpy.data.objects
+    batch.prepare_scene(bpy, None)
+    assert len(bpy.data.objects) == 0
+    scene_file = tmp_path / "mine.blend"
+    bpy.data.objects.new("mine", None)
+    bpy.context.scene.collection.objects.link(bpy.data.objects["mine"])
+    bpy.ops.wm.save_as_mainfile(filepath=str(scene_file))
+    bpy.ops.wm.read_factory_settings(use_empty=True)
+    batch.prepare_scene(bpy, scene_file)
+    assert set(bpy.data.objects.keys()) == {"mine"}
+    batch.prepare_scene(bpy, None)  # a .blend is open (as with `blender -b scene.blend`): kept
+    assert set(bpy.data.objects.keys()) == {"mine"}
+
+
 def test_batch_writes_a_blend_and_a_glb_per_prompt_using_the_scene_cameras(tmp_path):
     import trimesh
 
