@@ -74,3 +74,12 @@ def test_distance_to_the_truth_prefers_the_truth_over_a_front_collapse():
     assert M.truth_fid(views, truth) < M.truth_fid(collapse, truth)
     # the distance to the front-biased collection rewards the bias (why it is not the score)
     assert M.reference_fid(views, coll.images) > M.truth_fid(views, truth)
+
+
+@pytest.mark.parametrize("radius", [2.8, 3.2])
+def test_the_truth_a_little_nearer_or_farther_keeps_one_front(classifiers, radius):
+    """A result about 7% larger or smaller than the truth (camera radius 2.8 or 3.2 instead of 3)."""
+    cams = turntable(N_TURN, elevation=15.0, radius=radius, fov=40.0)
+    for name in OBJECTS:
+        views = render_object(get_object(name), cams, 32)["rgb"].clamp(0, 1)
+        assert M.front_feature_count(classifiers, views, name) == 1, name
