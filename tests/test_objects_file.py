@@ -147,3 +147,23 @@ def test_bench_config_takes_objects_files(objects_path):
     assert config.objects == ["mug", "lamp"] and config.objects_files == [str(objects_path)]
     job = config.base_job("lamp", 0, "strong")
     assert job.prompt == "a lamp" and str(objects_path) in job.prior.objects
+
+
+def test_the_documented_example_file_registers():
+    from pathlib import Path
+
+    example = Path(__file__).resolve().parents[1] / "docs" / "examples" / "lamp.json"
+    try:
+        assert OF.register_objects_file(example) == ["lamp"]
+    finally:
+        OF.unregister_objects_file(example)
+
+
+def test_reference_list_shows_file_objects_and_reports_bad_files(objects_path, tmp_path, capsys):
+    from distill3d.cli import main
+
+    assert main(["reference", "list", "--objects", str(objects_path)]) == 0
+    assert "lamp" in capsys.readouterr().out
+    bad = _write(tmp_path, {"objects": [dict(LAMP, keywords="lamp")]})
+    assert main(["reference", "list", "--objects", str(bad)]) == 2
+    assert "objects[0].keywords: must be a non-empty list" in capsys.readouterr().err

@@ -24,11 +24,13 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     ls = rsub.add_parser("list", help="print the built-in objects with a one-line description")
     ls.add_argument("--keywords", action="store_true", help="also print the prompt words that select each object")
     ls.set_defaults(func=run_list)
+    ls.add_argument("--objects", default=None, metavar="FILE", help="also list the objects described in FILE (JSON or Python)")
 
     ex = rsub.add_parser("export", help="write an object's ground-truth mesh (GLB, vertex colours)")
     ex.add_argument("name", help="object name (see `distill3d reference list`)")
     ex.add_argument("out", help="output .glb path")
     ex.add_argument("--resolution", type=int, default=128, help="marching-cubes cells per axis (16..512, default 128)")
+    ex.add_argument("--objects", default=None, metavar="FILE", help="register the objects described in FILE first")
     ex.set_defaults(func=run_export)
 
     sh = rsub.add_parser("show", help="save a grid image of an object's reference views")
@@ -41,6 +43,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     sh.add_argument("--turntable", type=int, default=0, metavar="N", help="show N evenly spaced views instead of references")
     sh.add_argument("--scale", type=int, default=2, help="pixel upscaling of the saved image (default 2)")
     sh.add_argument("--cache-dir", default=None, help="reference cache folder (default $DISTILL3D_CACHE or the user cache)")
+    sh.add_argument("--objects", default=None, metavar="FILE", help="register the objects described in FILE first")
     sh.set_defaults(func=run_show)
 
     tp = rsub.add_parser("train-prior", help="train the learned reference prior (diffusers folder, safetensors)",
@@ -87,8 +90,23 @@ def run_train_prior(args: argparse.Namespace) -> int:
     return 0
 
 
+def _register(args: argparse.Namespace) -> None:
+    """Register ``--objects FILE`` (raises PriorError with the file's problem)."""
+    if getattr(args, "objects", None):
+        from ..priors.reference.objects_file import register_objects_file
+
+        register_objects_file(args.objects)
+
+
 def run_list(args: argparse.Namespace) -> int:
+    from ..priors.base import PriorError
     from ..priors.reference import OBJECTS
+
+    try:
+        _register(args)
+    except PriorError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
 
     width = max(len(n) for n in OBJECTS)
     for name, obj in OBJECTS.items():
@@ -104,6 +122,7 @@ def run_export(args: argparse.Namespace) -> int:
     from ..priors.reference import export_ground_truth, get_object
 
     try:
+        _register(args)
         get_object(args.name)
         path = export_ground_truth(args.name, args.out, resolution=args.resolution)
     except (PriorError, ValueError, OSError) as exc:
@@ -123,6 +142,7 @@ def run_show(args: argparse.Namespace) -> int:
     from ..priors.reference import CollectionSpec, get_object, image_grid, load_collection, render_object, resolve_kappa
 
     try:
+        _register(args)
         try:
             kappa = resolve_kappa(float(args.kappa))
         except ValueError as exc:
