@@ -7,27 +7,46 @@ and by the benchmark's metrics.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import numpy as np
 
 
-def sample_surface(vertices: np.ndarray, faces: np.ndarray, n: int, seed: int = 0) -> np.ndarray:
-    """``n`` points [n, 3] uniformly distributed (by area) on a triangle mesh."""
+@dataclass
+class SurfaceSamples:
+    """Points on a mesh surface with their face normals, faces and barycentric coordinates."""
+
+    points: np.ndarray  # [N, 3]
+    normals: np.ndarray  # [N, 3]
+    faces: np.ndarray  # [N] face index
+    bary: np.ndarray  # [N, 3]
+
+
+def sample_with_normals(vertices: np.ndarray, faces: np.ndarray, n: int, seed: int = 0) -> SurfaceSamples:
+    """``n`` points spread uniformly by area, with the unit normal of the face each lies on."""
     v = np.asarray(vertices, dtype=np.float64)
     f = np.asarray(faces, dtype=np.int64)
     if len(f) == 0:
         raise ValueError("cannot sample an empty mesh")
     tri = v[f]
-    area = 0.5 * np.linalg.norm(np.cross(tri[:, 1] - tri[:, 0], tri[:, 2] - tri[:, 0]), axis=1)
-    if not area.sum() > 0:
+    cross = np.cross(tri[:, 1] - tri[:, 0], tri[:, 2] - tri[:, 0])
+    length = np.linalg.norm(cross, axis=1)
+    if not length.sum() > 0:
         raise ValueError("cannot sample a mesh of zero area")
     rng = np.random.default_rng(seed)
-    idx = rng.choice(len(f), size=n, p=area / area.sum())
+    idx = rng.choice(len(f), size=n, p=length / length.sum())
     u, w = rng.random(n), rng.random(n)
     flip = u + w > 1
     u[flip], w[flip] = 1 - u[flip], 1 - w[flip]
     t = tri[idx]
-    return t[:, 0] + u[:, None] * (t[:, 1] - t[:, 0]) + w[:, None] * (t[:, 2] - t[:, 0])
+    points = t[:, 0] + u[:, None] * (t[:, 1] - t[:, 0]) + w[:, None] * (t[:, 2] - t[:, 0])
+    normals = cross[idx] / np.maximum(length[idx], 1e-30)[:, None]
+    return SurfaceSamples(points, normals, idx, np.stack([1 - u - w, u, w], axis=1))
+
+
+def sample_surface(vertices: np.ndarray, faces: np.ndarray, n: int, seed: int = 0) -> np.ndarray:
+    """``n`` points [n, 3] uniformly distributed (by area) on a triangle mesh."""
+    return sample_with_normals(vertices, faces, n, seed).points
 
 
 def rotate_z(points: np.ndarray, angle_deg: float) -> np.ndarray:

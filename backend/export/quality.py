@@ -22,7 +22,6 @@ the benchmark), after the best turn about Z found by the Chamfer search:
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Callable, Optional
 
 import numpy as np
@@ -32,7 +31,7 @@ from scipy.spatial import cKDTree
 
 from distill3d_protocol.mesh import weld
 
-from .compare import chamfer_best_rotation, rotate_z
+from .compare import SurfaceSamples, chamfer_best_rotation, rotate_z, sample_with_normals
 
 AlbedoFn = Callable[[np.ndarray], np.ndarray]  # points [N, 3] -> RGB [N, 3] in [0, 1]
 
@@ -78,34 +77,6 @@ def roughness(vertices: np.ndarray, faces: np.ndarray) -> float:
         return 0.0
     cos = np.clip(np.einsum("ij,ij->i", normals[a[keep]], normals[b[keep]]), -1.0, 1.0)
     return float(np.degrees(np.arccos(cos)).mean())
-
-
-@dataclass
-class SurfaceSamples:
-    """Points on a mesh surface with their face normals, faces and barycentric coordinates."""
-
-    points: np.ndarray  # [N, 3]
-    normals: np.ndarray  # [N, 3]
-    faces: np.ndarray  # [N] face index
-    bary: np.ndarray  # [N, 3]
-
-
-def sample_with_normals(vertices: np.ndarray, faces: np.ndarray, n: int, seed: int = 0) -> SurfaceSamples:
-    """``n`` points spread uniformly by area, with the normal of the face each lies on."""
-    v = np.asarray(vertices, dtype=np.float64)
-    f = np.asarray(faces, dtype=np.int64)
-    normals, area = _face_normals(v, f)
-    if not area.sum() > 0:
-        raise ValueError("cannot sample a mesh of zero area")
-    rng = np.random.default_rng(seed)
-    idx = rng.choice(len(f), size=n, p=area / area.sum())
-    u, w = rng.random(n), rng.random(n)
-    flip = u + w > 1
-    u[flip], w[flip] = 1 - u[flip], 1 - w[flip]
-    bary = np.stack([1 - u - w, u, w], axis=1)
-    tri = v[f[idx]]
-    points = np.einsum("nk,nkj->nj", bary, tri)
-    return SurfaceSamples(points, normals[idx], idx, bary)
 
 
 def colors_at(mesh, samples: SurfaceSamples) -> Optional[np.ndarray]:
