@@ -90,7 +90,7 @@ def bench_fetch(arrays: dict, repeats: int) -> list[float]:
         thread = threading.Thread(target=server.serve_forever, daemon=True)
         thread.start()
         try:
-            with Client(endpoint, timeout=30) as client:
+            with Client(endpoint, name="bench", timeout=30) as client:  # the job's owner (others get not_found)
                 times = []
                 for _ in range(repeats):
                     t0 = time.perf_counter()
@@ -204,7 +204,7 @@ def bench_lazy_fetches(arrays: dict, fetches: int) -> dict:
                 lazy.connect(endpoint)
                 t0 = time.perf_counter()
                 for i in range(fetches):
-                    lazy.send_multipart(encode(Kind.FETCH, {"req": f"f{i}"}, job_id=rec.job_id))
+                    lazy.send_multipart(encode(Kind.FETCH, {"req": f"f{i}", "client": "bench"}, job_id=rec.job_id))
                 peak, unsent, pings = base, 0, []
                 while time.perf_counter() - t0 < 3.0:
                     p0 = time.perf_counter()
