@@ -66,9 +66,12 @@ def generate(
     quality = mesh_scores(trainer, mesh)
     mesh, placement = place(mesh, config.export.origin, config.export.height)
     # 4. turntable pictures: 128 px for real jobs, smaller for tiny test jobs (rendering dominates those)
+    phase = trainer.callbacks.on_phase or (lambda _name: None)
+    phase("rendering previews")
     images = trainer.turntable_images(8, resolution=int(min(128, max(64, 4 * config.resolution))))
     preview = np.concatenate(images, axis=1)
     # 5. write the files
+    phase("writing results")
     files = {"glb": out_dir / "result.glb", "preview": out_dir / "preview.png", "summary": out_dir / "summary.json"}
     write_glb(mesh, files["glb"])
     write_turntable_png(images, files["preview"])

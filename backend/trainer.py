@@ -74,6 +74,9 @@ class TrainerCallbacks:
 
     on_progress: Optional[Callable[[int, int, dict, float, float], None]] = None  # step, total, losses, elapsed, eta
     on_preview: Optional[Callable[[int, Any, Optional[np.ndarray]], None]] = None  # step, Mesh, image HxWx3 uint8
+    #: after training, each part of the job as it starts: "marching cubes", "UV unwrap", "texture bake",
+    #: "vertex colours", "rendering previews", "writing results"
+    on_phase: Optional[Callable[[str], None]] = None
 
 
 @dataclass
@@ -325,4 +328,4 @@ class Trainer:
         """The final mesh (textured unless the config says vertex colours)."""
         from .export import build_final_mesh
 
-        return build_final_mesh(self.density_fn, self.albedo_fn, self.field.bound, self.config.export)
+        return build_final_mesh(self.density_fn, self.albedo_fn, self.field.bound, self.config.export, on_phase=self.callbacks.on_phase)

@@ -5,7 +5,7 @@ import threading
 import pytest
 import torch
 
-from distill3d.config import ConfigError, JobConfig, parse_job
+from distill3d.config import ConfigError, JobConfig, parse_job, with_overrides
 from distill3d.priors.base import scaled_linear_alphas_cumprod
 from distill3d.distill.schedules import TimestepSchedule, dreamtime_schedule, timestep_weight
 from distill3d.trainer import Cancelled, Trainer, TrainerCallbacks
@@ -134,3 +134,15 @@ def test_out_of_gpu_memory_becomes_advice(monkeypatch):
     assert "out of GPU memory at step 0 (vsd" in message
     for advice in ("method.gradient_checkpointing", "batch_size (2)", "resolution (16 px)", "renderer.samples_per_ray (24)"):
         assert advice in message
+
+
+def test_a_job_reports_each_part_after_training_as_it_starts(tmp_path):
+    from distill3d.job import generate
+
+    phases = []
+    config = with_overrides(tiny_config(iters=2), {"export.mc_resolution": 24, "export.texture_size": 64})
+    generate(config, tmp_path, TrainerCallbacks(on_phase=phases.append))
+    assert phases == ["marching cubes", "UV unwrap", "texture bake", "rendering previews", "writing results"]
+    phases.clear()
+    generate(with_overrides(config, {"export.textured": False}), tmp_path / "vc", TrainerCallbacks(on_phase=phases.append))
+    assert phases == ["marching cubes", "vertex colours", "rendering previews", "writing results"]

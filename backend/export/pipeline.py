@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import time
+from typing import Callable, Optional
 
 from ..config import ConfigError, ExportConfig, build
 from .bake import bake_texture_details, vertex_colors
@@ -23,6 +24,13 @@ from .mesh import ExportError, Mesh, TexturedMesh
 from .uv import UnwrapOptions, unwrap
 
 log = logging.getLogger(__name__)
+
+PhaseFn = Optional[Callable[[str], None]]  # told the name of each part as it starts (progress for the user)
+
+
+def _tell(on_phase: PhaseFn, name: str) -> None:
+    if on_phase is not None:
+        on_phase(name)
 
 
 def default_padding(texture_size: int) -> int:
@@ -47,6 +55,7 @@ def textured_from_field(
     unwrap_options: UnwrapOptions | None = None,
     device=None,
     chunk: int = DEFAULT_CHUNK,
+    on_phase: PhaseFn = None,
 ) -> TexturedMesh:
     """Decimate (when ``export_config.faces`` > 0), unwrap with xatlas and bake the albedo."""
     cfg = _config(export_config)
@@ -57,7 +66,9 @@ def textured_from_field(
         mesh = decimate(mesh, cfg.faces)
     t1 = time.perf_counter()
     opts = unwrap_options or UnwrapOptions(padding=default_padding(cfg.texture_size))
+    _tell(on_phase, "UV unwrap")
     layout = unwrap(mesh.vertices, mesh.faces, resolution=cfg.texture_size, options=opts)
+    _tell(on_phase, "texture bake")
     bake = bake_texture_details(layout.vertices, layout.faces, layout.uvs, albedo_fn, cfg.texture_size, device=device, chunk=chunk)
     log.info(
         "textured mesh: %d faces, %d vertices, %d^2 texture (decimate %.2fs, unwrap %.2fs, bake %.2fs)",
@@ -73,9 +84,12 @@ def build_final_mesh(
     export_config: ExportConfig,
     device=None,
     chunk: int = DEFAULT_CHUNK,
+    on_phase: PhaseFn = None,
 ) -> Mesh | TexturedMesh:
-    """The export chain from field functions to the final mesh (textured or vertex-coloured)."""
+    """The export chain from field functions to the final mesh (textured or vertex-coloured);
+    ``on_phase`` hears "marching cubes", "UV unwrap", "texture bake" or "vertex colours" as each starts."""
     cfg = _config(export_config)
+    _tell(on_phase, "marching cubes")
     albedo_fn = ball_averaged(albedo_fn, cfg.color_radius, cfg.color_samples)
     mesh = extract_mesh(density_fn, bound, cfg.mc_resolution, cfg.threshold, chunk=chunk, device=device, blur=cfg.density_blur)
     if cfg.min_component_fraction > 0:
@@ -83,7 +97,8 @@ def build_final_mesh(
     if cfg.smooth_iterations:
         mesh = smooth(mesh, cfg.smooth_iterations)
     if cfg.textured:
-        return textured_from_field(mesh, albedo_fn, cfg, device=device, chunk=chunk)
+        return textured_from_field(mesh, albedo_fn, cfg, device=device, chunk=chunk, on_phase=on_phase)
+    _tell(on_phase, "vertex colours")
     if cfg.faces and mesh.num_faces > cfg.faces:
         mesh = decimate(mesh, cfg.faces)
     return vertex_colors(mesh, albedo_fn, chunk=chunk, device=device)

@@ -144,16 +144,9 @@ class LearnedReferencePrior(StableDiffusionPrior):
         return name, vertices, faces
 
     def ground_truth_albedo(self, name: str):
-        import numpy as np
+        from ..reference.mesh import albedo_function
 
-        from ..reference.objects import get_object
-
-        obj = get_object(name)
-
-        def albedo(points):
-            return obj.albedo(torch.as_tensor(np.asarray(points), dtype=torch.float32)).numpy()
-
-        return albedo
+        return albedo_function(name)
 
     # ------------------------------------------------------------------ depth (SSD)
     @property

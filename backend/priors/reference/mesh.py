@@ -3,7 +3,8 @@
 ``ground_truth_mesh(name)`` returns (vertices float32 [V, 3] in Blender axes, faces int32
 [F, 3] counter-clockwise from outside), the geometry the Chamfer metric compares against;
 ``ground_truth_colored_mesh`` adds per-vertex albedo as a :class:`distill3d.export.Mesh`,
-which ``export_ground_truth`` writes as GLB (glTF's Y-up axes, converted by the export layer).
+which ``export_ground_truth`` writes as GLB (glTF's Y-up axes, converted by the export layer);
+``albedo_function`` is the true colour at any point (for texture errors).
 """
 
 from __future__ import annotations
@@ -55,3 +56,13 @@ def export_ground_truth(name: str, path: str | os.PathLike, resolution: int = DE
     from ...export import write_glb
 
     return write_glb(ground_truth_colored_mesh(name, resolution), path)
+
+
+def albedo_function(name: str):
+    """The object's true albedo as a function of points ``[N, 3]`` (array-like) to RGB ``[N, 3]`` numpy in [0, 1]."""
+    obj = get_object(name)
+
+    def albedo(points):
+        return obj.albedo(torch.as_tensor(np.asarray(points), dtype=torch.float32)).numpy()
+
+    return albedo

@@ -26,7 +26,6 @@ import os
 from dataclasses import dataclass
 from typing import Any, Optional, Sequence
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -215,12 +214,9 @@ class ReferencePrior(Prior):
         return name, vertices, faces
 
     def ground_truth_albedo(self, name: str):
-        obj = get_object(name)
+        from .mesh import albedo_function
 
-        def albedo(points):
-            return obj.albedo(torch.as_tensor(np.asarray(points), dtype=torch.float32)).numpy()
-
-        return albedo
+        return albedo_function(name)
 
     @staticmethod
     def _data(d) -> ReferencePromptData:
