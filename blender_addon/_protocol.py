@@ -39,6 +39,7 @@ decode = _package.decode
 encode = _package.encode
 image_from_message = _package.image_from_message
 weld = _package.weld
+MAX_ARRAY_BYTES = _package.MAX_ARRAY_BYTES
 mesh_from_message = _package.mesh_from_message
 
 # the job description

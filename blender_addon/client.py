@@ -32,14 +32,13 @@ import enum
 import ipaddress
 import itertools
 import logging
-import os
 import re
 import time
 import uuid
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
 
-from ._protocol import PROTOCOL_VERSION, Kind, MeshPayload, Message, ProtocolError, decode, encode, image_from_message, mesh_from_message
+from ._protocol import MAX_ARRAY_BYTES, PROTOCOL_VERSION, Kind, MeshPayload, Message, ProtocolError, decode, encode, image_from_message, mesh_from_message
 
 try:
     import zmq
@@ -236,6 +235,11 @@ class _Outgoing:
 # ----------------------------------------------------------------------------- the client
 
 
+#: the largest frame the add-on accepts: the protocol's limit for all arrays of one message, so no
+#: valid message is refused (a 4096² texture is 64 MiB) and no frame, valid or not, can be larger
+MAX_INBOUND_FRAME_BYTES = MAX_ARRAY_BYTES
+
+
 class BackendClient:
     """One DEALER connection to a distill3d backend, owned and pumped by one thread."""
 
@@ -251,6 +255,7 @@ class BackendClient:
         resume_interrupted: bool = True,
         client_name: Optional[str] = None,
         clock: Callable[[], float] = time.monotonic,
+        max_frame_bytes: int = MAX_INBOUND_FRAME_BYTES,
     ) -> None:
         if zmq is None:
             raise ClientError("pyzmq is not available in this Python; install the distill3d extension with its wheels")
@@ -265,6 +270,9 @@ class BackendClient:
         self.resume_interrupted = resume_interrupted
         self.client_name = client_name or default_client_name()
         self.clock = clock
+        if max_frame_bytes <= 0:
+            raise ClientError("max_frame_bytes must be positive")
+        self.max_frame_bytes = int(max_frame_bytes)
         self.routing_id = f"distill3d-{uuid.uuid4().hex[:16]}".encode("ascii")
         self.connection = Connection.UNKNOWN
         self.status = "Not connected yet"
@@ -296,6 +304,9 @@ class BackendClient:
         sock = self._ctx.socket(zmq.DEALER)
         sock.setsockopt(zmq.LINGER, 0)
         sock.setsockopt(zmq.IMMEDIATE, 1)  # sends fail while nothing is connected
+        # a frame above this is never buffered: ZeroMQ drops the connection instead, so a bogus reply
+        # cannot make Blender allocate it (the socket stays closed until the client is made anew)
+        sock.setsockopt(zmq.MAXMSGSIZE, self.max_frame_bytes)
         sock.setsockopt(zmq.ROUTING_ID, self.routing_id)  # same identity after reconnects
         sock.setsockopt(zmq.RECONNECT_IVL, 100)
         sock.setsockopt(zmq.RECONNECT_IVL_MAX, 1000)

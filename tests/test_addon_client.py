@@ -16,9 +16,9 @@ import pytest
 import zmq
 from PIL import Image
 
-from blender_addon.client import BackendClient, ClientError, ClientListener, Connection, CurveKeys, check_endpoint, is_loopback_endpoint
+from blender_addon.client import MAX_INBOUND_FRAME_BYTES, BackendClient, ClientError, ClientListener, Connection, CurveKeys, check_endpoint, is_loopback_endpoint
 from blender_addon.png import encode_png_rgba, parallel_zlib
-from distill3d_protocol import PROTOCOL_VERSION, Kind, encode
+from distill3d_protocol import MAX_ARRAY_BYTES, PROTOCOL_VERSION, Kind, encode
 
 
 @pytest.mark.parametrize(
@@ -137,6 +137,30 @@ def test_malformed_messages_are_logged_and_dropped_not_raised(caplog):
             assert client.malformed == 3  # the foreign progress is valid, just not ours
             assert client.connection == Connection.CONNECTED
             assert sum("malformed" in r.getMessage() for r in caplog.records) == 3
+    finally:
+        router.close(0)
+
+
+def test_a_frame_above_the_cap_is_never_delivered():
+    """MAXMSGSIZE on the add-on's socket: an oversized reply (here 3 MiB against a 1 MiB cap) is
+    dropped by ZeroMQ with its connection, before anything is allocated for it; nothing raises."""
+    ctx = zmq.Context.instance()
+    router = ctx.socket(zmq.ROUTER)
+    router.setsockopt(zmq.LINGER, 0)
+    port = router.bind_to_random_port("tcp://127.0.0.1")
+    try:
+        with BackendClient(f"tcp://127.0.0.1:{port}", connect_timeout_s=3.0, max_frame_bytes=1 << 20) as client:
+            assert client._socket.getsockopt(zmq.MAXMSGSIZE) == 1 << 20
+            client.ping()
+            assert client.wait_until(lambda: router.poll(0), 3.0)
+            identity, *_ = router.recv_multipart()
+            big = {"image": np.zeros((1024, 1024, 3), np.uint8)}  # a 3 MiB frame
+            router.send_multipart([identity, *encode(Kind.PREVIEW, {"step": 1, "total": 2}, job_id="j1", arrays=big)])
+            router.send_multipart([identity, *encode(Kind.PONG, {"server_version": "lost", "protocol": PROTOCOL_VERSION})])
+            assert not client.wait_until(lambda: client.server_version, 1.0)  # the connection went with the big frame
+            assert client.malformed == 0 and client.job is None
+        with BackendClient(f"tcp://127.0.0.1:{port}", connect_timeout_s=3.0) as client:
+            assert client._socket.getsockopt(zmq.MAXMSGSIZE) == MAX_INBOUND_FRAME_BYTES == MAX_ARRAY_BYTES
     finally:
         router.close(0)
 
