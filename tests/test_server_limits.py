@@ -246,6 +246,11 @@ def test_estimates_follow_the_device_the_prior_and_the_time_limit():
     assert on_cpu.part("prior").nbytes == pytest.approx(1.3e9 * 4 + 4 * 4.4 * GIB)  # fp32 on the CPU
     assert "lower batch_size, prior.latent_mode or prior.dtype" in admission_problem(parse_job(sd), Limits(), cuda=True)
     assert admission_problem(parse_job(sd), Limits(memory_gib=40), cuda=True) is None
+    # the learned prior: small weights, a UNet per view (more for the LoRA methods), more time than the exact prior
+    learned = [estimate_job(parse_job({"prompt": "a rubber duck", "prior": {"kind": "learned"}, "method": {"kind": m}})) for m in ("sds", "vsd")]
+    exact = estimate_job(parse_job({"prompt": "a rubber duck"}))
+    assert 0 < learned[0].part("prior").nbytes < learned[1].part("prior").nbytes < GIB
+    assert exact.seconds < learned[0].seconds < learned[1].seconds
     long = parse_job({"prompt": "a rubber duck", "iters": 20000, "resolution": 64})
     problem = admission_problem(long, Limits(job_seconds=3600))
     assert problem.startswith("takes about") and "the server allows 60 min per job: lower iters" in problem

@@ -17,7 +17,8 @@ prior      reference: its views (``num_views`` x objects x side^2 x RGB, fp32, t
            sd: 1.3 billion weights (UNet, text encoder, VAE) at 2 bytes (fp16, bf16, auto on
            CUDA) or 4, plus activations per view: VAE encode with gradient 1 GiB (0.1 GiB in
            latent mode), the UNet 0.2 GiB, +1 GiB for LoRA methods (vsd, esd), the depth model
-           0.5 GiB + 0.2 GiB per view for ssd (all at fp16; twice that at fp32)
+           0.5 GiB + 0.2 GiB per view for ssd (all at fp16; twice that at fp32);
+           learned: its 3 M weights (fp32) plus 64 MiB of activations per view (twice for vsd/esd)
 export     (``export.mc_resolution`` + 1)^3 cells x 32 bytes (density grid, its padded float64
            copy for marching cubes, masks); measured 28 to 33 bytes per cell
 texture    ``export.texture_size``^2 texels x 160 bytes (bake buffers, the unwrap); measured
@@ -28,7 +29,8 @@ base       0.25 GiB per job (workspace, small tensors, Python objects)
 Peak = base + field + prior + the larger of the training phase (renderer) and the export
 phase (marching cubes, then the bake). Time: iterations x samples x 1.2 us on a CPU (measured,
 two cores) or 0.02 us on CUDA (assumed), plus SD's UNet per view and iteration (3 s on a CPU,
-0.05 s on CUDA; twice for LoRA methods), plus 0.8 us per export cell and 1.4 us per texel
+0.05 s on CUDA; twice for LoRA methods) or the learned prior's (0.03 s on a CPU: its SDS ran 79 ms
+per iteration at batch 1 with the render, VSD 0.5 s at batch 4; 0.002 s on CUDA, assumed), plus 0.8 us per export cell and 1.4 us per texel
 (measured on a CPU; marching cubes runs there on every server). These are rough figures meant
 to catch configurations that cannot fit (a 512^3 grid, 1024 px x 64 views x 1024 samples), not
 to predict a job to the megabyte; the defaults leave today's jobs far below the limits.
@@ -45,6 +47,7 @@ from ..config import (
     ESDConfig,
     HashFieldConfig,
     JobConfig,
+    LearnedPriorConfig,
     ReferencePriorConfig,
     SDPriorConfig,
     SSDConfig,
@@ -66,6 +69,9 @@ DEPTH_MODEL_GIB = 0.5
 
 SECONDS_PER_SAMPLE = {"cpu": 1.2e-6, "cuda": 2e-8}
 SD_SECONDS_PER_VIEW = {"cpu": 3.0, "cuda": 0.05}
+LEARNED_PARAMETERS = 3.0e6  # UNet 2.7 M + text encoder 0.12 M (distill3d.priors.learned)
+LEARNED_PER_VIEW_BYTES = 64 * MIB
+LEARNED_SECONDS_PER_VIEW = {"cpu": 0.03, "cuda": 0.002}
 SECONDS_PER_CELL = 0.8e-6
 SECONDS_PER_TEXEL = 1.4e-6
 
@@ -174,6 +180,10 @@ def _prior_part(config: JobConfig, cuda: bool) -> Part:
         objects = len(prior.objects) or REFERENCE_OBJECTS
         nbytes = prior.num_views * objects * side * side * 3 * 4 * 3
         return Part("prior", nbytes, f"reference views {prior.num_views} x {objects} objects at {side} px", ("prior.num_views",))
+    if isinstance(prior, LearnedPriorConfig):
+        lora = 2 if isinstance(config.method, (VSDConfig, ESDConfig)) else 1
+        nbytes = LEARNED_PARAMETERS * 4 + views * LEARNED_PER_VIEW_BYTES * lora
+        return Part("prior", nbytes, f"learned reference prior, {views} views", ("batch_size",))
     return Part("prior", 0.0, type(prior).__name__, ())
 
 
@@ -200,6 +210,9 @@ def estimate_job(config: JobConfig, cuda: bool = False) -> Estimate:
     if isinstance(config.prior, SDPriorConfig):
         lora = 2 if isinstance(config.method, (VSDConfig, ESDConfig)) else 1
         train_s += config.iters * config.batch_size * SD_SECONDS_PER_VIEW[device] * lora
+    elif isinstance(config.prior, LearnedPriorConfig):
+        lora = 2 if isinstance(config.method, (VSDConfig, ESDConfig)) else 1
+        train_s += config.iters * config.batch_size * LEARNED_SECONDS_PER_VIEW[device] * lora
     export_s = cells * SECONDS_PER_CELL + texels * SECONDS_PER_TEXEL
     detail = (f"training: {config.iters} iterations x {samples:,} samples, about {format_seconds(train_s)}; "
               f"export about {format_seconds(export_s)}")
