@@ -89,10 +89,10 @@ class DISTILL3D_OT_test_connection(bpy.types.Operator):
         return {"FINISHED"}
 
 
-class DISTILL3D_OT_regenerate_from_selected(bpy.types.Operator):
-    """Load the settings stored on the active distill3d result into the panel (to regenerate or vary it)"""
+class DISTILL3D_OT_load_settings_from_selected(bpy.types.Operator):
+    """Load the settings stored on the active distill3d result into the panel (to vary them before generating)"""
 
-    bl_idname = "distill3d.regenerate_from_selected"
+    bl_idname = "distill3d.load_settings_from_selected"
     bl_label = "Load settings from selected"
     bl_options = {"REGISTER", "UNDO"}
 
@@ -111,6 +111,23 @@ class DISTILL3D_OT_regenerate_from_selected(bpy.types.Operator):
             self.report({"WARNING"}, f"distill3d: not restored: {item}")
         self.report({"INFO"}, f"distill3d: loaded the settings of “{context.active_object.name}”")
         return {"FINISHED"}
+
+
+class DISTILL3D_OT_regenerate_from_selected(bpy.types.Operator):
+    """Generate again with the settings stored on the active distill3d result (same seed: the same job)"""
+
+    bl_idname = "distill3d.regenerate_from_selected"
+    bl_label = "Regenerate from selected"
+    bl_options = {"REGISTER"}
+
+    @classmethod
+    def poll(cls, context: Any) -> bool:
+        return DISTILL3D_OT_load_settings_from_selected.poll(context) and DISTILL3D_OT_generate.poll(context)
+
+    def execute(self, context: Any) -> set:
+        if bpy.ops.distill3d.load_settings_from_selected() != {"FINISHED"}:
+            return {"CANCELLED"}
+        return bpy.ops.distill3d.generate()
 
 
 class DISTILL3D_OT_fetch_job(bpy.types.Operator):
@@ -192,6 +209,7 @@ CLASSES = (
     DISTILL3D_OT_generate,
     DISTILL3D_OT_cancel,
     DISTILL3D_OT_test_connection,
+    DISTILL3D_OT_load_settings_from_selected,
     DISTILL3D_OT_regenerate_from_selected,
     DISTILL3D_OT_fetch_job,
     DISTILL3D_OT_start_backend,

@@ -25,6 +25,7 @@ from . import job_fields
 from .client import Connection
 from .jobs import CONTROLLER
 from .job_fields import PANEL_SETTINGS, PanelSetting
+from ._protocol import jobconfig
 from .properties import job_problem, uses_scene_cameras
 
 log = logging.getLogger(__name__)
@@ -93,6 +94,44 @@ def draw_seed(layout: Any, settings: Any, entry: PanelSetting) -> None:
     sub.prop(settings, entry.name, text="")
 
 
+def wrap_width(context: Any) -> int:
+    """Characters that fit on one line of the sidebar (about 7 pixels each at the UI scale)."""
+    try:
+        region = context.region.width
+        scale = context.preferences.system.ui_scale
+    except Exception:  # noqa: BLE001 - no region (scripts, tests): a sidebar's usual width
+        return 40
+    return max(20, int(region / (7.0 * max(scale, 0.5))) - 4)
+
+
+def wrapped_lines(text: str, width: int) -> list[str]:
+    """``text`` cut into lines of at most ``width`` characters at spaces (long words are cut)."""
+    import textwrap
+
+    return textwrap.wrap(str(text), width=max(8, width), break_long_words=True) or [""]
+
+
+def draw_wrapped(layout: Any, text: str, icon: str = "NONE", alert: bool = False, width: int = 40) -> None:
+    """A message as several labels (Blender cuts one long label off); the icon on the first line."""
+    col = layout.column(align=True)
+    col.alert = alert
+    for i, line in enumerate(wrapped_lines(text, width)):
+        col.label(text=line, icon=icon if i == 0 else "BLANK1")
+
+
+REFERENCE_OBJECT_PROMPTS = jobconfig.REFERENCE_OBJECT_PROMPTS
+#: the priors that know only the reference world's objects
+REFERENCE_WORLD_PRIORS = (jobconfig.ReferencePriorConfig.KIND, jobconfig.LearnedPriorConfig.KIND)
+
+
+def known_objects_hint(settings: Any) -> str:
+    """For a prior that knows only the reference world's objects: which ones (empty otherwise)."""
+    kind = job_fields.chosen_kind(settings, "prior")
+    if kind not in REFERENCE_WORLD_PRIORS:
+        return ""
+    return "Knows: " + ", ".join(REFERENCE_OBJECT_PROMPTS) + " (and objects of its objects files)"
+
+
 def _safe(draw: Callable[[Any, Any], None]) -> Callable[[Any, Any], None]:
     def wrapper(self: Any, context: Any) -> None:
         try:
@@ -135,7 +174,11 @@ class VIEW3D_PT_distill3d(_Distill3DPanel, bpy.types.Panel):
         layout = self.layout
         layout.use_property_split = False
         for entry in shown(MAIN_PATHS, settings):
+            layout.label(text=entry.label)
             layout.prop(settings, entry.name, text="", icon=MAIN_ICONS.get(entry.path, "NONE"))
+        known = known_objects_hint(settings)
+        if known:
+            draw_wrapped(layout, known, icon="OUTLINER_OB_MESH", width=wrap_width(context))
         job = CONTROLLER.job
         col = layout.column(align=True)
         if CONTROLLER.busy:
@@ -145,17 +188,17 @@ class VIEW3D_PT_distill3d(_Distill3DPanel, bpy.types.Panel):
             col.operator("distill3d.generate", icon="PLAY")
         if job is not None and not job.finished:
             layout.progress(factor=job.fraction, type="BAR", text=CONTROLLER.progress_text)
-        status = layout.row()
-        status.alert = CONTROLLER.status_is_error
-        status.label(text=CONTROLLER.status, icon="ERROR" if CONTROLLER.status_is_error else "INFO")
+        width = wrap_width(context)
+        draw_wrapped(layout, CONTROLLER.status, icon="ERROR" if CONTROLLER.status_is_error else "INFO",
+                     alert=CONTROLLER.status_is_error, width=width)
         problem = job_problem(settings)
         if problem:
-            row = layout.row()
-            row.alert = True
-            row.label(text=problem, icon="ERROR")
+            draw_wrapped(layout, problem, icon="ERROR", alert=True, width=width)
         obj = context.active_object
         if obj is not None and "distill3d_job" in obj.keys():
-            layout.operator("distill3d.regenerate_from_selected", icon="FILE_REFRESH")
+            row = layout.row(align=True)
+            row.operator("distill3d.regenerate_from_selected", icon="FILE_REFRESH")
+            row.operator("distill3d.load_settings_from_selected", icon="IMPORT", text="")
 
 
 class VIEW3D_PT_distill3d_method(_Distill3DPanel, bpy.types.Panel):
@@ -188,11 +231,13 @@ class VIEW3D_PT_distill3d_cameras(_Distill3DPanel, bpy.types.Panel):
         col = layout.column()
         if uses_scene_cameras(settings):
             col.prop(settings, "camera_collection")
-            count = settings.camera_count(context)
+            count, skipped = settings.camera_count(context)
             where = f"collection “{settings.camera_collection.name}”" if settings.camera_collection else "the scene"
             row = col.row()
             row.alert = count == 0
-            row.label(text=f"{count} camera{'s' if count != 1 else ''} in {where}", icon="CAMERA_DATA")
+            row.label(text=f"{count} perspective camera{'s' if count != 1 else ''} in {where}", icon="CAMERA_DATA")
+            if skipped:
+                col.label(text=f"{skipped} orthographic or panoramic skipped", icon="INFO")
         elif job_fields.chosen_kind(settings, CAMERA_SECTION) is None:
             col.label(text=f"Automatic: {menu.null_meaning or 'chosen by the backend'}", icon="INFO")
         for entry in entries:

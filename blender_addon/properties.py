@@ -92,11 +92,14 @@ def generated_annotations() -> dict[str, Any]:
     return {name: prop for entry in PANEL_SETTINGS for name, prop in blender_properties(entry)}
 
 
-def _count_cameras(settings: Any, context: Any) -> int:
+def _count_cameras(settings: Any, context: Any) -> tuple[int, int]:
+    """(perspective cameras the rig would use, other cameras it skips) in the chosen collection or scene."""
     try:
-        return len(scene_cameras.camera_objects(context.scene, settings.camera_collection))
+        cameras = scene_cameras.camera_objects(context.scene, settings.camera_collection)
     except Exception:  # noqa: BLE001 - used from draw()
-        return 0
+        return 0, 0
+    usable = sum(1 for o in cameras if o.data.type == "PERSP")
+    return usable, len(cameras) - usable
 
 
 class Distill3DSettings(bpy.types.PropertyGroup):
@@ -110,7 +113,8 @@ class Distill3DSettings(bpy.types.PropertyGroup):
         type=bpy.types.Collection,
     )
 
-    def camera_count(self, context: Any) -> int:
+    def camera_count(self, context: Any) -> tuple[int, int]:
+        """(perspective cameras, skipped orthographic or panoramic ones)."""
         return _count_cameras(self, context)
 
 

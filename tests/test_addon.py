@@ -357,7 +357,7 @@ def test_settings_stored_on_a_result_load_back_into_the_panel(blender):
     settings.method, settings.iters, settings.cameras__elevation_range, settings.export__texture_size = "sds", 5, (-10.0, 10.0), "64"
     settings.cameras = "rig"
     settings.field, settings.renderer__shading = "dense", "albedo"
-    assert bpy.ops.distill3d.regenerate_from_selected() == {"FINISHED"}
+    assert bpy.ops.distill3d.load_settings_from_selected() == {"FINISHED"}
     assert settings.random_seed is False  # regenerate reproduces the stored seed
     assert props.job_from_settings(settings, scene) == job
     bpy.data.objects.remove(obj)
@@ -392,7 +392,7 @@ def test_a_v1_job_stored_by_an_older_add_on_loads_and_regenerates_as_the_equival
     scene.collection.objects.link(obj)
     bpy.context.view_layer.objects.active = obj
     _reset(settings)
-    assert bpy.ops.distill3d.regenerate_from_selected() == {"FINISHED"}
+    assert bpy.ops.distill3d.load_settings_from_selected() == {"FINISHED"}
     assert props.job_from_settings(settings, scene) == expected
     bpy.data.objects.remove(obj)
     # a result imported now stores the v2 form, even for a v1 job (e.g. reported by an older backend)
@@ -459,6 +459,80 @@ def test_an_import_welds_seams_keeps_uvs_past_a_degenerate_triangle_and_refuses_
         bpy.data.objects.remove(thing)
     bpy.data.collections.remove(hidden)
     scene.view_layers.remove(layer)
+
+
+def test_the_panel_wraps_long_messages_names_the_known_objects_and_counts_perspective_cameras(blender):
+    bpy, panel = blender.bpy, blender.submodule("panel")
+    lines = panel.wrapped_lines("Connection to the backend at tcp://127.0.0.1:5555 lost (no heartbeat for 12 s); waiting", 30)
+    assert len(lines) >= 3 and all(len(line) <= 30 for line in lines) and " ".join(lines).startswith("Connection to")
+    settings = bpy.context.scene.distill3d
+    settings.prior = "reference"
+    hint = panel.known_objects_hint(settings)
+    assert all(name in hint for name in ("rubber duck", "snowman", "mug", "house", "cat head"))
+    settings.prior = "sd"
+    assert panel.known_objects_hint(settings) == ""
+    settings.property_unset("prior")
+    scene = bpy.context.scene
+    rig = bpy.data.collections.new("count rig")
+    scene.collection.children.link(rig)
+    for name, kind in (("persp", "PERSP"), ("ortho", "ORTHO"), ("pano", "PANO")):
+        data = bpy.data.cameras.new(name)
+        data.type = kind
+        rig.objects.link(bpy.data.objects.new(name, data))
+    settings.camera_collection = rig
+    assert settings.camera_count(bpy.context) == (1, 2)
+    settings.camera_collection = None
+    for obj in list(rig.objects):
+        bpy.data.objects.remove(obj)
+    bpy.data.collections.remove(rig)
+
+
+class RecordingLayout:
+    """Stands in for a panel's UILayout (none exists without a window): records what draw() puts in it."""
+
+    def __init__(self, log=None):
+        self.log = [] if log is None else log
+        self.alert = self.active = self.use_property_split = self.use_property_decorate = False
+        self.scale_y = 1.0
+
+    def _child(self, *args, **kwargs):
+        return RecordingLayout(self.log)
+
+    row = column = box = split = _child
+
+    def label(self, text="", icon="NONE", **kwargs):
+        self.log.append(("label", text, icon))
+
+    def prop(self, data, name, **kwargs):
+        assert hasattr(data, name), name
+        self.log.append(("prop", name, kwargs.get("text")))
+
+    def operator(self, idname, **kwargs):
+        self.log.append(("operator", idname, kwargs.get("text")))
+
+    def progress(self, **kwargs):
+        self.log.append(("progress", kwargs.get("text"), None))
+
+
+def test_the_main_panel_draws_labels_the_known_objects_and_a_wrapped_status(blender, controller):
+    bpy, panel = blender.bpy, blender.submodule("panel")
+    settings = bpy.context.scene.distill3d
+    settings.prior = "reference"
+    controller.set_status("Connection to the backend at tcp://127.0.0.1:5555 lost (no heartbeat for 12 s); waiting for it "
+                          "to come back (a backend that is still running goes on with the job)", error=True)
+
+    class Fake:
+        layout = RecordingLayout()
+
+    panel.VIEW3D_PT_distill3d.draw(Fake, bpy.context)
+    labels = [text for kind, text, _ in Fake.layout.log if kind == "label"]
+    assert not any(text.startswith("Cannot draw") for text in labels), labels
+    assert "Prompt" in labels and any(text.startswith("Knows: rubber duck") for text in labels)
+    first = labels.index(next(text for text in labels if text.startswith("Connection to the backend")))
+    lines = labels[first:first + len(panel.wrapped_lines(controller.status, panel.wrap_width(bpy.context)))]
+    assert len(lines) >= 2 and " ".join(lines) == " ".join(controller.status.split())  # all of it, on several lines
+    assert ("operator", "distill3d.generate", None) in Fake.layout.log
+    settings.property_unset("prior")
 
 
 def test_what_a_stored_job_has_that_the_panel_cannot_show_is_reported(blender):
@@ -655,6 +729,14 @@ def test_generate_updates_one_preview_in_place_and_imports_the_textured_result(b
     again = bpy.data.objects[controller.result_object_name]
     assert again != obj and again.name.startswith(PROMPT) and again["distill3d_job_id"] == job.job_id
     np.testing.assert_array_equal(mesh_arrays_of(again)[1], welded_faces)
+    # "Regenerate from selected" loads the stored settings and submits them (cancelled here: one full job is enough)
+    bpy.context.view_layer.objects.active = obj  # the imported result (a fetched one knows only its prompt)
+    settings = scene.distill3d
+    settings.iters = 99  # changed in the panel; the stored settings win
+    assert bpy.ops.distill3d.regenerate_from_selected() == {"FINISHED"}
+    assert controller.busy and controller.job.config == saved
+    assert bpy.ops.distill3d.cancel() == {"FINISHED"}
+    assert pump_until(controller, lambda: not controller.busy, 60.0)
 
 
 def test_scene_cameras_become_the_backends_rig_and_cancel_stops_the_job(blender, controller, backend):
@@ -678,7 +760,7 @@ def test_scene_cameras_become_the_backends_rig_and_cancel_stops_the_job(blender,
     settings = scene.distill3d
     small_job(settings, iters=5000, preview__every=0)
     settings.cameras, settings.camera_collection = "rig", rig
-    assert settings.camera_count(bpy.context) == 2  # the panel's count: only the collection's cameras
+    assert settings.camera_count(bpy.context) == (2, 0)  # the panel's count: only the collection's cameras, all perspective
     assert bpy.ops.distill3d.generate() == {"FINISHED"}
     assert pump_until(controller, lambda: controller.job.step >= 1 or controller.job.finished, JOB_TIMEOUT_S)
     job = controller.job

@@ -275,3 +275,12 @@ def test_every_recipe_deviation_is_documented():
     for (prior, method), (name, settings) in RECIPES.items():
         assert name.split(" (")[0].split()[-1] in doc
         with_overrides({"prompt": "x", "prior": {"kind": prior}, "method": {"kind": method}}, settings)  # valid settings
+
+
+def test_the_reference_objects_clients_offer_are_the_backends():
+    from distill3d.priors.reference.objects import OBJECTS, object_names
+    from distill3d_protocol.jobconfig import REFERENCE_OBJECT_PROMPTS
+
+    assert len(REFERENCE_OBJECT_PROMPTS) == len(object_names())
+    for name, prompt in zip(object_names(), REFERENCE_OBJECT_PROMPTS):
+        assert OBJECTS[name].matches(f"a {prompt}"), (name, prompt)

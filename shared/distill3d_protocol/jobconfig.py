@@ -40,6 +40,11 @@ CAMERAS = Registry("camera source")
 # ----------------------------------------------------------------------------- priors
 
 
+#: the reference world's built-in objects as a prompt names them (the backend's
+#: distill3d.priors.reference.OBJECTS; a test keeps the two equal), for clients that offer them
+REFERENCE_OBJECT_PROMPTS = ("rubber duck", "snowman", "mug", "house", "cat head")
+
+
 @PRIORS.register("reference", "Reference world", "Built-in procedural objects with an exact score (offline, CPU, exact metrics)")
 @dataclass
 class ReferencePriorConfig:
