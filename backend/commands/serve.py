@@ -66,6 +66,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     limits.add_argument("--max-job-minutes", type=float, default=0.0, help="estimated duration per job (default 0: no limit)")
     limits.add_argument("--client-budget", type=float, default=256.0, metavar="MIB",
                         help="unsent replies held per client before further fetches are answered busy (default 256)")
+    p.add_argument("--model-dir", type=Path, action="append", default=[], metavar="DIR",
+                   help="a folder whose model weights and objects files jobs may name (repeatable); without any, a loopback "
+                        "server accepts every local path and any other server none")
     p.add_argument("--log-json", action="store_true", help="log one JSON object per line")
     p.set_defaults(func=run)
 
@@ -89,7 +92,7 @@ def run(args: argparse.Namespace) -> int:
         max_job_memory_gib=args.max_job_memory, max_mc_resolution=args.max_mc_resolution, max_texture_size=args.max_texture_size,
         max_job_minutes=args.max_job_minutes, client_budget_mib=args.client_budget,
         job_runner=args.job_runner, cancel_grace_s=args.cancel_grace, heartbeat_s=args.heartbeat,
-        admin_keys_dir=args.admin_keys, admin_clients=tuple(args.admin_client),
+        admin_keys_dir=args.admin_keys, admin_clients=tuple(args.admin_client), model_dirs=tuple(args.model_dir),
     )
     try:
         server = Server(config)

@@ -77,6 +77,7 @@ from .. import __version__
 from ..config import ConfigError, parse_job
 from ..priors.factory import PriorCache
 from .admission import GIB, Limits, admission_problem, estimate_job
+from .paths import local_path_problem
 from .auth import ADMIN_DIR, AuthError, ServerKeys, is_loopback, load_server_keys, secure_socket, start_authenticator
 from .jobs import RESUMABLE_STATES, JobRecord, JobStore, StorageError
 from .outbound import MIB, TRACK_MIN_BYTES, DropLog, OutboundLedger, Outgoing, frames_nbytes
@@ -134,6 +135,9 @@ class ServerConfig:
     admin_keys_dir: Optional[Path] = None  # public keys (*.key) of admins; None = keys_dir/admin_clients when it exists
     admin_clients: Tuple[str, ...] = ()  # without CURVE (loopback): client names that are admins
     keys_reload_s: float = 5.0  # authorized_clients/ and admin keys are read again this often (no restart needed)
+    # local files a job may name (model weights, objects files): only under these folders; with none,
+    # any path on a loopback server and none off loopback (distill3d.server.paths)
+    model_dirs: Tuple[Path, ...] = ()
 
     def validate(self) -> "ServerConfig":
         if not isinstance(self.bind, str) or "://" not in self.bind:
@@ -753,8 +757,10 @@ class Server:
         return rec.info(position)
 
     def _admission_problem(self, config) -> Optional[str]:
-        """Why this server will not run ``config`` (too much memory or time), else None."""
-        return admission_problem(config, self.limits, cuda=self.gpus > 0)
+        """Why this server will not run ``config`` (a local file it does not serve, too much memory
+        or time), else None."""
+        return (local_path_problem(config, self.config.model_dirs, is_loopback(self.config.bind))
+                or admission_problem(config, self.limits, cuda=self.gpus > 0))
 
     # ------------------------------------------------------------------ scheduling
     def _schedule(self) -> None:
