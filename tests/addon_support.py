@@ -292,3 +292,18 @@ def child_env() -> dict:
 
 def run_python(args: list, timeout_s: float, cwd: Path = ROOT) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, *map(str, args)], cwd=cwd, env=child_env(), capture_output=True, text=True, timeout=timeout_s)
+
+
+def installed_extension_fixture(name: str):
+    """A module-scoped pytest fixture: the add-on installed as extension ``name`` in a fresh Blender, enabled."""
+    import pytest
+
+    @pytest.fixture(scope="module")
+    def blender(tmp_path_factory):
+        fresh_blender()
+        ext = BlenderExtension(tmp_path_factory.mktemp("extensions"), name).install()
+        ext.enable()
+        yield ext
+        ext.remove()
+
+    return blender

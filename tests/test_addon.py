@@ -26,13 +26,7 @@ pytestmark = pytest.mark.bpy
 PROMPT = "a rubber duck"
 
 
-@pytest.fixture(scope="module")
-def blender(tmp_path_factory):
-    addon_support.fresh_blender()
-    ext = BlenderExtension(tmp_path_factory.mktemp("extensions"), "distill3d_tests").install()
-    ext.enable()
-    yield ext
-    ext.remove()
+blender = addon_support.installed_extension_fixture("distill3d_tests")
 
 
 @pytest.fixture(scope="module")

@@ -15,18 +15,12 @@ import time
 
 import addon_support
 import pytest
-from addon_support import JOB_TIMEOUT_S, SMALL_JOB_SETTINGS, BlenderExtension
+from addon_support import JOB_TIMEOUT_S, SMALL_JOB_SETTINGS
 
 pytestmark = pytest.mark.bpy
 
 
-@pytest.fixture(scope="module")
-def blender(tmp_path_factory):
-    addon_support.fresh_blender()
-    ext = BlenderExtension(tmp_path_factory.mktemp("extensions"), "distill3d_truth").install()
-    ext.enable()
-    yield ext
-    ext.remove()
+blender = addon_support.installed_extension_fixture("distill3d_truth")
 
 
 def _pump_until(controller, predicate, timeout_s: float, seen: set) -> bool:
