@@ -132,11 +132,14 @@ class ESDExact(Estimator):
     docstring); a lone render with nothing else to compare against falls back to eps."""
 
     name = ESDExactConfig.KIND
+    needs_pixel_space = True  # the exact mixture is over pixel renders
+    norm_log = "esd_exact_norm"
+    no_entropy_logs: dict[str, float] = {}  # what direction() adds to its logs at lambda 0
 
     def __init__(self, prior: Prior, bank_size: int = DEFAULT_BANK_SIZE, lam: float = 0.5, s0: float = 0.0,
                  leave_one_out: bool = True) -> None:
         super().__init__(prior)
-        if not prior.pixel_space:
+        if self.needs_pixel_space and not prior.pixel_space:
             raise EstimatorError("esd-exact needs the reference prior (an exact pixel-space mixture score)")
         if isinstance(bank_size, bool) or not isinstance(bank_size, int) or bank_size < 0:
             raise EstimatorError(f"bank_size must be an integer >= 0, got {bank_size!r}")
@@ -169,18 +172,22 @@ class ESDExact(Estimator):
             log_weights[torch.arange(b), torch.arange(b)] = float("-inf")  # current[i] is refs[i]
         return mixture_eps(x_t.float(), t, refs, log_weights, self.s0, self.prior.alphas_cumprod)
 
+    def entropy_eps(self, batch: DistillBatch) -> tuple[torch.Tensor, dict[str, float]]:
+        """eps_q at the batch's (x_t, t), and what to log about it."""
+        return self.eps_q(batch.x_t, batch.t, batch.x0), {}
+
     def direction(self, batch: DistillBatch) -> tuple[torch.Tensor, dict[str, float]]:
         with torch.no_grad():
             eps_pre = self.prior.predict_eps(batch.x_t, batch.t, batch.prompt, batch.guidance_scale, batch.cameras).float()
             eps = batch.eps.float()
             if self.lam > 0.0:
-                eps_q = self.eps_q(batch.x_t, batch.t, batch.x0)
+                eps_q, extra = self.entropy_eps(batch)
                 d = eps_pre - self.lam * eps_q - (1.0 - self.lam) * eps
                 entropy = float((eps_q - eps).flatten(1).norm(dim=1).mean())
             else:
                 d = eps_pre - eps
-                entropy = 0.0
-        return d, {"esd_exact_norm": float(d.flatten(1).norm(dim=1).mean()), "q_vs_noise": entropy}
+                entropy, extra = 0.0, dict(self.no_entropy_logs)
+        return d, {self.norm_log: float(d.flatten(1).norm(dim=1).mean()), "q_vs_noise": entropy, **extra}
 
     def update(self, x0: torch.Tensor, cameras: CameraBatch, prompt: PromptEmbedding, generator: Optional[torch.Generator] = None) -> dict[str, float]:
         """Push the detached renders into the bank, dropping the oldest beyond ``bank_size``."""
@@ -212,22 +219,18 @@ class ESDKernel(ESDExact):
     """
 
     name = ESDKernelConfig.KIND
+    needs_pixel_space = False  # over whatever the prior encodes renders to
+    norm_log = "esd_kernel_norm"
+    no_entropy_logs = {"q_empty": 0.0}
 
     def __init__(self, prior: Prior, bank_size: int = 16, lam: float = 0.5, exclude_deg: float = 60.0, max_age: int = 50) -> None:
-        Estimator.__init__(self, prior)
-        if isinstance(bank_size, bool) or not isinstance(bank_size, int) or bank_size < 0:
-            raise EstimatorError(f"bank_size must be an integer >= 0, got {bank_size!r}")
+        super().__init__(prior, bank_size=bank_size, lam=lam)
         if not (isinstance(exclude_deg, (int, float)) and 0.0 <= float(exclude_deg) <= 180.0):
             raise EstimatorError(f"exclude_deg must lie in [0, 180], got {exclude_deg!r}")
         if isinstance(max_age, bool) or not isinstance(max_age, int) or max_age < 1:
             raise EstimatorError(f"max_age must be an integer >= 1, got {max_age!r}")
-        self.lam = _check_lam(lam)
-        self.bank_size = bank_size
         self.exclude_cos = math.cos(math.radians(float(exclude_deg)))
         self.max_age = max_age
-        self.s0 = 0.0
-        self.leave_one_out = True
-        self.bank: Optional[torch.Tensor] = None  # [K, C, h, w], newest last
         self.bank_dirs: Optional[torch.Tensor] = None  # [K, 3] unit camera directions
         self.bank_steps: Optional[torch.Tensor] = None  # [K] step of each entry
         self.step = 0
@@ -249,26 +252,17 @@ class ESDKernel(ESDExact):
         bank = torch.zeros(near.shape, device=device).masked_fill(near, float("-inf"))
         return torch.cat([current, bank], dim=1)
 
-    def direction(self, batch: DistillBatch) -> tuple[torch.Tensor, dict[str, float]]:
-        with torch.no_grad():
-            eps_pre = self.prior.predict_eps(batch.x_t, batch.t, batch.prompt, batch.guidance_scale, batch.cameras).float()
-            eps = batch.eps.float()
-            if self.lam == 0.0:
-                d = eps_pre - eps
-                return d, {"esd_kernel_norm": float(d.flatten(1).norm(dim=1).mean()), "q_vs_noise": 0.0, "q_empty": 0.0}
-            from ..priors.reference.mixture import mixture_eps
+    def entropy_eps(self, batch: DistillBatch) -> tuple[torch.Tensor, dict[str, float]]:
+        from ..priors.reference.mixture import mixture_eps
 
-            x0 = batch.x0.detach().float()
-            b = x0.shape[0]
-            refs = x0 if self.bank is None else torch.cat([x0, self.bank.to(x0.device)])
-            weights = self.log_weights(b, self.directions(batch.cameras).to(x0.device))
-            empty = torch.isinf(weights).all(dim=1)  # nothing to compare against: the term is zero
-            weights[empty] = 0.0  # (any finite row; its result is replaced by eps below)
-            eps_q = mixture_eps(batch.x_t.float(), batch.t, refs, weights, 0.0, self.prior.alphas_cumprod)
-            eps_q[empty] = eps[empty]
-            d = eps_pre - self.lam * eps_q - (1.0 - self.lam) * eps
-            entropy = float((eps_q - eps).flatten(1).norm(dim=1).mean())
-        return d, {"esd_kernel_norm": float(d.flatten(1).norm(dim=1).mean()), "q_vs_noise": entropy, "q_empty": float(empty.float().mean())}
+        x0 = batch.x0.detach().float()
+        refs = self.mixture(x0)
+        weights = self.log_weights(x0.shape[0], self.directions(batch.cameras).to(x0.device))
+        empty = torch.isinf(weights).all(dim=1)  # nothing to compare against: the term is zero
+        weights[empty] = 0.0  # (any finite row; its result is replaced by eps below)
+        eps_q = mixture_eps(batch.x_t.float(), batch.t, refs, weights, 0.0, self.prior.alphas_cumprod)
+        eps_q[empty] = batch.eps.float()[empty]
+        return eps_q, {"q_empty": float(empty.float().mean())}
 
     def update(self, x0: torch.Tensor, cameras: CameraBatch, prompt: PromptEmbedding, generator: Optional[torch.Generator] = None) -> dict[str, float]:
         """Add this step's detached renders and cameras to the bank; drop entries beyond its size or age."""
