@@ -108,8 +108,7 @@ def welded_triangles(vertices: np.ndarray, faces: np.ndarray, uvs: np.ndarray | 
         corner_uvs = None if corner_uvs is None else corner_uvs[keep]
     if len(faces) == 0:
         raise ValueError("the result has no surface (no triangle with an area): nothing to import; train longer or lower the threshold")
-    source = np.zeros(len(welded), dtype=np.int64)
-    source[index[::-1]] = np.arange(len(index))[::-1]  # the first input copy of each welded vertex
+    _, source = np.unique(index, return_index=True)  # the first input copy of each welded vertex
     used = np.zeros(len(welded), dtype=bool)
     used[faces.reshape(-1)] = True
     if not used.all():  # vertices only dropped triangles used

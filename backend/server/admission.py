@@ -160,6 +160,11 @@ def _samples_per_ray(config: JobConfig, cuda: bool) -> Tuple[int, str, str]:
     return r.samples_per_ray, "samples", "renderer.samples_per_ray"
 
 
+def _unet_passes(config: JobConfig) -> int:
+    """UNet passes per view and iteration: 2 for the methods that train a LoRA eps_psi (vsd, esd), else 1."""
+    return 2 if isinstance(config.method, (VSDConfig, ESDConfig)) else 1
+
+
 def _prior_part(config: JobConfig, cuda: bool) -> Part:
     prior, views = config.prior, config.batch_size
     if isinstance(prior, SDPriorConfig):
@@ -167,7 +172,7 @@ def _prior_part(config: JobConfig, cuda: bool) -> Part:
         scale = 1.0 if fp16 else 2.0
         per_view = SD_PER_VIEW_GIB["latent" if prior.latent_mode else "vae"] + SD_PER_VIEW_GIB["unet"]
         fixed = 0.0
-        if isinstance(config.method, (VSDConfig, ESDConfig)):
+        if _unet_passes(config) > 1:
             per_view += SD_PER_VIEW_GIB["lora"]
         if isinstance(config.method, SSDConfig):
             per_view += SD_PER_VIEW_GIB["depth"]
@@ -181,8 +186,7 @@ def _prior_part(config: JobConfig, cuda: bool) -> Part:
         nbytes = prior.num_views * objects * side * side * 3 * 4 * 3
         return Part("prior", nbytes, f"reference views {prior.num_views} x {objects} objects at {side} px", ("prior.num_views",))
     if isinstance(prior, LearnedPriorConfig):
-        lora = 2 if isinstance(config.method, (VSDConfig, ESDConfig)) else 1
-        nbytes = LEARNED_PARAMETERS * 4 + views * LEARNED_PER_VIEW_BYTES * lora
+        nbytes = LEARNED_PARAMETERS * 4 + views * LEARNED_PER_VIEW_BYTES * _unet_passes(config)
         return Part("prior", nbytes, f"learned reference prior, {views} views", ("batch_size",))
     return Part("prior", 0.0, type(prior).__name__, ())
 
@@ -208,11 +212,9 @@ def estimate_job(config: JobConfig, cuda: bool = False) -> Estimate:
 
     train_s = config.iters * samples * SECONDS_PER_SAMPLE[device]
     if isinstance(config.prior, SDPriorConfig):
-        lora = 2 if isinstance(config.method, (VSDConfig, ESDConfig)) else 1
-        train_s += config.iters * config.batch_size * SD_SECONDS_PER_VIEW[device] * lora
+        train_s += config.iters * config.batch_size * SD_SECONDS_PER_VIEW[device] * _unet_passes(config)
     elif isinstance(config.prior, LearnedPriorConfig):
-        lora = 2 if isinstance(config.method, (VSDConfig, ESDConfig)) else 1
-        train_s += config.iters * config.batch_size * LEARNED_SECONDS_PER_VIEW[device] * lora
+        train_s += config.iters * config.batch_size * LEARNED_SECONDS_PER_VIEW[device] * _unet_passes(config)
     export_s = cells * SECONDS_PER_CELL + texels * SECONDS_PER_TEXEL
     detail = (f"training: {config.iters} iterations x {samples:,} samples, about {format_seconds(train_s)}; "
               f"export about {format_seconds(export_s)}")

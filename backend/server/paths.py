@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Iterable, Optional, Sequence
+from typing import Optional, Sequence
 
 from ..config import JobConfig
 
@@ -42,16 +42,6 @@ def is_path_like(value: str) -> bool:
             or text.lower().endswith(FILE_ENDINGS))
 
 
-def _inside(path: Path, roots: Iterable[Path]) -> bool:
-    for root in roots:
-        try:
-            path.relative_to(root)
-            return True
-        except ValueError:
-            continue
-    return False
-
-
 def local_path_problem(config: JobConfig, model_dirs: Sequence[Path], loopback: bool) -> Optional[str]:
     """Why ``config`` names a local path this server does not serve, or None (see the module docstring)."""
     if loopback and not model_dirs:
@@ -61,7 +51,7 @@ def local_path_problem(config: JobConfig, model_dirs: Sequence[Path], loopback: 
         if not is_path_like(value):
             continue
         resolved = Path(os.path.expanduser(value)).resolve()
-        if not _inside(resolved, roots):
+        if not any(resolved.is_relative_to(root) for root in roots):
             where = ("its model folders" if roots else "no model folders (serve --model-dir)")
             return (f"{setting}: this server loads local files only from {where}; name a hub id, or a path under "
                     "a folder its operator shares")
