@@ -274,12 +274,13 @@ class Trainer:
         return images
 
     def preview(self) -> None:
-        from .export import ExportError, extract_mesh, vertex_colors
+        from .export import ExportError, extract_mesh, place, vertex_colors
 
         t0 = time.perf_counter()
         try:
             mesh = extract_mesh(self.density_fn, self.field.bound, self.config.preview.resolution, self.config.export.threshold)
-            mesh = vertex_colors(mesh, self.albedo_fn)
+            # placed as the result will be (origin at the base centre, the job's height), so it does not jump
+            mesh, _ = place(vertex_colors(mesh, self.albedo_fn), self.config.export.origin, self.config.export.height)
         except ExportError as exc:
             log.info("no preview at step %d: %s", self.step, exc)
             return

@@ -350,11 +350,6 @@ def update_preview_object(
         obj[PREVIEW_OBJECT_KEY] = True
         obj.location = scene.cursor.location.copy()
         link_object(obj, scene, collection)
-    # rest the preview on its base, as the result will be (the backend places only the result)
-    vertices = np.asarray(vertices, dtype=np.float32)
-    if len(vertices):
-        lo, hi = vertices.min(axis=0), vertices.max(axis=0)
-        vertices = vertices - np.float32([(lo[0] + hi[0]) / 2, (lo[1] + hi[1]) / 2, lo[2]])
     colors = vertex_colors if vertex_colors is not None and len(vertex_colors) == len(vertices) else None
     fill_mesh(obj.data, vertices, faces, vertex_colors=colors)
     if colors is not None and not obj.data.materials:

@@ -80,9 +80,11 @@ def test_cancel_stops_within_one_iteration_and_saves(tmp_path):
 
 def test_progress_and_preview_callbacks():
     events = {"progress": [], "preview": []}
+    bases = []
     cb = TrainerCallbacks(
         on_progress=lambda s, n, losses, el, eta: events["progress"].append((s, n, losses)),
-        on_preview=lambda s, mesh, img: events["preview"].append((s, len(mesh.vertices), None if img is None else img.shape)),
+        on_preview=lambda s, mesh, img: (events["preview"].append((s, len(mesh.vertices), None if img is None else img.shape)),
+                                         bases.append(float(mesh.vertices[:, 2].min()))),
     )
     Trainer(tiny_config(iters=6, preview_every=3, preview_resolution=24), cb).run()
     assert [s for s, _, _ in events["progress"]] == [1, 2, 3, 4, 5, 6]
@@ -91,6 +93,7 @@ def test_progress_and_preview_callbacks():
     # the blob initialisation gives a mesh from the start; preview at step 3 (not at the final step)
     assert [s for s, _, _ in events["preview"]] == [3]
     assert events["preview"][0][1] > 0 and events["preview"][0][2][2] == 3
+    assert bases == [pytest.approx(0.0, abs=1e-6)]  # placed as the result will be: resting on its base
 
 
 def _distance_to_references(trainer, n=12):
