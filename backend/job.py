@@ -11,6 +11,7 @@ its files are written.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import threading
@@ -23,6 +24,7 @@ import numpy as np
 
 from .config import JobConfig
 from .priors.base import Prior
+from .texturing import InputMesh
 from .trainer import Trainer, TrainerCallbacks
 
 log = logging.getLogger(__name__)
@@ -45,16 +47,19 @@ def generate(
     resume: bool = False,
     prior: Optional[Prior] = None,
     keep_checkpoints: bool = False,
+    input_mesh: Optional[InputMesh] = None,
 ) -> GenerationResult:
     """Run a job end to end and write result.glb, preview.png and summary.json into ``out_dir``
-    (plus texture.png when textured). Raises :class:`~distill3d.trainer.Cancelled` if cancelled."""
-    from .export import TexturedMesh, place, write_glb, write_turntable_png
+    (plus texture.png when textured). A texture job (``config.geometry`` a mesh) needs its
+    ``input_mesh``; its result is that mesh, where it was, with the colour baked on. Raises
+    :class:`~distill3d.trainer.Cancelled` if cancelled."""
+    from .export import Placement, TexturedMesh, place, write_glb, write_turntable_png
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     wall0 = time.perf_counter()
     # 1. build the trainer (prior, field, renderer, estimator)
-    trainer = Trainer(config, callbacks, prior=prior)
+    trainer = Trainer(config, callbacks, prior=prior, input_mesh=input_mesh)
     trainer.keep_checkpoints = keep_checkpoints
     setup_s = time.perf_counter() - wall0
     # 2. optimise
@@ -63,8 +68,12 @@ def generate(
     t0 = time.perf_counter()
     mesh = trainer.export()
     export_s = time.perf_counter() - t0
-    quality = mesh_scores(trainer, mesh)
-    mesh, placement = place(mesh, config.export.origin, config.export.height)
+    if trainer.input_mesh is None:
+        quality = mesh_scores(trainer, mesh)
+        mesh, placement = place(mesh, config.export.origin, config.export.height)
+    else:  # scored in the field's frame too; the result stays where the input mesh is
+        quality = mesh_scores(trainer, dataclasses.replace(mesh, vertices=trainer.mesh_fit.apply(mesh.vertices)))
+        placement = Placement()
     # 4. turntable pictures: 128 px for real jobs, smaller for tiny test jobs (rendering dominates those)
     phase = trainer.callbacks.on_phase or (lambda _name: None)
     phase("rendering previews")
@@ -90,6 +99,9 @@ def generate(
         "mesh": {"vertices": int(len(mesh.vertices)), "faces": int(len(mesh.faces)), "textured": isinstance(mesh, TexturedMesh),
                  "placement": placement.to_dict(), "height": float(np.ptp(mesh.vertices[:, 2])), **quality},
     }
+    if trainer.input_mesh is not None:
+        summary["geometry"] = {"input_faces": int(len(trainer.input_mesh.faces)), "fit": trainer.mesh_fit.to_dict(),
+                               "solid": bool(trainer.field.solid), "uvs": trainer.uv_source}
     if "chamfer" in quality:  # the summary's older place for the reference figures
         summary["reference"] = {"object": quality["object"], "chamfer": quality["chamfer"], "best_rotation_deg": quality["best_rotation_deg"]}
     files["summary"].write_text(json.dumps(summary, indent=2, default=str))

@@ -33,13 +33,16 @@ from .distill.base import DistillBatch, Estimator
 from .field import Background, field_from_config
 from .field.dense import DenseGridConfig
 from .field.hash import HashGridConfig
+from .field.mesh_shape import mesh_shaped_field
 from .priors.base import Prior
 from .priors.factory import load_prior
 from .render import VolumeRenderer
+from .texturing import InputMesh
 
 log = logging.getLogger(__name__)
 
 CHECKPOINT_NAME = "checkpoint.pt"
+PREVIEW_MAX_INPUT_FACES = 300_000  # a texture job's preview carries its mesh up to this size (else the image alone)
 
 
 class Cancelled(Exception):
@@ -96,7 +99,8 @@ def make_camera_source(config: JobConfig, prior: Prior):
 class Trainer:
     """Optimises a radiance field so its renders score well under a prior (see module doc)."""
 
-    def __init__(self, config: JobConfig, callbacks: Optional[TrainerCallbacks] = None, prior: Optional[Prior] = None) -> None:
+    def __init__(self, config: JobConfig, callbacks: Optional[TrainerCallbacks] = None, prior: Optional[Prior] = None,
+                 input_mesh: Optional["InputMesh"] = None) -> None:
         self.config = config
         self.callbacks = callbacks or TrainerCallbacks()
         self.device = resolve_device(config.device)
@@ -111,6 +115,19 @@ class Trainer:
         if field_config is None:  # the device's default field
             field_config = HashGridConfig() if self.device.type == "cuda" else DenseGridConfig()
         self.field = field_from_config(field_config).to(self.device)
+        #: a texture job's mesh (own coordinates) and its fit into the field; the field is shaped by it
+        self.input_mesh, self.mesh_fit, self.uv_source = None, None, None
+        if config.geometry is not None:
+            if input_mesh is None:
+                raise Distill3DError("this job textures a mesh (geometry: mesh) but was given none: pass --texture-mesh FILE, "
+                                     "or send the mesh's arrays with the submit")
+            self.field, self.mesh_fit = mesh_shaped_field(self.field, input_mesh.vertices, input_mesh.faces, config.geometry, config.seed)
+            self.field = self.field.to(self.device)
+            self.input_mesh = input_mesh
+            log.info("texturing a mesh of %d faces (fit %s, %s)", len(input_mesh.faces), self.mesh_fit.to_dict(),
+                     "solid" if self.field.solid else "an open shell")
+        elif input_mesh is not None:
+            raise Distill3DError("a mesh to texture was given, but the job generates its shape (set geometry.kind to mesh)")
         bg_colour = self.prior.background_color
         self.background = (Background(kind="solid", color=tuple(bg_colour)) if bg_colour is not None else Background(kind="mlp")).to(self.device)
         self.renderer = VolumeRenderer(self.field, self.background, config=config.renderer)
@@ -274,13 +291,20 @@ class Trainer:
         return images
 
     def preview(self) -> None:
-        from .export import ExportError, extract_mesh, place, vertex_colors
+        from .export import ExportError, Mesh, extract_mesh, place, vertex_colors
 
         t0 = time.perf_counter()
         try:
-            mesh = extract_mesh(self.density_fn, self.field.bound, self.config.preview.resolution, self.config.export.threshold)
-            # placed as the result will be (origin at the base centre, the job's height), so it does not jump
-            mesh, _ = place(vertex_colors(mesh, self.albedo_fn), self.config.export.origin, self.config.export.height)
+            if self.input_mesh is not None:  # a texture job: its own mesh, coloured so far, where it is
+                mesh = None
+                own = self.input_mesh
+                if len(own.faces) <= PREVIEW_MAX_INPUT_FACES:
+                    colours = vertex_colors(Mesh(self.mesh_fit.apply(own.vertices), own.faces), self.albedo_fn).vertex_colors
+                    mesh = Mesh(own.vertices, own.faces, colours)
+            else:
+                mesh = extract_mesh(self.density_fn, self.field.bound, self.config.preview.resolution, self.config.export.threshold)
+                # placed as the result will be (origin at the base centre, the job's height), so it does not jump
+                mesh, _ = place(vertex_colors(mesh, self.albedo_fn), self.config.export.origin, self.config.export.height)
         except ExportError as exc:
             log.info("no preview at step %d: %s", self.step, exc)
             return
@@ -326,7 +350,15 @@ class Trainer:
         return TrainResult(steps=self.step, seconds=time.perf_counter() - start, timings=dict(self.timings), losses=self.last_losses)
 
     def export(self):
-        """The final mesh (textured unless the config says vertex colours)."""
+        """The final mesh (textured unless the config says vertex colours); for a texture job, the
+        input mesh with the colour baked on, in its own coordinates (:attr:`uv_source` says which UVs)."""
         from .export import build_final_mesh
+        from .export.fields import ball_averaged
+        from .texturing import texture_input_mesh
 
+        if self.input_mesh is not None:
+            cfg = self.config.export
+            mesh, self.uv_source = texture_input_mesh(self.input_mesh, self.mesh_fit.apply, ball_averaged(self.albedo_fn, cfg.color_radius, cfg.color_samples),
+                                                      cfg, self.config.geometry.uv, on_phase=self.callbacks.on_phase)
+            return mesh
         return build_final_mesh(self.density_fn, self.albedo_fn, self.field.bound, self.config.export, on_phase=self.callbacks.on_phase)

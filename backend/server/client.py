@@ -62,13 +62,14 @@ class Client:
         self.heartbeat_times: Deque[float] = deque(maxlen=100_000)  # when each arrived (time.monotonic)
 
     # ------------------------------------------------------------------ low level
-    def send(self, kind: str, header: Optional[Dict[str, Any]] = None, job_id: Optional[str] = None) -> str:
+    def send(self, kind: str, header: Optional[Dict[str, Any]] = None, job_id: Optional[str] = None,
+             arrays: Optional[Dict[str, Any]] = None) -> str:
         req = f"r{next(self._ids)}"
         header = dict(header or {})
         header["req"] = req
         if self.name:
             header.setdefault("client", self.name)
-        self.socket.send_multipart(encode(kind, header, job_id=job_id), copy=False)
+        self.socket.send_multipart(encode(kind, header, arrays, job_id=job_id), copy=False)
         return req
 
     def _receive(self, timeout: float) -> Optional[Message]:
@@ -91,9 +92,9 @@ class Client:
         return self._receive(self.timeout if timeout is None else timeout)
 
     def request(self, kind: str, header: Optional[Dict[str, Any]] = None, job_id: Optional[str] = None,
-                timeout: Optional[float] = None, raise_errors: bool = True) -> Message:
+                timeout: Optional[float] = None, raise_errors: bool = True, arrays: Optional[Dict[str, Any]] = None) -> Message:
         """Send and wait for the reply carrying the same request id."""
-        req = self.send(kind, header, job_id)
+        req = self.send(kind, header, job_id, arrays)
         deadline = time.monotonic() + (self.timeout if timeout is None else timeout)
         while True:
             left = deadline - time.monotonic()
@@ -113,9 +114,11 @@ class Client:
     def ping(self, timeout: Optional[float] = None) -> Message:
         return self.request(Kind.PING, {"t": time.time()}, timeout=timeout)
 
-    def submit(self, config: Dict[str, Any], timeout: Optional[float] = None) -> str:
-        """Queue a job; returns its id (raises ServerError for a bad config)."""
-        return self.request(Kind.SUBMIT, {"config": config}, timeout=timeout).job_id
+    def submit(self, config: Dict[str, Any], timeout: Optional[float] = None, mesh: Any = None) -> str:
+        """Queue a job; returns its id (raises ServerError for a bad config). A texture job
+        (``config.geometry`` a mesh) sends ``mesh``, a :class:`distill3d.texturing.InputMesh`."""
+        arrays = mesh.arrays() if mesh is not None else None
+        return self.request(Kind.SUBMIT, {"config": config}, timeout=timeout, arrays=arrays).job_id
 
     def resume(self, job_id: str, timeout: Optional[float] = None) -> Message:
         return self.request(Kind.SUBMIT, {"resume": True}, job_id=job_id, timeout=timeout)

@@ -31,6 +31,7 @@ import logging
 import math
 import os
 import secrets
+import shutil
 import threading
 import time
 from dataclasses import dataclass, field, fields
@@ -43,6 +44,7 @@ from distill3d_protocol import ARRAY_SLOTS, JOB_ID_RE, JOB_STATES
 from distill3d_protocol.errors import Distill3DError
 
 from ..config import ConfigError, JobConfig, parse_job
+from ..texturing import INPUT_MESH_FILE
 
 log = logging.getLogger(__name__)
 
@@ -249,8 +251,9 @@ class JobStore:
     def checkpoint_dir(self, job_id: str) -> Path:
         return self.job_dir(job_id) / CHECKPOINT_DIR
 
-    def create(self, config: JobConfig, owner: str) -> JobRecord:
-        """A new job folder and record for a validated ``config``; :class:`StorageError` leaves no folder."""
+    def create(self, config: JobConfig, owner: str, input_mesh: Any = None) -> JobRecord:
+        """A new job folder and record for a validated ``config`` (with a texture job's
+        ``input_mesh``, written first); :class:`StorageError` leaves no folder."""
         if not isinstance(config, JobConfig):
             raise TypeError(f"JobStore.create takes a JobConfig (distill3d.config.parse_job), got {type(config).__name__}")
         job_id = new_job_id()
@@ -263,14 +266,23 @@ class JobStore:
             raise _storage_error("create the job folder", folder, exc) from None
         rec = JobRecord(job_id=job_id, config=config, owner=owner, total=config.iters)
         try:
+            if input_mesh is not None:
+                path = folder / INPUT_MESH_FILE
+                try:
+                    input_mesh.save(path)
+                except OSError as exc:
+                    raise _storage_error("write the mesh to texture", path, exc) from None
             self.save(rec)
         except StorageError:
-            try:
-                folder.rmdir()
-            except OSError:
-                pass
+            shutil.rmtree(folder, ignore_errors=True)
             raise
         return rec
+
+    def read_input_mesh(self, job_id: str) -> Any:
+        """A texture job's mesh (:class:`distill3d.texturing.InputMesh`), as it was submitted."""
+        from ..texturing import InputMesh
+
+        return InputMesh.load(self.job_dir(job_id) / INPUT_MESH_FILE)
 
     def save(self, rec: JobRecord) -> None:
         """Write the record's job.json atomically; raises :class:`StorageError`."""

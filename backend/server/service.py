@@ -71,11 +71,13 @@ from distill3d_protocol import (
     error_frames,
 )
 from distill3d_protocol.errors import Distill3DError
+from distill3d_protocol.jobconfig import MAX_INPUT_FACES, MAX_INPUT_VERTICES
 from distill3d_protocol.schema import MAX_LIST
 
 from .. import __version__
 from ..config import ConfigError, parse_job
 from ..priors.factory import PriorCache
+from ..texturing import InputMesh, InputMeshError
 from .admission import GIB, Limits, admission_problem, estimate_job
 from .paths import local_path_problem
 from .auth import ADMIN_DIR, AuthError, ServerKeys, is_loopback, load_server_keys, secure_socket, start_authenticator
@@ -89,8 +91,10 @@ log = logging.getLogger("distill3d.server")
 Envelope = Tuple[bytes, ...]  # routing id (+ empty delimiter for REQ clients)
 
 # Inbound frames above this are cut off by ZeroMQ (the peer is disconnected); requests between the
-# protocol's header limit and this get a ``too_large`` reply.
-MAX_INBOUND_FRAME = 16 * MAX_HEADER_BYTES
+# protocol's header limit and this get a ``too_large`` reply. The largest array a request carries is a
+# texture job's vertices (at most MAX_INPUT_VERTICES).
+MAX_INBOUND_FRAME = max(16 * MAX_HEADER_BYTES, MAX_INPUT_VERTICES * 3 * 4)
+MAX_INBOUND_ARRAY_BYTES = MAX_INPUT_VERTICES * 3 * 4 + MAX_INPUT_FACES * (3 * 4 + 3 * 2 * 4)  # a texture job's whole mesh
 SAVE_RETRY_S = 1.0  # how often job records that could not be written are tried again
 STORAGE_FIX = "free space or make the jobs folder writable"
 
@@ -330,7 +334,7 @@ class Server:
         sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
         sock.setsockopt(zmq.SNDHWM, self.config.send_hwm)
         sock.setsockopt(zmq.RCVHWM, 1000)
-        sock.setsockopt(zmq.MAXMSGSIZE, MAX_INBOUND_FRAME)  # requests carry no arrays; above the header limit: too_large
+        sock.setsockopt(zmq.MAXMSGSIZE, MAX_INBOUND_FRAME)  # only a texture job's submit carries arrays
         sock.setsockopt(zmq.LINGER, 1000)
         secure_socket(sock, self.keys)
         try:
@@ -457,7 +461,7 @@ class Server:
             body = body[1:]
         peer = envelope[0].hex()
         try:
-            msg = decode(body, max_array_bytes=0)
+            msg = decode(body, max_array_bytes=MAX_INBOUND_ARRAY_BYTES)  # only a texture job's submit has arrays
         except ProtocolError as exc:
             log.info("rejected peer=%s code=%s %s", peer, exc.code, exc.message)
             self._send(envelope, error_frames(exc.code, exc.message, req=exc.req), critical=True)
@@ -590,7 +594,14 @@ class Server:
         if problem is not None:
             self._error(envelope, msg, "bad_job", problem)
             return
-        rec = self.store.create(config, owner)  # StorageError: answered "storage" (no job is left behind)
+        input_mesh = None
+        if config.geometry is not None:  # the codec checked that the mesh came with it, and its indices
+            try:
+                input_mesh = InputMesh.from_arrays(msg.arrays)
+            except InputMeshError as exc:
+                self._error(envelope, msg, "bad_job", str(exc))
+                return
+        rec = self.store.create(config, owner, input_mesh)  # StorageError: answered "storage" (no job is left behind)
         self._jobs[rec.job_id] = rec
         self._queue.append(rec.job_id)
         self._subscribers[rec.job_id] = [envelope]

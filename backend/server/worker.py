@@ -197,6 +197,7 @@ class JobWorker(threading.Thread):
             self._on_phase("loading prior")
             if self.priors is not None:
                 prior = self.priors.lease(self.config, device) or load_prior(self.config, device)
+            input_mesh = self.store.read_input_mesh(self.job_id) if self.config.geometry is not None else None
             self._on_phase("training")
             callbacks = TrainerCallbacks(on_progress=self._on_progress, on_preview=self._on_preview)
             if hasattr(callbacks, "on_phase"):  # finer export phases, where the job reports them
@@ -209,6 +210,7 @@ class JobWorker(threading.Thread):
                 checkpoint_dir=self.store.checkpoint_dir(self.job_id),
                 resume=self.resume,
                 prior=prior,
+                input_mesh=input_mesh,
             )
             if self.phase != "writing results":
                 self._on_phase("writing results")

@@ -207,6 +207,37 @@ def _check_contents(kind: str, reply: bool, header: dict, arrays: Dict[str, np.n
         lo, hi = int(f.min()), int(f.max())
         if lo < 0 or hi >= v.shape[0]:
             raise ProtocolError("bad_array", f"face indices must lie in [0, {v.shape[0] - 1}], got [{lo}, {hi}]")
+    if kind == Kind.SUBMIT:
+        _check_input_mesh(header, arrays)
+
+
+def _check_input_mesh(header: dict, arrays: Dict[str, np.ndarray]) -> None:
+    """A submit carries a mesh exactly when its job textures one (``config.geometry.kind`` "mesh"):
+    at least one face, at most ``MAX_INPUT_FACES``, finite corner UVs with 3 rows per face."""
+    from .jobconfig import MAX_INPUT_FACES, MAX_INPUT_VERTICES, MeshGeometryConfig
+
+    config = header.get("config")
+    geometry = config.get("geometry") if isinstance(config, dict) else None
+    wants_mesh = isinstance(geometry, dict) and geometry.get("kind") == MeshGeometryConfig.KIND
+    v, f, uv = arrays.get("vertices"), arrays.get("faces"), arrays.get("corner_uvs")
+    if v is None:
+        if uv is not None:
+            raise ProtocolError("bad_array", "corner_uvs need the mesh's vertices and faces")
+        if wants_mesh:
+            raise ProtocolError("bad_array", "config.geometry is a mesh to texture: send its vertices and faces "
+                                "(and corner_uvs for its own UV map)")
+        return
+    if not wants_mesh:
+        raise ProtocolError("bad_array", 'a mesh is sent only with a texture job (config.geometry.kind "mesh")')
+    if not 1 <= f.shape[0] <= MAX_INPUT_FACES:
+        raise ProtocolError("bad_array", f"the mesh to texture must have 1 to {MAX_INPUT_FACES} faces, got {f.shape[0]}")
+    if v.shape[0] > MAX_INPUT_VERTICES:
+        raise ProtocolError("bad_array", f"the mesh to texture may have at most {MAX_INPUT_VERTICES} vertices, got {v.shape[0]}")
+    if uv is not None:
+        if uv.shape[0] != 3 * f.shape[0]:
+            raise ProtocolError("bad_array", f"corner_uvs must have 3 rows per face ({3 * f.shape[0]}), got {uv.shape[0]}")
+        if not np.isfinite(uv).all():
+            raise ProtocolError("bad_array", "corner_uvs must be finite (no NaN or infinity)")
 
 
 # ----------------------------------------------------------------------------- decode

@@ -36,6 +36,7 @@ PRIORS = Registry("prior")
 METHODS = Registry("method")
 FIELDS = Registry("field")
 CAMERAS = Registry("camera source")
+GEOMETRIES = Registry("shape")
 
 # ----------------------------------------------------------------------------- priors
 
@@ -299,6 +300,33 @@ class CameraRigConfig:
             raise ConfigError(exc.message, exc.code) from None
 
 
+# ----------------------------------------------------------------------------- the shape
+# null: the field's density is learned (text-to-3D). "mesh": the job textures a mesh it is sent
+# (arrays on the wire, a file on the CLI); only the colour is distilled.
+
+#: the largest input mesh a job takes (triangles); the wire's own row limit is far larger
+MAX_INPUT_FACES = 2_000_000
+MAX_INPUT_VERTICES = 3 * MAX_INPUT_FACES  # more than three per triangle would be unused ones
+
+
+@GEOMETRIES.register("mesh", "Texture a mesh", "The shape is the mesh sent with the job; only its colour is distilled")
+@dataclass
+class MeshGeometryConfig:
+    """A fixed shape: the field's density is the signed distance of the given mesh."""
+
+    # the built-in objects' largest half-extent is 0.62 to 0.86: a fitted mesh fills the views as they do
+    fit: str = setting("box", "box: centre the mesh's bounds on the origin and scale its largest half-extent to fit_size; "
+                       "none: use its coordinates as they are (field units)", choices=("box", "none"))
+    fit_size: float = setting(0.75, "largest half-extent of a fitted mesh in field units (the field spans +-bound, 1 by "
+                              "default)", lo=0.05, hi=1e4, soft_hi=0.95, label="Fit size")
+    uv: str = setting("keep", "keep: bake onto the UVs sent with the mesh (unwrapped anew when none were sent); "
+                      "new: always unwrap anew (xatlas)", choices=("keep", "new"), label="UVs")
+    grid: int = setting(96, "cells per axis of the signed-distance grid the density is read from", lo=16, hi=512, soft_hi=256,
+                        label="Distance grid")
+    sharpness: float = setting(2.0, "surface sharpness: the density falls from full to half over 1/sharpness grid cells",
+                               lo=0.1, hi=100.0)
+
+
 # ----------------------------------------------------------------------------- the other sections
 
 
@@ -426,6 +454,8 @@ class JobConfig:
     prior: Any = union(PRIORS, "reference", "the 2D diffusion prior distilled from")
     method: Any = union(METHODS, "sds", "the score-distillation estimator")
     field: Any = union(FIELDS, None, "the radiance field; null = dense on the CPU, hash on CUDA")
+    geometry: Any = union(GEOMETRIES, None, "the shape: null = generated from the prompt; mesh = the mesh sent with the job, "
+                          "whose colour alone is distilled")
     renderer: RendererConfig = section(RendererConfig, "volume rendering")
     schedule: ScheduleConfig = section(ScheduleConfig, "timestep schedule and weight")
     optim: OptimConfig = section(OptimConfig, "optimiser and regularisers")
@@ -436,6 +466,10 @@ class JobConfig:
         if isinstance(self.method, ESDExactConfig) and not isinstance(self.prior, (ReferencePriorConfig, LearnedPriorConfig)):
             raise ConfigError(f"{path + ': ' if path else ''}method esd-exact (a mixture over pixel renders) exists only for "
                               "the reference prior and the learned reference prior")
+        bound = self.field.bound if self.field is not None else FieldCommonConfig.bound
+        if isinstance(self.geometry, MeshGeometryConfig) and self.geometry.fit == "box" and self.geometry.fit_size >= bound:
+            raise ConfigError(f"{path + '.' if path else ''}geometry.fit_size must be below the field's bound ({bound:g}), "
+                              f"got {self.geometry.fit_size:g}")
 
     # -------------------------------------------------------------- derived values
     @property

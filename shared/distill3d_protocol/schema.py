@@ -422,9 +422,13 @@ ARRAY_SLOTS: Dict[str, ArraySlot] = {
     "texture": ArraySlot("uint8", (None, None, 4), MAX_IMAGE_SIDE),  # RGBA, row 0 = top
     "vertex_colors": ArraySlot("uint8", (None, 4), MAX_ROWS),  # RGBA per vertex
     "image": ArraySlot("uint8", (None, None, 3), MAX_IMAGE_SIDE),  # preview RGB, row 0 = top
+    # submit of a texture job: UVs per face corner (3 rows per face, in the faces' order), as a
+    # Blender mesh holds them per loop; the mesh's own UV map the texture is baked onto
+    "corner_uvs": ArraySlot("float32", (None, 2), MAX_ROWS),
 }
 _mesh_slots = ("vertices", "faces", "uvs", "texture", "vertex_colors", "image")
 KIND_ARRAYS: Dict[Tuple[str, bool], Tuple[str, ...]] = {
+    (Kind.SUBMIT, False): ("vertices", "faces", "corner_uvs"),  # the mesh of a texture job (config.geometry: mesh)
     (Kind.PREVIEW, False): ("vertices", "faces", "vertex_colors", "image"),
     (Kind.RESULT, False): _mesh_slots,
     (Kind.FETCH, True): _mesh_slots,
