@@ -358,7 +358,8 @@ class Trainer:
 
         if self.input_mesh is not None:
             cfg = self.config.export
-            mesh, self.uv_source = texture_input_mesh(self.input_mesh, self.mesh_fit.apply, ball_averaged(self.albedo_fn, cfg.color_radius, cfg.color_samples),
-                                                      cfg, self.config.geometry.uv, on_phase=self.callbacks.on_phase)
+            albedo = self.field.filled_albedo(ball_averaged(self.albedo_fn, cfg.color_radius, cfg.color_samples))
+            mesh, self.uv_source = texture_input_mesh(self.input_mesh, self.mesh_fit.apply, albedo, cfg, self.config.geometry.uv,
+                                                      on_phase=self.callbacks.on_phase)
             return mesh
         return build_final_mesh(self.density_fn, self.albedo_fn, self.field.bound, self.config.export, on_phase=self.callbacks.on_phase)

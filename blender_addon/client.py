@@ -343,11 +343,12 @@ class BackendClient:
     def _next_req(self) -> str:
         return f"{self._req_prefix}-{next(self._req_ids)}"
 
-    def _queue(self, kind: str, header: dict, job_id: Optional[str] = None, timeout_s: Optional[float] = None) -> Optional[str]:
+    def _queue(self, kind: str, header: dict, job_id: Optional[str] = None, timeout_s: Optional[float] = None,
+               arrays: Optional[dict] = None) -> Optional[str]:
         """Send now or keep in the outbox; every request names this client (it owns its jobs)."""
         header = {**header, "client": header.get("client", self.client_name)}
         req = header.get("req")
-        frames = encode(kind, header, None, job_id)
+        frames = encode(kind, header, arrays, job_id)
         out = _Outgoing(kind, frames, self.clock() + (timeout_s or self.connect_timeout_s), req)
         if not self._try_send(out):
             self._outbox.append(out)
@@ -377,11 +378,12 @@ class BackendClient:
         """True while a job is submitted and not finished."""
         return self.job is not None and not self.job.finished
 
-    def submit(self, config: dict, timeout_s: Optional[float] = None) -> JobStatus:
+    def submit(self, config: dict, timeout_s: Optional[float] = None, mesh: Optional[dict] = None) -> JobStatus:
         """Start a job; raises :class:`ClientError` if one is running or the config is malformed.
 
         ``timeout_s`` (default: the connect timeout) bounds the wait for a connection, e.g.
-        longer right after starting a local backend.
+        longer right after starting a local backend. A texture job (``config.geometry`` a mesh)
+        sends ``mesh``: the arrays ``vertices``, ``faces`` and optionally ``corner_uvs``.
         """
         if self._closed:
             raise ClientError("this client is closed")
@@ -390,12 +392,13 @@ class BackendClient:
         req = self._next_req()
         header = {"config": config, "req": req, "client": self.client_name}
         try:
-            encode(Kind.SUBMIT, header)
+            frames = encode(Kind.SUBMIT, header, mesh)
         except ProtocolError as exc:
             raise ClientError(f"the job settings are not valid: {exc.message}") from None
+        del frames
         self.job = JobStatus(config=dict(config), req=req, submitted_at=self.clock())
         self._submit_timeout_s = timeout_s or self.connect_timeout_s
-        self._queue(Kind.SUBMIT, header, timeout_s=self._submit_timeout_s)
+        self._queue(Kind.SUBMIT, header, timeout_s=self._submit_timeout_s, arrays=mesh)
         self._last_ping = self.clock()  # the submit itself is the first probe
         return self.job
 

@@ -56,7 +56,14 @@ MAX_IDENTIFIER = 63  # Blender's limit on property identifiers
 NOT_PROPERTIES = {
     "cameras.cameras": "a rig's cameras: the scene's camera objects (or a collection's) when the job is made",
     "version": "always the protocol's CONFIG_VERSION (older stored jobs are migrated when loaded)",
+    "geometry": "the shape: Generate leaves it to the prompt; Texture selected sends the selected mesh (its settings at "
+                "their defaults)",
 }
+
+
+def not_a_property(path: str) -> bool:
+    """Whether the job value at ``path`` (or a section above it) is left to other parts of the add-on."""
+    return any(path == key or path.startswith(key + ".") for key in NOT_PROPERTIES)
 
 # Words shown in capitals in labels derived from field names ("lora_lr" -> "LoRA LR").
 _LABEL_WORDS = {"lr": "LR", "mlp": "MLP", "mlps": "MLPs", "lora": "LoRA", "cpu": "CPU", "vae": "VAE", "ema": "EMA", "occ": "occupancy",
@@ -299,7 +306,7 @@ def _alternatives(reg: Any, path: str, ident: str, requires: tuple) -> Iterator[
 
 
 def _build() -> tuple[PanelSetting, ...]:
-    table = tuple(e for e in _walk(JobConfig) if e.path not in NOT_PROPERTIES)
+    table = tuple(e for e in _walk(JobConfig) if not not_a_property(e.path))
     names: set[str] = set()
     for e in table:
         for ident in (e.name, e.auto_name):

@@ -125,6 +125,9 @@ class JobController(ClientListener):
         self._testing_connection = False  # the status line awaits the answer to "Test connection"
         self.reports: list = []  # (level, text) sent to the Info log, newest last (the last 100)
         self._dead_backend_reported: Optional[int] = None  # pid of the local backend whose death was reported
+        #: a texture job's object (by name) and the UV map its corner UVs were read from
+        self.texture_target = ""
+        self.texture_uv_map: Optional[str] = None
 
     # ------------------------------------------------------------------ status
 
@@ -260,15 +263,41 @@ class JobController(ClientListener):
             raise ClientError("a job is already running; cancel it first")
         client, timeout = self._prepare(settings)
         status = client.submit(job, timeout_s=timeout)
-        self.scene_name = scene.name
-        self.collection_name = collection.name if collection is not None else ""
-        self.result_object_name = ""
-        self.preview_updates = 0
-        self._pending_preview = None
-        self._last_preview_at = -math.inf
+        self._started(scene, collection)
         self._set_status(f"Submitted “{job.get('prompt', '')}” ({_method_name(job)}, {job.get('iters', '?')} steps)")
         ensure_timer()
         return status
+
+    def texture(self, scene: Any, obj: Any, job: dict, settings: ConnectionSettings) -> JobStatus:
+        """Submit a texture job for mesh object ``obj`` (``job`` has ``geometry.kind`` mesh); the
+        result's texture goes onto ``obj``. Raises ClientError on refusal."""
+        from . import mesh_texture
+
+        if self.busy:
+            raise ClientError("a job is already running; cancel it first")
+        try:
+            arrays, uv_map = mesh_texture.mesh_arrays_of(obj)
+        except mesh_texture.TextureTargetError as exc:
+            raise ClientError(str(exc)) from None
+        client, timeout = self._prepare(settings)
+        status = client.submit(job, timeout_s=timeout, mesh=arrays)
+        self._started(scene, None)
+        self.texture_target, self.texture_uv_map = obj.name, uv_map
+        uvs = f"its UV map “{uv_map}”" if uv_map else "new UVs"
+        self._set_status(f"Texturing “{obj.name}” ({len(arrays['faces'])} triangles, {uvs}) as “{job.get('prompt', '')}” "
+                         f"({_method_name(job)}, {job.get('iters', '?')} steps)")
+        ensure_timer()
+        return status
+
+    def _started(self, scene: Any, collection: Any) -> None:
+        """A new job's scene state: where results go, no preview yet, no texture target."""
+        self.scene_name = scene.name
+        self.collection_name = collection.name if collection is not None else ""
+        self.result_object_name = ""
+        self.texture_target, self.texture_uv_map = "", None
+        self.preview_updates = 0
+        self._pending_preview = None
+        self._last_preview_at = -math.inf
 
     def cancel(self) -> bool:
         if self.client is None or not self.client.cancel():
@@ -292,10 +321,7 @@ class JobController(ClientListener):
             raise ClientError("a job is already running; cancel it first")
         client, _ = self._prepare(settings)
         status = client.adopt(job_id, config)
-        self.scene_name = scene.name
-        self.collection_name = ""
-        self.result_object_name = ""
-        self._pending_preview = None
+        self._started(scene, None)
         ensure_timer()
         return status
 
@@ -403,6 +429,8 @@ class JobController(ClientListener):
             self.status = f"Running {job.job_id}: step {job.step}/{job.total}"
 
     def on_preview(self, job: JobStatus, mesh: Any, image: Any, message: Any) -> None:
+        if self.texture_target:  # the artist's own object is the shape: only the preview image is shown
+            mesh = None
         self._pending_preview = {
             "job_id": job.job_id or "",
             "vertices": None if mesh is None else np.array(mesh.vertices),
@@ -416,6 +444,12 @@ class JobController(ClientListener):
     def on_result(self, job: JobStatus, mesh: Any, message: Any) -> None:
         self._pending_preview = None
         scene = self._scene()
+        target = bpy.data.objects.get(self.texture_target) if self.texture_target else None
+        if target is not None:
+            self._apply_texture(job, mesh, target)
+            return
+        if self.texture_target:
+            self.report("WARNING", f"the object “{self.texture_target}” is gone; its texture is imported as a new object")
         try:
             scene_import.remove_preview_object(scene)
             timings = scene_import.ImportTimings()
@@ -446,6 +480,29 @@ class JobController(ClientListener):
             f"Done: “{obj.name}” with {len(mesh.vertices)} vertices, {len(mesh.faces)} faces "
             f"(imported in {timings.total:.2f} s)"
         )
+
+    def _apply_texture(self, job: JobStatus, mesh: Any, obj: Any) -> None:
+        from . import mesh_texture
+
+        uv_source = ((job.summary or {}).get("geometry") or {}).get("uvs", "new")
+        try:
+            if mesh.texture is None:
+                raise mesh_texture.TextureTargetError("the backend sent no texture (export.textured is off)")
+            name = scene_import.object_name_for_prompt(job.config.get("prompt", "distill3d"))
+            material = mesh_texture.apply_texture(obj, mesh.texture, mesh.uvs, mesh.faces, uv_source, self.texture_uv_map, name,
+                                                  job=job.config)
+            if job.summary:
+                obj["distill3d_summary"] = _json(job.summary)
+            self._select(obj)
+        except Exception as exc:  # noqa: BLE001 - a bad result must not break Blender
+            log.exception("distill3d: applying the texture failed")
+            self._set_status(f"Job {job.job_id} finished but its texture could not be applied to “{obj.name}”: {exc}", error=True)
+            self.report("ERROR", f"texture of job {job.job_id}: {exc}")
+            return
+        self.result_object_name = obj.name
+        _undo_push(f"distill3d: texture “{obj.name}”")
+        uvs = f"UV map “{self.texture_uv_map}”" if uv_source == "kept" else f"new UV map “{mesh_texture.NEW_UV_MAP}”"
+        self._set_status(f"Textured “{obj.name}”: material “{material.name}” on its {uvs}; geometry untouched")
 
     def on_failed(self, job: JobStatus) -> None:
         self._pending_preview = None

@@ -1,4 +1,5 @@
-"""Operators: Generate, Cancel, Test connection, Regenerate from selected, local backend start/stop.
+"""Operators: Generate, Texture selected (and Restore material), Cancel, Test connection, Regenerate
+from selected, local backend start/stop.
 
 Every operator reports problems with ``self.report`` (the info log) and the panel's status
 line, and returns CANCELLED instead of raising. None needs a window, so they also run under
@@ -11,12 +12,15 @@ from typing import Any
 
 import bpy
 
-from . import scene_import
+from . import mesh_texture, scene_import
+from ._protocol import jobconfig
 from .backend_process import BackendProcessError
 from .client import ClientError
 from .jobs import CONTROLLER, local_backend_status, start_local_backend, stop_local_backend
 from .preferences import connection_settings
 from .properties import JobSettingsError, apply_job_to_settings, job_from_settings
+
+TEXTURE_GEOMETRY = jobconfig.MeshGeometryConfig.KIND
 
 
 def _active_collection(context: Any) -> Any:
@@ -51,6 +55,58 @@ class DISTILL3D_OT_generate(bpy.types.Operator):
             settings.seed = job["seed"]  # show the seed that was used
         self.report({"INFO"}, f"distill3d: submitted “{job['prompt']}” to {conn.endpoint} (seed {job['seed']})")
         return {"FINISHED"} if status is not None else {"CANCELLED"}
+
+
+class DISTILL3D_OT_texture_selected(bpy.types.Operator):
+    """Keep the active mesh's shape and distil only its colour from the prompt: a baked texture on its own UV map
+(or a new one), as a new material"""
+
+    bl_idname = "distill3d.texture_selected"
+    bl_label = "Texture selected"
+    bl_options = {"REGISTER"}
+
+    @classmethod
+    def poll(cls, context: Any) -> bool:
+        obj = getattr(context, "active_object", None)
+        return (not CONTROLLER.busy and getattr(context.scene, "distill3d", None) is not None
+                and mesh_texture.texture_target_problem(obj) is None)
+
+    def execute(self, context: Any) -> set:
+        obj = context.active_object
+        try:
+            settings = context.scene.distill3d
+            job = job_from_settings(settings, context.scene, overrides={"geometry": {"kind": TEXTURE_GEOMETRY}})
+            conn = connection_settings(context)
+            CONTROLLER.texture(context.scene, obj, job, conn)
+        except (JobSettingsError, ClientError) as exc:
+            CONTROLLER.set_status(str(exc), error=True)
+            self.report({"ERROR"}, str(exc))
+            return {"CANCELLED"}
+        if settings.random_seed:
+            settings.seed = job["seed"]
+        self.report({"INFO"}, f"distill3d: texturing “{obj.name}” as “{job['prompt']}” on {conn.endpoint} (seed {job['seed']})")
+        return {"FINISHED"}
+
+
+class DISTILL3D_OT_restore_material(bpy.types.Operator):
+    """Put back the materials the active object had before distill3d textured it"""
+
+    bl_idname = "distill3d.restore_material"
+    bl_label = "Restore material"
+    bl_options = {"REGISTER", "UNDO"}
+
+    @classmethod
+    def poll(cls, context: Any) -> bool:
+        obj = getattr(context, "active_object", None)
+        return obj is not None and mesh_texture.PREVIOUS_MATERIALS_KEY in obj.keys()
+
+    def execute(self, context: Any) -> set:
+        obj = context.active_object
+        if not mesh_texture.restore_materials(obj):
+            self.report({"WARNING"}, f"distill3d: “{obj.name}” has no materials to restore")
+            return {"CANCELLED"}
+        self.report({"INFO"}, f"distill3d: restored the materials of “{obj.name}”")
+        return {"FINISHED"}
 
 
 class DISTILL3D_OT_cancel(bpy.types.Operator):
@@ -207,6 +263,8 @@ class DISTILL3D_OT_report(bpy.types.Operator):
 CLASSES = (
     DISTILL3D_OT_report,
     DISTILL3D_OT_generate,
+    DISTILL3D_OT_texture_selected,
+    DISTILL3D_OT_restore_material,
     DISTILL3D_OT_cancel,
     DISTILL3D_OT_test_connection,
     DISTILL3D_OT_load_settings_from_selected,

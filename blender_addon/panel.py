@@ -132,6 +132,22 @@ def known_objects_hint(settings: Any) -> str:
     return "Knows: " + ", ".join(REFERENCE_OBJECT_PROMPTS) + " (and objects of its objects files)"
 
 
+def draw_texture_button(layout: Any, obj: Any) -> None:
+    """"Texture selected" for a mesh object (with "Restore material" once it was textured), or why not."""
+    from .mesh_texture import PREVIOUS_MATERIALS_KEY, texture_target_problem
+
+    if obj is None or obj.type != "MESH":
+        return
+    problem = texture_target_problem(obj)
+    row = layout.row(align=True)
+    if problem:
+        row.label(text=problem, icon="INFO")
+        return
+    row.operator("distill3d.texture_selected", icon="TEXTURE", text=f"Texture “{obj.name}”")
+    if PREVIOUS_MATERIALS_KEY in obj.keys():
+        row.operator("distill3d.restore_material", icon="LOOP_BACK", text="")
+
+
 def _safe(draw: Callable[[Any, Any], None]) -> Callable[[Any, Any], None]:
     def wrapper(self: Any, context: Any) -> None:
         try:
@@ -186,6 +202,7 @@ class VIEW3D_PT_distill3d(_Distill3DPanel, bpy.types.Panel):
         else:
             col.scale_y = 1.4
             col.operator("distill3d.generate", icon="PLAY")
+            draw_texture_button(layout, context.active_object)
         if job is not None and not job.finished:
             layout.progress(factor=job.fraction, type="BAR", text=CONTROLLER.progress_text)
         width = wrap_width(context)

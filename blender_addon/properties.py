@@ -234,7 +234,7 @@ def _leaf_paths_of(data: dict, prefix: str = "") -> Iterator[str]:
     for key, value in data.items():
         path = prefix + str(key)
         entries = job_fields.by_path(path)
-        json_value = any(e.setting.kind == "json" for e in entries) or path in job_fields.NOT_PROPERTIES
+        json_value = any(e.setting.kind == "json" for e in entries) or job_fields.not_a_property(path)
         if isinstance(value, dict) and not json_value:
             yield from _leaf_paths_of(value, path + ".")
         else:
@@ -280,7 +280,7 @@ def apply_job_to_settings(settings: Any, job: dict) -> list[str]:
             put(entry, entry.default if value is _MISSING else value)
     settings.random_seed = False  # regenerate means: the same seed
     for path in _leaf_paths_of(data):
-        if path in job_fields.NOT_PROPERTIES or path in KIND_SETTINGS:
+        if job_fields.not_a_property(path) or path in KIND_SETTINGS:
             continue  # a rig's cameras (below), the version, a null union (its kind was set above)
         entries = job_fields.by_path(path)
         if not entries:

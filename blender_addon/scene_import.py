@@ -219,8 +219,9 @@ def image_from_rgb(name: str, rgb: np.ndarray, existing: Any = None) -> Any:
     return image
 
 
-def textured_material(name: str, image: Any) -> Any:
-    """A Principled BSDF material whose base colour is ``image`` through the UV map."""
+def textured_material(name: str, image: Any, uv_map: str | None = None) -> Any:
+    """A Principled BSDF material whose base colour is ``image`` through the UV map (``uv_map``
+    by name; None: the mesh's active render UV map)."""
     material = bpy.data.materials.new(name)
     material.use_nodes = True
     tree = material.node_tree
@@ -234,6 +235,11 @@ def textured_material(name: str, image: Any) -> Any:
     tex.interpolation = "Linear"
     tex.location = (bsdf.location.x - 400, bsdf.location.y)
     tree.links.new(tex.outputs["Color"], bsdf.inputs["Base Color"])
+    if uv_map is not None:
+        uv = tree.nodes.new("ShaderNodeUVMap")
+        uv.uv_map = uv_map
+        uv.location = (tex.location.x - 250, tex.location.y)
+        tree.links.new(uv.outputs["UV"], tex.inputs["Vector"])
     bsdf.inputs["Roughness"].default_value = 0.8
     return material
 

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import numpy as np
 import torch
@@ -34,6 +34,8 @@ DENSITY_INSIDE = 200.0
 SHELL_CELLS = 1.5
 #: nodes within this many cells of the surface get their distance from the surface samples
 NEAR_CELLS = 3.0
+#: a node counts as seen by training with this share of the median surface node's colour gradient
+SEEN_SHARE = 0.1
 
 
 @dataclass(frozen=True)
@@ -150,6 +152,8 @@ class MeshShapedField(RadianceField):
         self.solid = bool(solid)
         # grid_sample reads [N, C, D, H, W] with (x, y, z) -> (W, H, D): store the grid as [z, y, x]
         self.register_buffer("distance", grid.permute(2, 1, 0).contiguous()[None, None])
+        #: per grid node ([x, y, z]): the summed size of the colour gradients renders sent there
+        self.register_buffer("reach", torch.zeros(grid.shape, dtype=torch.float32))
 
     @classmethod
     def from_mesh(cls, colour: RadianceField, vertices: np.ndarray, faces: np.ndarray, cells: int,
@@ -186,7 +190,69 @@ class MeshShapedField(RadianceField):
     def query(self, x: torch.Tensor, with_normals: bool = False) -> FieldOutput:
         x = self._flat(x)
         albedo = torch.sigmoid(self.colour.albedo_head(self.colour.encode(self._clamped(x))))
+        if albedo.requires_grad:
+            points = x.detach()
+            albedo.register_hook(lambda grad: self._mark_seen(points, grad))
         return FieldOutput(self.density(x), albedo, self.normals(x, "finite_difference") if with_normals else None)
+
+    def nodes_of(self, x: torch.Tensor) -> torch.Tensor:
+        """The nearest grid node [N, 3] (x, y, z indices) of points ``x``."""
+        return ((x / self.bound + 1.0) * 0.5 * (self.cells - 1)).round().long().clamp(0, self.cells - 1)
+
+    @torch.no_grad()
+    def _mark_seen(self, x: torch.Tensor, grad: torch.Tensor) -> None:
+        """Add each sample's colour-gradient size to its nearest node's :attr:`reach`."""
+        i = self.nodes_of(x)
+        flat = (i[:, 0] * self.cells + i[:, 1]) * self.cells + i[:, 2]
+        self.reach.view(-1).index_add_(0, flat, grad.detach().abs().sum(dim=-1).to(self.reach.dtype))
+
+    @property
+    def seen(self) -> torch.Tensor:
+        """Nodes whose colour training reached: a reach of at least ``SEEN_SHARE`` of the median
+        reach of the surface nodes reached at all (a grazing ray's trickle does not count)."""
+        surface = self.distance[0, 0].permute(2, 1, 0).abs() < 2.0 * self.cell
+        reached = self.reach[surface & (self.reach > 0)]
+        if reached.numel() == 0:
+            return torch.zeros_like(self.reach, dtype=torch.bool)
+        return self.reach >= SEEN_SHARE * reached.median()
+
+    def seen_fraction(self, points: torch.Tensor) -> float:
+        """The share of ``points`` (e.g. surface samples) whose node colour training reached."""
+        i = self.nodes_of(points)
+        return float(self.seen[i[:, 0], i[:, 1], i[:, 2]].float().mean()) if len(points) else 0.0
+
+    def filled_albedo(self, albedo_fn: Callable[[np.ndarray], np.ndarray]) -> Callable[[np.ndarray], np.ndarray]:
+        """``albedo_fn`` where training reached; elsewhere (the underside no camera saw, a hidden
+        inside) the colour at the nearest reached node near the surface, so unseen parts take their
+        neighbours' colour instead of the field's untrained grey. Unchanged when nothing was reached."""
+        from scipy.spatial import cKDTree
+
+        seen_nodes = self.seen
+        near = (self.distance[0, 0].permute(2, 1, 0).abs() < 2.0 * self.cell) & seen_nodes
+        nodes = near.nonzero().cpu().numpy()
+        if len(nodes) == 0:
+            return albedo_fn
+        node_points = (nodes / (self.cells - 1) * 2.0 - 1.0) * self.bound
+        tree = cKDTree(node_points)
+        seen = seen_nodes.cpu().numpy()
+
+        def as_numpy(a: Any) -> np.ndarray:
+            return a.detach().float().cpu().numpy() if torch.is_tensor(a) else np.asarray(a, dtype=np.float32)
+
+        def albedo(points: Any) -> Any:  # numpy in, numpy out; a tensor in, a tensor out (as albedo_fn)
+            p = as_numpy(points).astype(np.float64)
+            i = self.nodes_of(torch.as_tensor(p)).numpy()
+            unseen = ~seen[i[:, 0], i[:, 1], i[:, 2]]
+            out = as_numpy(albedo_fn(points)).copy()
+            if unseen.any():
+                _, nearest = tree.query(p[unseen], workers=1)
+                q = node_points[nearest]
+                if torch.is_tensor(points):
+                    q = torch.as_tensor(q, dtype=points.dtype, device=points.device)
+                out[unseen] = as_numpy(albedo_fn(q))
+            return torch.as_tensor(out, device=points.device) if torch.is_tensor(points) else out
+
+        return albedo
 
     def normals(self, x: torch.Tensor, method: Optional[str] = None) -> torch.Tensor:
         """Outward normals of the mesh's density (finite differences unless ``autograd`` is asked)."""

@@ -1,0 +1,106 @@
+"""Benchmark: texture a reference object's true mesh, and score the texture against its true albedo.
+
+For each object, the input is the true surface (marching cubes of its SDF); the job textures it
+(``geometry.kind = mesh``) with the reference prior, and the summary's ``texture_error`` (mean
+absolute RGB difference at surface samples, 0..1) is compared with two bounds printed beside it:
+the floor (the true albedo baked through the same UV unwrap and bake: what a perfect colour field
+would score) and a flat texture of the object's mean true colour (what no distillation scores).
+Fits: ``none`` puts the mesh where the prior's object is; ``box`` re-centres and rescales it as
+an artist's mesh would be, so the prior's views and the mesh disagree a little.
+
+    .venv/bin/python benchmarks/bench_texturing.py [--objects-file docs/examples/lamp.json]
+        [--names rubber_duck mug ...] [--iters 600] [--method esd-exact] [--fits none box]
+        [--texture-size 512] [--out docs/texturing] [--seed 0]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+
+
+SIDE = 0.7  # surface points with |normal z| up to this face the training cameras' elevation band
+
+
+def errors(mesh, name: str) -> dict:
+    """Texture error of ``mesh`` (the true surface, textured) everywhere and on the sides alone
+    (the part the cameras, at -10 to 45 degrees of elevation, see; the underside and the tops of
+    flat parts are seen barely or not at all)."""
+    from distill3d.export.quality import colors_at, sample_with_normals
+    from distill3d.priors.reference.mesh import albedo_function
+
+    samples = sample_with_normals(mesh.vertices, mesh.faces, 20_000, 0)
+    ours = colors_at(mesh, samples)
+    truth = np.asarray(albedo_function(name)(samples.points), dtype=np.float64)[:, :3]
+    error = np.abs(ours - truth).mean(axis=1)
+    side = np.abs(samples.normals[:, 2]) <= SIDE
+    return {"all": float(error.mean()), "sides": float(error[side].mean())}
+
+
+def bounds(name: str, vertices: np.ndarray, faces: np.ndarray, texture_size: int) -> dict:
+    """The perfect field's errors (true albedo baked) and a flat mean colour's."""
+    from distill3d.config import ExportConfig, build
+    from distill3d.priors.reference.mesh import albedo_function
+    from distill3d.texturing import InputMesh, texture_input_mesh
+
+    albedo = albedo_function(name)
+    export = build(ExportConfig, {"texture_size": texture_size}, "export")
+    baked, _ = texture_input_mesh(InputMesh(vertices, faces), lambda v: v, albedo, export, "new")
+    mean = np.asarray(albedo(vertices), dtype=np.float64)[:, :3].mean(axis=0)
+    flat = baked.__class__(baked.vertices, baked.faces, baked.uvs,
+                           np.broadcast_to(np.append(mean * 255 + 0.5, 255).astype(np.uint8), baked.texture.shape).copy())
+    return {"floor": errors(baked, name), "flat": errors(flat, name)}
+
+
+def main(argv=None) -> list[dict]:
+    from distill3d.config import parse_job
+    from distill3d.job import generate
+    from distill3d.priors.reference.mesh import ground_truth_mesh
+    from distill3d.priors.reference.objects import OBJECTS
+    from distill3d.priors.reference.objects_file import register_objects_file
+    from distill3d.texturing import InputMesh
+
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--names", nargs="*", default=None, help="objects (default: every built-in one and those of --objects-file)")
+    ap.add_argument("--objects-file", action="append", default=[], help="register extra reference objects (JSON or Python)")
+    ap.add_argument("--iters", type=int, default=600)
+    ap.add_argument("--method", default="esd-exact")
+    ap.add_argument("--fits", nargs="+", default=["none", "box"], choices=["none", "box"])
+    ap.add_argument("--texture-size", type=int, default=512)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--out", type=Path, default=Path("out/bench_texturing"))
+    args = ap.parse_args(argv)
+
+    extra = [n for f in args.objects_file for n in register_objects_file(f)]
+    names = args.names or [*OBJECTS.keys(), *extra]
+    prompts = {n: "a " + OBJECTS[n].keywords[0] for n in names}
+    args.out.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for name in names:
+        vertices, faces = ground_truth_mesh(name, 96)
+        limits = bounds(name, vertices, faces, args.texture_size)
+        for fit in args.fits:
+            job = {"prompt": prompts[name], "iters": args.iters, "seed": args.seed, "view_dependent": True,
+                   "method": {"kind": args.method}, "geometry": {"kind": "mesh", "fit": fit},
+                   "export": {"texture_size": args.texture_size}, "preview": {"every": 0}}
+            if args.objects_file:
+                job["prior"] = {"kind": "reference", "objects": [*OBJECTS.keys(), *args.objects_file]}
+            t0 = time.perf_counter()
+            result = generate(parse_job(job), args.out / f"{name}_{fit}", input_mesh=InputMesh(vertices, faces))
+            row = {"object": name, "fit": fit, "method": args.method, "iters": args.iters, "result": errors(result.mesh, name),
+                   **limits, "summary_texture_error": result.summary["mesh"]["texture_error"],
+                   "seconds": time.perf_counter() - t0, "uvs": result.summary["geometry"]["uvs"]}
+            rows.append(row)
+            r, lo, hi = row["result"], row["floor"], row["flat"]
+            print(f"{name:12s} fit={fit:4s} texture error all {r['all']:.3f} sides {r['sides']:.3f} | floor {lo['all']:.3f} "
+                  f"{lo['sides']:.3f} | flat mean colour {hi['all']:.3f} {hi['sides']:.3f} | {row['seconds']:.0f} s", flush=True)
+    (args.out / "results.json").write_text(json.dumps(rows, indent=1))
+    return rows
+
+
+if __name__ == "__main__":
+    main()
