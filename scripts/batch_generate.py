@@ -11,6 +11,12 @@ packed texture, job settings stored on the object), then ``DIR/NNN_<prompt>.blen
 input scene plus one result (an empty scene when no .blend is given: not Blender's startup cube). ``DIR/batch_summary.json`` lists what happened. The exit code
 is 0 when every prompt succeeded, 1 when any failed, 2 on bad arguments.
 
+``--texture OBJECT`` (repeatable) or ``--texture-selected`` textures mesh objects of ``--scene``
+instead: each prompt bakes a texture onto each of them, exactly as the panel's "Texture
+selected" does (geometry untouched, their own UV map or a new one), ``DIR/NNN_<prompt>.blend``
+holds the scene with them textured and ``DIR/NNN_<prompt>_<object>.glb`` each of them; their
+original materials are put back before the next prompt.
+
 Job options left out keep the job description's defaults (as a fresh panel has them);
 ``--set PATH=JSON`` sets any setting of the job by its dotted path (``--set method.lora_rank=8``,
 ``--set field='{"kind": "hash"}'``) before the job is validated, exactly as the panel's job is.
@@ -81,6 +87,10 @@ def build_parser() -> argparse.ArgumentParser:
     src.add_argument("--out", type=Path, required=True, help="output folder")
     src.add_argument("--no-glb", action="store_true", help="save only the .blend files")
     src.add_argument("--scene", type=Path, default=None, help="open this .blend first (when not given to Blender itself)")
+    tex = p.add_argument_group("texturing meshes of the scene (instead of generating new objects)")
+    tex.add_argument("--texture", dest="texture_objects", action="append", default=[], metavar="OBJECT",
+                     help="texture this mesh object of the scene with each prompt (repeatable); its geometry is untouched")
+    tex.add_argument("--texture-selected", action="store_true", help="texture the scene's selected mesh objects with each prompt")
     job = p.add_argument_group("job (unset options keep the job description's defaults, as the panel starts)")
     job.add_argument("--negative-prompt", default=None)
     job.add_argument("--prior", default=None, help="reference | sd | learned")
@@ -168,7 +178,7 @@ def load_addon() -> ModuleType:
         if importlib.util.find_spec("distill3d_protocol") is None:
             sys.path.insert(0, str(ROOT / "shared"))
     addon = importlib.import_module(package)
-    for sub in ("backend_process", "preferences", "job_fields", "properties", "jobs"):
+    for sub in ("backend_process", "preferences", "job_fields", "properties", "jobs", "mesh_texture", "operators"):
         importlib.import_module(f"{package}.{sub}")
     return addon
 
@@ -249,6 +259,57 @@ def make_job(addon: ModuleType, args: argparse.Namespace, prompt: str, scene: An
     return addon.properties.job_from_settings(settings, scene, overrides=overrides)
 
 
+def texture_targets(bpy: Any, args: argparse.Namespace, parser: argparse.ArgumentParser) -> list[str]:
+    """The names of the mesh objects to texture (``--texture``, ``--texture-selected``), checked."""
+    names = list(dict.fromkeys(args.texture_objects))
+    if args.texture_selected:
+        names += [o.name for o in bpy.context.scene.objects if o.select_get() and o.type == "MESH" and o.name not in names]
+        if not names:
+            parser.error("--texture-selected: no mesh object is selected in the scene")
+    for name in names:
+        obj = bpy.data.objects.get(name)
+        if obj is None or obj.type != "MESH":
+            parser.error(f"--texture: no mesh object named {name!r} in the scene")
+    return names
+
+
+def texture_objects(addon: ModuleType, controller: Any, scene: Any, job: dict, targets: list[str], settings: Any,
+                    timeout: float) -> list[str]:
+    """Texture each target with ``job`` (geometry: mesh); returns the textured objects' names."""
+    import bpy
+
+    job = {**job, "geometry": {"kind": addon.operators.TEXTURE_GEOMETRY}}
+    for name in targets:
+        controller.texture(scene, bpy.data.objects[name], job, settings)
+        status = controller.wait_until_done(timeout)
+        if status is None or not status.finished:
+            controller.cancel()
+            controller.wait_until_done(10.0)
+            raise RuntimeError(f"texturing {name!r} timed out after {timeout:g} s")
+        if status.state != "done" or "Textured" not in controller.status:
+            raise RuntimeError(f"texturing {name!r}: {status.message or controller.status}")
+    return targets
+
+
+def untexture(addon: ModuleType, names: list[str]) -> None:
+    """Put the original materials back and delete the texture's material and image (for the next prompt)."""
+    import bpy
+
+    for name in names:
+        obj = bpy.data.objects.get(name)
+        if obj is None:
+            continue
+        made = {slot.material for slot in obj.material_slots if slot.material is not None}
+        addon.mesh_texture.restore_materials(obj)
+        for material in made:
+            images = [n.image for n in material.node_tree.nodes if getattr(n, "image", None) is not None] if material.node_tree else []
+            if material.users == 0:
+                bpy.data.materials.remove(material)
+            for image in images:
+                if image.users == 0:
+                    bpy.data.images.remove(image)
+
+
 def export_glb(obj: Any, path: Path) -> None:
     import bpy
 
@@ -292,6 +353,7 @@ def run(argv: Sequence[str]) -> int:
     prepare_scene(bpy, args.scene)
     addon = load_addon()
     scene = bpy.context.scene
+    targets = texture_targets(bpy, args, parser)
     collection = None
     if args.camera_collection:
         collection = bpy.data.collections.get(args.camera_collection)
@@ -335,6 +397,26 @@ def run(argv: Sequence[str]) -> int:
                 entry["seed"] = job["seed"]
                 # The first job may wait for a backend that is still importing torch.
                 settings.connect_timeout_s = max(args.connect_timeout, 120.0) if backend is not None and index == 0 else args.connect_timeout
+                if targets:
+                    textured = texture_objects(addon, controller, scene, job, targets, settings, args.timeout)
+                    try:
+                        entry.update(state="done", textured=textured, job_id=controller.job.job_id)
+                        blend = out / f"{stem}.blend"
+                        bpy.ops.wm.save_as_mainfile(filepath=str(blend), copy=True)
+                        entry["blend"] = blend.name
+                        if not args.no_glb:
+                            entry["glb"] = []
+                            for name in textured:
+                                glb = out / f"{stem}_{slug(name, 32)}.glb"
+                                export_glb(bpy.data.objects[name], glb)
+                                entry["glb"].append(glb.name)
+                    finally:
+                        untexture(addon, targets)
+                    print(f"batch_generate: [{index + 1}/{len(prompts)}] {prompt!r}: textured {', '.join(textured)} -> {blend.name}")
+                    entry["seconds"] = round(time.monotonic() - started, 3)
+                    summary.append(entry)
+                    (out / "batch_summary.json").write_text(json.dumps(summary, indent=1), encoding="utf-8")
+                    continue
                 controller.generate(scene, job, settings)
                 status = controller.wait_until_done(args.timeout)
                 if status is None or not status.finished:

@@ -144,3 +144,43 @@ def test_batch_writes_a_blend_and_a_glb_per_prompt_using_the_scene_cameras(tmp_p
         assert cams["kind"] == "rig" and len(cams["cameras"]) == 2
         for expected, cam in zip(matrices, cams["cameras"]):
             np.testing.assert_allclose(np.asarray(cam["matrix"]).reshape(4, 4), expected, atol=1e-6)
+
+
+def test_batch_textures_the_scenes_selected_meshes_and_puts_their_materials_back(tmp_path):
+    """--texture-selected: each prompt textures the selected meshes (geometry untouched); each
+    .blend holds them textured, the GLB per object, and the next prompt starts from the originals."""
+    import trimesh
+
+    bpy = addon_support.fresh_blender()
+    bpy.ops.wm.read_factory_settings(use_empty=True)
+    bpy.ops.mesh.primitive_cube_add(size=1.0, location=(2.0, 0.0, 0.5))
+    box = bpy.context.active_object
+    box.name = "crate"
+    box.data.materials.append(bpy.data.materials.new("wood"))
+    bpy.ops.mesh.primitive_uv_sphere_add(radius=0.3, location=(-2.0, 0.0, 0.3))
+    bpy.context.active_object.name = "not selected"
+    bpy.ops.object.select_all(action="DESELECT")
+    box.select_set(True)
+    scene_file = tmp_path / "props.blend"
+    bpy.ops.wm.save_as_mainfile(filepath=str(scene_file))
+    co = np.empty(len(box.data.vertices) * 3, np.float32)
+    box.data.vertices.foreach_get("co", co)
+    out = tmp_path / "out"
+    args = [SCRIPT, "--", "--prompt", "a house", "--prompt", "a mug", "--out", out, "--scene", scene_file, "--texture-selected"]
+    proc = run_python([*args, *SMALL, "--start-backend"], 2 * JOB_TIMEOUT_S)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    summary = json.loads((out / "batch_summary.json").read_text())
+    assert [(e["prompt"], e["state"], e["textured"]) for e in summary] == [("a house", "done", ["crate"]), ("a mug", "done", ["crate"])]
+    for entry in summary:
+        bpy.ops.wm.open_mainfile(filepath=str(out / entry["blend"]))
+        crate = bpy.data.objects["crate"]
+        got = np.empty(len(crate.data.vertices) * 3, np.float32)
+        crate.data.vertices.foreach_get("co", got)
+        np.testing.assert_array_equal(got, co)  # the same geometry
+        material = crate.material_slots[0].material
+        assert material.name.startswith(entry["prompt"]) and "wood" not in [m.name for m in crate.data.materials]
+        assert bpy.data.objects["not selected"].material_slots[:] == []
+        (glb,) = entry["glb"]
+        assert len(trimesh.load(out / glb, force="mesh", process=False).faces) == 12
+        config = json.loads((out / "jobs" / entry["job_id"] / "job.json").read_text())["config"]
+        assert config["geometry"]["kind"] == "mesh" and config["prompt"] == entry["prompt"]
