@@ -28,6 +28,7 @@ except ModuleNotFoundError as exc:  # only a missing bundled copy falls back, no
 
 jobconfig = importlib.import_module(f"{_package.__name__}.jobconfig")
 records = importlib.import_module(f"{_package.__name__}.settings")
+recipes = importlib.import_module(f"{_package.__name__}.recipes")  # measured defaults per prior, presets
 
 # the wire
 PROTOCOL_VERSION = _package.PROTOCOL_VERSION

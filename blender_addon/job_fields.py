@@ -42,7 +42,7 @@ import struct
 from dataclasses import dataclass
 from typing import Any, Iterator, Optional
 
-from ._protocol import ConfigError, JobConfig, records
+from ._protocol import ConfigError, JobConfig, recipes, records
 
 Setting = records.Setting
 KIND_KEY = records.KIND_KEY
@@ -64,6 +64,18 @@ NOT_PROPERTIES = {
 def not_a_property(path: str) -> bool:
     """Whether the job value at ``path`` (or a section above it) is left to other parts of the add-on."""
     return any(path == key or path.startswith(key + ".") for key in NOT_PROPERTIES)
+
+def _flat(overrides: dict, prefix: str = "") -> Iterator[tuple[str, Any]]:
+    for key, value in overrides.items():
+        if isinstance(value, dict):
+            yield from _flat(value, f"{prefix}{key}.")
+        else:
+            yield f"{prefix}{key}", value
+
+
+#: a fresh panel starts from the default prior's measured best estimator (protocol recipes.RECOMMENDED:
+#: esd-exact at lambda 1 with view-dependent prompts for the reference world), not the description's plain SDS
+PANEL_DEFAULTS: dict[str, Any] = dict(_flat(recipes.recommended_for(JobConfig().prior.KIND)[1]))
 
 # Words shown in capitals in labels derived from field names ("lora_lr" -> "LoRA LR").
 _LABEL_WORDS = {"lr": "LR", "mlp": "MLP", "mlps": "MLPs", "lora": "LoRA", "cpu": "CPU", "vae": "VAE", "ema": "EMA", "occ": "occupancy",
@@ -175,10 +187,11 @@ class PanelSetting:
 
     @property
     def panel_default(self) -> Any:
-        """The property's default, in the panel's form."""
+        """The property's default, in the panel's form: the description's, except where the
+        default prior's measured best estimator differs (:data:`PANEL_DEFAULTS`)."""
         if self.has_auto_toggle:
             return self.auto_value
-        return self.to_panel(self.default)
+        return self.to_panel(PANEL_DEFAULTS.get(self.path, self.default))
 
     @property
     def auto_value(self) -> Any:

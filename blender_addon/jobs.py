@@ -125,6 +125,8 @@ class JobController(ClientListener):
         self._testing_connection = False  # the status line awaits the answer to "Test connection"
         self.reports: list = []  # (level, text) sent to the Info log, newest last (the last 100)
         self._dead_backend_reported: Optional[int] = None  # pid of the local backend whose death was reported
+        #: seconds per iteration the connected backend took, by (endpoint, prior, method, resolution, views per step)
+        self.speeds: dict[tuple, float] = {}
         #: a texture job's object (by name) and the UV map its corner UVs were read from
         self.texture_target = ""
         self.texture_uv_map: Optional[str] = None
@@ -190,6 +192,35 @@ class JobController(ClientListener):
             phase = "exporting"
         steps = f"Step {job.step}/{job.total} · " if job.total else ""
         return f"{steps}{phase[:1].upper()}{phase[1:]}…" if job.state == "running" else job.state.capitalize()
+
+    # ------------------------------------------------------------------ time estimates
+
+    def _speed_key(self, job: dict) -> tuple:
+        def kind(name: str) -> Any:
+            value = job.get(name)
+            return value.get("kind") if isinstance(value, dict) else value
+
+        return (self.settings.endpoint.strip(), kind("prior"), kind("method"), job.get("resolution"), job.get("batch_size"))
+
+    def note_speed(self, job: dict, summary: Optional[dict]) -> None:
+        """Remember how fast the backend ran ``job`` (its summary's seconds per iteration)."""
+        spi = (summary or {}).get("seconds_per_iteration")
+        if isinstance(spi, (int, float)) and math.isfinite(spi) and spi > 0:
+            self.speeds[self._speed_key(job)] = float(spi)
+
+    def estimate_s(self, job: dict) -> Optional[tuple[float, bool]]:
+        """(seconds ``job``'s training would take on the connected backend, exact?) from the jobs it
+        ran: the same prior, method and sizes exactly; else the nearest one scaled by pixels x views
+        (a rough figure); None before any job ran there."""
+        key = self._speed_key(job)
+        iters = job.get("iters") or 0
+        if key in self.speeds:
+            return self.speeds[key] * iters, True
+        same_backend = [(k, v) for k, v in self.speeds.items() if k[0] == key[0] and k[1] == key[1]]
+        if not same_backend or not key[3] or not key[4]:
+            return None
+        (_, _, _, res, batch), spi = same_backend[-1]
+        return spi * iters * (key[3] ** 2 * key[4]) / max(res**2 * batch, 1), False
 
     # ------------------------------------------------------------------ client
 
@@ -443,6 +474,7 @@ class JobController(ClientListener):
 
     def on_result(self, job: JobStatus, mesh: Any, message: Any) -> None:
         self._pending_preview = None
+        self.note_speed(job.config, job.summary)
         scene = self._scene()
         target = bpy.data.objects.get(self.texture_target) if self.texture_target else None
         if target is not None:

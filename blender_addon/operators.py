@@ -13,12 +13,12 @@ from typing import Any
 import bpy
 
 from . import mesh_texture, scene_import
-from ._protocol import jobconfig
+from ._protocol import jobconfig, recipes
 from .backend_process import BackendProcessError
 from .client import ClientError
 from .jobs import CONTROLLER, local_backend_status, start_local_backend, stop_local_backend
 from .preferences import connection_settings
-from .properties import JobSettingsError, apply_job_to_settings, job_from_settings
+from .properties import JobSettingsError, apply_job_to_settings, apply_preset, job_from_settings
 
 TEXTURE_GEOMETRY = jobconfig.MeshGeometryConfig.KIND
 
@@ -55,6 +55,26 @@ class DISTILL3D_OT_generate(bpy.types.Operator):
             settings.seed = job["seed"]  # show the seed that was used
         self.report({"INFO"}, f"distill3d: submitted “{job['prompt']}” to {conn.endpoint} (seed {job['seed']})")
         return {"FINISHED"} if status is not None else {"CANCELLED"}
+
+
+class DISTILL3D_OT_apply_preset(bpy.types.Operator):
+    """Set the chosen prior's measured best method and a budget (iterations, render and texture size)"""
+
+    bl_idname = "distill3d.apply_preset"
+    bl_label = "Preset"
+    bl_options = {"REGISTER", "UNDO"}
+
+    preset: bpy.props.EnumProperty(
+        name="Preset",
+        items=[(name, name.capitalize(), f"The {name} budget for the chosen prior") for name in recipes.PRESET_NAMES],
+        default="standard",
+    )
+
+    def execute(self, context: Any) -> set:
+        settings = context.scene.distill3d
+        why = apply_preset(settings, self.preset)
+        self.report({"INFO"}, f"distill3d: {self.preset} preset; method: {why}")
+        return {"FINISHED"}
 
 
 class DISTILL3D_OT_texture_selected(bpy.types.Operator):
@@ -263,6 +283,7 @@ class DISTILL3D_OT_report(bpy.types.Operator):
 CLASSES = (
     DISTILL3D_OT_report,
     DISTILL3D_OT_generate,
+    DISTILL3D_OT_apply_preset,
     DISTILL3D_OT_texture_selected,
     DISTILL3D_OT_restore_material,
     DISTILL3D_OT_cancel,

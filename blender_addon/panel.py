@@ -25,8 +25,8 @@ from . import job_fields
 from .client import Connection
 from .jobs import CONTROLLER
 from .job_fields import PANEL_SETTINGS, PanelSetting
-from ._protocol import jobconfig
-from .properties import job_problem, uses_scene_cameras
+from ._protocol import jobconfig, recipes
+from .properties import job_problem, settings_job, uses_scene_cameras
 
 log = logging.getLogger(__name__)
 _reported: set = set()
@@ -132,6 +132,21 @@ def known_objects_hint(settings: Any) -> str:
     return "Knows: " + ", ".join(REFERENCE_OBJECT_PROMPTS) + " (and objects of its objects files)"
 
 
+def time_estimate_text(settings: Any, scene: Any) -> str:
+    """How long the current settings' training would take on the connected backend, as far as known."""
+    from .jobs import format_duration
+
+    try:
+        job = settings_job(settings, seed=0)
+    except Exception:  # noqa: BLE001 - used from draw()
+        return "Time: the settings are not a valid job"
+    estimate = CONTROLLER.estimate_s(job)
+    if estimate is None:
+        return "Time: known after a first job on this backend"
+    seconds, exact = estimate
+    return f"Time: {'' if exact else '≈ '}{format_duration(seconds)} of training on this backend"
+
+
 def draw_texture_button(layout: Any, obj: Any) -> None:
     """"Texture selected" for a mesh object (with "Restore material" once it was textured), or why not."""
     from .mesh_texture import PREVIOUS_MATERIALS_KEY, texture_target_problem
@@ -225,6 +240,10 @@ class VIEW3D_PT_distill3d_method(_Distill3DPanel, bpy.types.Panel):
     @_safe
     def draw(self, context: Any) -> None:
         settings, layout = self.split_layout(context)
+        row = layout.row(align=True)
+        for name in recipes.PRESET_NAMES:
+            row.operator("distill3d.apply_preset", text=name.capitalize()).preset = name
+        layout.label(text=time_estimate_text(settings, context.scene), icon="TIME")
         for entry in shown((METHOD_MENU,), settings):
             layout.row().prop(settings, entry.name, expand=True)
         col = layout.column()

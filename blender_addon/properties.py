@@ -27,7 +27,7 @@ import bpy
 from bpy.props import BoolProperty, EnumProperty, FloatProperty, FloatVectorProperty, IntProperty, IntVectorProperty, PointerProperty, StringProperty
 
 from . import job_fields, scene_cameras
-from ._protocol import CONFIG_VERSION, ConfigError, jobconfig, migrate, parse_job, records
+from ._protocol import CONFIG_VERSION, ConfigError, jobconfig, migrate, parse_job, recipes, records
 from .job_fields import INT_MAX, INT_MIN, KIND_SETTINGS, PANEL_SETTINGS, PanelSetting
 
 CAMERAS = "cameras"  # the union of the camera source; its kind menu is the property "cameras"
@@ -80,11 +80,64 @@ def blender_properties(entry: PanelSetting) -> Iterator[tuple[str, Any]]:
     else:  # str, comma-separated lists, JSON
         hint = " (comma separated)" if entry.is_text_list else " (JSON; empty: none)" if s.kind == "json" else ""
         prop = StringProperty(default=default, name=entry.label, description=entry.description + hint)
+    if entry.path == PRIOR_KIND_PATH:  # choosing a prior picks its measured best estimator
+        prop = EnumProperty(items=entry.menu_items(), default=default, update=_prior_changed, **common)
     yield entry.name, prop
     if entry.has_auto_toggle:
         yield entry.auto_name, BoolProperty(
             name="Auto", default=True, description=f"Leave {entry.label} to the backend: {entry.setting.help}"
         )
+
+
+PRIOR_KIND_PATH = "prior.kind"
+
+
+def _flat_overrides(overrides: dict, prefix: str = "") -> Iterator[tuple[str, Any]]:
+    """``{"method": {"kind": "esd", "lam": 1}}`` -> ("method.kind", "esd"), ("method.lam", 1): kinds first."""
+    items = sorted(overrides.items(), key=lambda kv: kv[0] != records.KIND_KEY)
+    for key, value in items:
+        path = f"{prefix}{key}"
+        if isinstance(value, dict):
+            yield from _flat_overrides(value, path + ".")
+        else:
+            yield path, value
+
+
+def apply_overrides(settings: Any, overrides: dict) -> list[str]:
+    """Set dotted ``overrides`` (a recipe's, a preset's) in the panel; returns what could not be set."""
+    skipped = []
+    for path, value in _flat_overrides(overrides):
+        entry = job_fields.KIND_SETTINGS.get(path[: -len(".kind")]) if path.endswith(".kind") else job_fields.applicable(path, settings)
+        if entry is None:
+            skipped.append(f"{path}: not a setting of the chosen kinds")
+            continue
+        try:
+            entry.write(settings, records.check_value(path, entry.setting, value))
+        except (ConfigError, TypeError, ValueError) as exc:
+            skipped.append(str(exc))
+    return skipped
+
+
+def apply_recommended(settings: Any) -> str:
+    """The chosen prior's measured best estimator (method, its knobs, view-dependent prompts); returns why."""
+    why, overrides = recipes.recommended_for(job_fields.chosen_kind(settings, "prior"))
+    apply_overrides(settings, overrides)
+    return why
+
+
+def apply_preset(settings: Any, name: str) -> str:
+    """Preset ``name`` for the chosen prior: its recommended estimator and the preset's budget."""
+    why = apply_recommended(settings)
+    apply_overrides(settings, recipes.preset_for(name, job_fields.chosen_kind(settings, "prior")))
+    return why
+
+
+def _prior_changed(settings: Any, context: Any) -> None:
+    """A different prior: its recommended estimator (an unchanged prior leaves the method alone)."""
+    kind = job_fields.chosen_kind(settings, "prior")
+    if kind != settings.prior_last:
+        settings.prior_last = kind
+        apply_recommended(settings)
 
 
 def generated_annotations() -> dict[str, Any]:
@@ -106,6 +159,8 @@ class Distill3DSettings(bpy.types.PropertyGroup):
     """Everything the panel sends with a job: the generated job settings (added below) and these."""
 
     random_seed: BoolProperty(name="Random seed", description="Draw a new seed for every job (the one used is stored on the result)", default=False)
+    prior_last: StringProperty(default=jobconfig.JobConfig().prior.KIND, options={"HIDDEN"},
+                               description="the prior the method was last recommended for")
 
     camera_collection: PointerProperty(
         name="Collection",

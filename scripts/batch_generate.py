@@ -95,7 +95,10 @@ def build_parser() -> argparse.ArgumentParser:
     job.add_argument("--negative-prompt", default=None)
     job.add_argument("--prior", default=None, help="reference | sd | learned")
     job.add_argument("--model", default=None, help="the Stable Diffusion weights (prior sd)")
-    job.add_argument("--method", default=None, help="sds | vsd | esd | esd-exact | ssd")
+    job.add_argument("--method", default=None, help="sds | vsd | esd | esd-exact | esd-kernel | ssd (default: the prior's "
+                                                    "measured best, as the panel and the CLI; `distill3d config recipes`)")
+    job.add_argument("--preset", default=None, choices=("draft", "standard", "best"),
+                     help="the budget for the prior (iterations, render and texture size) where not given")
     job.add_argument("--lam", type=float, default=None, help="ESD's lambda (methods esd, esd-exact)")
     job.add_argument("--guidance-scale", type=float, default=None, help="default: the method's automatic value")
     job.add_argument("--iters", type=int, default=None)
@@ -253,8 +256,17 @@ def make_job(addon: ModuleType, args: argparse.Namespace, prompt: str, scene: An
         overrides["cameras"] = _camera_source(args.cameras)
     if args.vertex_colors:
         overrides["export.textured"] = False
-    overrides.update(dict(args.set))
     settings = panel_like_settings(addon, args, prompt, collection)
+    recipes = addon.properties.recipes
+    prior = addon.job_fields.chosen_kind(settings, "prior")
+    given = {path for path, _ in args.set}
+    if args.method is None and args.lam is None and not any(p == "method" or p.startswith("method.") for p in given):
+        overrides.update(recipes.recommended_for(prior)[1])  # as the CLI: the prior's measured best estimator
+    if args.preset is not None:
+        flags = {"iters": args.iters, "resolution": args.resolution, "export.texture_size": args.texture_size}
+        overrides.update({path: value for path, value in recipes.preset_for(args.preset, prior).items()
+                          if flags.get(path) is None and path not in given})
+    overrides.update(dict(args.set))
     _pick_kinds(addon, settings, [path for path in overrides if not any(path.startswith(p + ".") for p in overrides)])
     return addon.properties.job_from_settings(settings, scene, overrides=overrides)
 

@@ -106,9 +106,9 @@ def test_extension_registers_and_unregisters_cleanly(blender):
     for cycle in range(2):
         assert all(hasattr(bpy.types, n) for n in names)
         settings = bpy.context.scene.distill3d
-        defaults = JobConfig()  # the panel starts at the job description's defaults
-        assert settings.method == defaults.method.KIND and settings.iters == defaults.iters
-        assert settings.method__lam == pytest.approx(jobconfig.ESDConfig().lam)
+        defaults = JobConfig()  # the panel starts at the job description's defaults, with the measured best estimator
+        assert settings.iters == defaults.iters and settings.prior == defaults.prior.KIND
+        assert (settings.method, settings.method__lam, settings.view_dependent) == ("esd-exact", pytest.approx(1.0), True)
         assert bpy.ops.distill3d.generate.poll()
         blender.disable()
         assert blender.module_name not in bpy.context.preferences.addons
@@ -274,7 +274,7 @@ def test_the_job_holds_only_the_settings_of_the_chosen_kinds_and_keeps_the_descr
         settings.method = kind
         job = props.job_from_settings(settings, scene)
         assert set(job["method"]) == {"kind"} | {name for name, _, _ in records.record_fields(cls)}, kind
-    settings.method = "sds"
+    settings.method, settings.view_dependent = "sds", False
     assert props.job_from_settings(settings, scene) == JobConfig(prompt="a mug").to_dict()  # cameras: null, the prior's
     settings.cameras = "distribution"
     assert props.job_from_settings(settings, scene)["cameras"] == {"kind": "distribution", **records.to_dict(jobconfig.CameraDistributionConfig())}
@@ -287,7 +287,9 @@ def test_the_job_holds_only_the_settings_of_the_chosen_kinds_and_keeps_the_descr
     settings.field = "auto"
     assert props.job_from_settings(settings, scene)["field"] is None
     # a rule between settings (esd-exact needs the reference prior) reaches the panel
-    settings.method, settings.prior = "esd-exact", "sd"
+    settings.prior = "sd"  # choosing a prior picks its measured best estimator ...
+    assert settings.method == "sds"
+    settings.method = "esd-exact"  # ... and a method it cannot run is reported
     assert "reference prior" in props.job_problem(settings)
     with pytest.raises(props.JobSettingsError, match="reference prior"):
         props.job_from_settings(settings, scene)
@@ -299,6 +301,41 @@ def test_the_job_holds_only_the_settings_of_the_chosen_kinds_and_keeps_the_descr
     settings.method__channels = "32, wide"
     with pytest.raises(props.JobSettingsError, match="method.channels"):
         props.job_from_settings(settings, scene)
+    _reset(settings)
+
+
+def test_a_prior_brings_its_measured_best_method_and_presets_set_the_budget(blender, controller):
+    bpy = blender.bpy
+    props = blender.submodule("properties")
+    panel = blender.submodule("panel")
+    settings = bpy.context.scene.distill3d
+    _reset(settings)
+    assert (settings.prior, settings.method, settings.method__lam, settings.view_dependent) == ("reference", "esd-exact", 1.0, True)
+    settings.method = "ssd"
+    settings.prior = "reference"  # the same prior again: the artist's method stays
+    assert settings.method == "ssd"
+    settings.prior = "sd"
+    assert (settings.method, settings.view_dependent) == ("sds", True)
+    settings.prior = "learned"
+    assert (settings.method, settings.method__lam) == ("esd-kernel", 1.0)
+    settings.prior = "reference"
+    assert bpy.ops.distill3d.apply_preset(preset="draft") == {"FINISHED"}
+    assert (settings.method, settings.iters, settings.resolution, settings.export__texture_size) == ("esd-exact", 200, "32", "512")
+    assert bpy.ops.distill3d.apply_preset(preset="best") == {"FINISHED"} and settings.iters == 1500
+    # a stored job loads as it was, whatever its prior would recommend
+    stored = {"prompt": "a mug", "prior": {"kind": "sd"}, "method": {"kind": "vsd"}, "view_dependent": False}
+    props.apply_job_to_settings(settings, stored)
+    assert (settings.prior, settings.method, settings.view_dependent) == ("sd", "vsd", False)
+    # the time estimate: unknown until the backend ran a job, then from its speed (scaled for other sizes)
+    _reset(settings)
+    settings.prompt = "a mug"
+    assert "after a first job" in panel.time_estimate_text(settings, bpy.context.scene)
+    job = props.settings_job(settings, seed=0)
+    controller.note_speed(job, {"seconds_per_iteration": 0.1})
+    assert panel.time_estimate_text(settings, bpy.context.scene) == "Time: 1:00 of training on this backend"  # 600 x 0.1 s
+    settings.batch_size = 8
+    assert panel.time_estimate_text(settings, bpy.context.scene) == "Time: ≈ 2:00 of training on this backend"
+    controller.speeds.clear()
     _reset(settings)
 
 

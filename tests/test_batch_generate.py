@@ -48,8 +48,14 @@ def test_batch_jobs_are_the_panels_jobs_with_command_line_and_set_overrides(tmp_
 
     job = job_for()
     defaults = JobConfig(prompt="a mug").to_dict()
-    assert job["version"] == CONFIG_VERSION and job["method"] == defaults["method"] and job["renderer"] == defaults["renderer"]
+    # no --method: the prior's measured best estimator, as the panel and the CLI
+    assert job["version"] == CONFIG_VERSION and job["renderer"] == defaults["renderer"]
+    assert job["method"] == {"kind": "esd-exact", "lam": 1.0, "bank": 0} and job["view_dependent"] is True
     assert job["iters"] == defaults["iters"] and job["preview"]["every"] == 0  # no previews in batch mode
+    sd = job_for("--prior", "sd")
+    assert sd["method"]["kind"] == "sds" and sd["view_dependent"] is True
+    assert job_for("--method", "sds")["view_dependent"] is False
+    assert (job_for("--preset", "draft")["iters"], job_for("--preset", "draft", "--iters", "7")["iters"]) == (200, 7)
     job = job_for("--method", "esd", "--lam", "0.25", "--iters", "5", "--resolution", "16", "--texture-size", "64", "--vertex-colors",
                   "--guidance-scale", "7.5", "--set", "method.lora_rank=8", "--set", "renderer.shading=mixed", "--set", 'field={"kind": "hash"}')
     assert job["method"]["kind"] == "esd" and job["method"]["lam"] == 0.25 and job["method"]["lora_rank"] == 8
@@ -60,7 +66,7 @@ def test_batch_jobs_are_the_panels_jobs_with_command_line_and_set_overrides(tmp_
     with pytest.raises(addon.properties.JobSettingsError, match=r"method\.lora_rank must be .*256"):
         job_for("--method", "vsd", "--set", "method.lora_rank=0")
     with pytest.raises(addon.properties.JobSettingsError, match=r"method.*lam"):
-        job_for("--set", "method.lam=0.5")  # SDS has no lambda
+        job_for("--method", "sds", "--set", "method.lam=0.5")  # SDS has no lambda
     # the camera source: the prior's recommendation unless --cameras, --set cameras.* or --scene-cameras say otherwise
     assert job_for()["cameras"] is None
     job = job_for("--cameras", '{"elevation_range": [0, 30], "front_bias": 2}')  # a distribution may leave out its kind

@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import jsonschema
+import numpy as np
 import pytest
 
 from distill3d.cli import build_parser
@@ -143,8 +144,11 @@ def test_every_setting_is_reachable_from_the_cli_and_the_wire(path, value, kinds
     got = get_path(cfg.to_dict(), path)
     expected = list(value) if isinstance(value, tuple) else value
     assert got == expected, f"--set {path} did not arrive"
-    # the wire carries it: a submit with this job decodes to the same job
-    msg = decode(encode(Kind.SUBMIT, {"config": cfg.to_dict()}))
+    # the wire carries it: a submit with this job decodes to the same job (a texture job with its mesh)
+    mesh = None
+    if cfg.geometry is not None:
+        mesh = {"vertices": np.eye(3, dtype=np.float32), "faces": np.array([[0, 1, 2]], dtype=np.int32)}
+    msg = decode(encode(Kind.SUBMIT, {"config": cfg.to_dict()}, mesh))
     assert get_path(parse_job(msg.header["config"]).to_dict(), path) == expected
 
 
@@ -284,3 +288,23 @@ def test_the_reference_objects_clients_offer_are_the_backends():
     assert len(REFERENCE_OBJECT_PROMPTS) == len(object_names())
     for name, prompt in zip(object_names(), REFERENCE_OBJECT_PROMPTS):
         assert OBJECTS[name].matches(f"a {prompt}"), (name, prompt)
+
+
+def test_a_job_without_a_method_gets_the_priors_measured_best_and_presets_set_the_budget():
+    from distill3d_protocol.recipes import PRESETS, RECOMMENDED
+
+    reference = cli_job(["a mug"])
+    assert (reference.method.KIND, reference.method.lam, reference.view_dependent) == ("esd-exact", 1.0, True)
+    learned = cli_job(["a mug", "--prior", "learned"])
+    assert (learned.method.KIND, learned.view_dependent) == ("esd-kernel", True)
+    sd = cli_job(["a cat", "--prior", "sd"])
+    assert (sd.method.KIND, sd.view_dependent, sd.iters) == ("sds", True, 10_000)  # with dreamfusion-sd's recipe
+    assert cli_job(["a mug", "--method", "sds"]).view_dependent is False  # a named method: only what was asked
+    assert cli_job(["a mug", "--view-dependent"]).method.KIND == "esd-exact"
+    plain = cli_job(["a mug", "--recipe", "none"])
+    assert (plain.method.KIND, plain.view_dependent) == ("sds", False)
+    draft = cli_job(["a mug", "--preset", "draft"])
+    assert (draft.iters, draft.export.texture_size) == (200, 512) == (PRESETS["draft"]["reference"]["iters"], 512)
+    assert cli_job(["a mug", "--preset", "best", "--iters", "50"]).iters == 50  # what is given wins
+    assert cli_job(["a cat", "--prior", "sd", "--preset", "draft"]).iters == 2_500  # over the recipe
+    assert set(RECOMMENDED) == {"reference", "learned", "sd"} == set(PRESETS["standard"])

@@ -26,7 +26,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     show.set_defaults(func=run_show)
     paths = csub.add_parser("paths", help="list every setting (dotted path, default, allowed values, help)")
     paths.set_defaults(func=run_paths)
-    recipes = csub.add_parser("recipes", help="the references' recipe per prior and method, and where ours differ")
+    recipes = csub.add_parser("recipes", help="the measured default estimator per prior, the presets, the references' recipe "
+                                              "per prior and method, and where ours differ")
     recipes.set_defaults(func=run_recipes)
     p.set_defaults(func=lambda args: p.print_help() or 2)
 
@@ -51,8 +52,14 @@ def run_paths(args: argparse.Namespace) -> int:
 
 
 def run_recipes(args: argparse.Namespace) -> int:
-    from distill3d_protocol.recipes import DEVIATIONS, RECIPES
+    from distill3d_protocol.recipes import DEVIATIONS, PRESETS, RECIPES, RECOMMENDED
 
+    print("with no --method, each prior's measured best estimator:")
+    for prior, (why, settings) in RECOMMENDED.items():
+        print(f"  --prior {prior}: {json.dumps(settings)}\n      {why}")
+    print("presets (--preset NAME): iterations, render and texture size per prior:")
+    for preset, per_prior in PRESETS.items():
+        print(f"  {preset}: " + "; ".join(f"{prior} {json.dumps(values)}" for prior, values in per_prior.items()))
     for (prior, method), (name, settings) in RECIPES.items():
         print(f"--prior {prior} --method {method}: {name}")
         for path, value in settings.items():

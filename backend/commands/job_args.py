@@ -20,7 +20,7 @@ from typing import Any
 
 import logging
 
-from distill3d_protocol.recipes import recipe_for
+from distill3d_protocol.recipes import PRESET_NAMES, preset_for, recipe_for, recommended_for
 
 from ..config import ConfigError, JobConfig, leaf_paths, migrate, union_sections, with_overrides
 
@@ -96,9 +96,13 @@ def add_job_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--vertex-colors", dest="flag_vertex_colors", action="store_true", default=None,
                         help="export vertex colours instead of a UV texture (export.textured=false)")
     parser.add_argument("--recipe", choices=("auto", "none"), default="auto",
-                        help="auto: start from the references' recipe for the chosen prior and method (Stable Diffusion: "
-                             "threestudio's dreamfusion-sd / prolificdreamer; see docs/recipes.md), for the settings not given; "
-                             "none: the job description's defaults")
+                        help="auto: with no --method, the chosen prior's measured best estimator (reference: esd-exact at "
+                             "lambda 1 with view-dependent prompts; `distill3d config recipes` says why), then the references' "
+                             "recipe for the prior and method (Stable Diffusion: threestudio's dreamfusion-sd / prolificdreamer; "
+                             "docs/recipes.md), for the settings not given; none: the job description's defaults")
+    parser.add_argument("--preset", choices=PRESET_NAMES, default=None,
+                        help="the budget for the chosen prior (iterations, render and texture size) for the settings not given: "
+                             "draft, standard (the measured default) or best")
     parser.add_argument("--set", dest="set_values", action="append", default=[], metavar="PATH=VALUE",
                         help="any setting by its dotted path, e.g. --set method.lam=0.5 --set renderer.samples_per_ray=96 "
                              "(`distill3d config paths` lists them all)")
@@ -155,15 +159,29 @@ def job_from_args(args: argparse.Namespace) -> JobConfig:
     if "prompt" not in base and "prompt" not in overrides:
         raise ConfigError("a prompt is required (as the first argument, in --config, or --set prompt=...)")
     job = with_overrides(base, overrides)
-    recipe = recipe_for(job.prior.KIND, job.method.KIND) if getattr(args, "recipe", "auto") == "auto" else None
-    if recipe is None:
-        return job
-    name, settings = recipe
     given = set(overrides) | set(_paths(base))
-    unset = {path: value for path, value in settings.items() if not any(g == path or g.startswith(path + ".") or path.startswith(g + ".")
-                                                                         for g in given)}
-    log.info("recipe %s for the settings not given: %s", name, ", ".join(f"{k}={v}" for k, v in unset.items()))
-    return with_overrides(base, {**unset, **overrides})
+
+    def not_given(settings: dict) -> dict:
+        return {path: value for path, value in settings.items()
+                if not any(g == path or g.startswith(path + ".") or path.startswith(g + ".") for g in given)}
+
+    filled: dict[str, Any] = {}
+    if getattr(args, "recipe", "auto") == "auto":
+        why, recommended = recommended_for(job.prior.KIND)
+        if not_given({"method": None}):  # no estimator named: the prior's measured best
+            filled.update(not_given(recommended))
+            log.info("method: %s", why)
+            job = with_overrides(base, {**filled, **overrides})
+        recipe = recipe_for(job.prior.KIND, job.method.KIND)
+        if recipe is not None:
+            name, settings = recipe
+            unset = not_given(settings)
+            log.info("recipe %s for the settings not given: %s", name, ", ".join(f"{k}={v}" for k, v in unset.items()))
+            filled.update(unset)
+    preset = getattr(args, "preset", None)
+    if preset is not None:  # the budget: over the recipe, under what was given
+        filled.update(not_given(preset_for(preset, job.prior.KIND)))
+    return with_overrides(base, {**filled, **overrides}) if filled else job
 
 
 def _paths(data: dict, prefix: str = "") -> list[str]:
