@@ -50,7 +50,7 @@ def test_batch_jobs_are_the_panels_jobs_with_command_line_and_set_overrides(tmp_
     defaults = JobConfig(prompt="a mug").to_dict()
     # no --method: the prior's measured best estimator, as the panel and the CLI
     assert job["version"] == CONFIG_VERSION and job["renderer"] == defaults["renderer"]
-    assert job["method"] == {"kind": "esd-exact", "lam": 1.0, "bank": 0} and job["view_dependent"] is True
+    assert job["method"] == {"kind": "esd-exact", "lam": 1.0, "bank": 0, "guidance_scale": None} and job["view_dependent"] is True
     assert job["iters"] == defaults["iters"] and job["preview"]["every"] == 0  # no previews in batch mode
     sd = job_for("--prior", "sd")
     assert sd["method"]["kind"] == "sds" and sd["view_dependent"] is True
