@@ -54,7 +54,7 @@ def test_batch_jobs_are_the_panels_jobs_with_command_line_and_set_overrides(tmp_
     assert job["iters"] == defaults["iters"] and job["preview"]["every"] == 0  # no previews in batch mode
     sd = job_for("--prior", "sd")
     assert sd["method"]["kind"] == "sds" and sd["view_dependent"] is True
-    assert job_for("--method", "sds")["view_dependent"] is False
+    assert job_for("--method", "sds")["view_dependent"] is True  # a fresh panel's view-dependent prompts stay on
     assert (job_for("--preset", "draft")["iters"], job_for("--preset", "draft", "--iters", "7")["iters"]) == (200, 7)
     job = job_for("--method", "esd", "--lam", "0.25", "--iters", "5", "--resolution", "16", "--texture-size", "64", "--vertex-colors",
                   "--guidance-scale", "7.5", "--set", "method.lora_rank=8", "--set", "renderer.shading=mixed", "--set", 'field={"kind": "hash"}')
