@@ -449,8 +449,17 @@ class BackendClient:
     def request_status(self, job_id: Optional[str] = None) -> str:
         return self._queue(Kind.STATUS, {"req": self._next_req()}, job_id)
 
-    def request_list(self, all_clients: bool = False) -> str:
-        return self._queue(Kind.LIST, {"req": self._next_req(), "all": all_clients})
+    def request_list(self, all_clients: bool = False, configs: bool = False) -> str:
+        """Ask for this client's jobs (newest first); the reply goes to ``listener.on_reply``."""
+        return self._queue(Kind.LIST, {"req": self._next_req(), "all": all_clients, "configs": configs})
+
+    def request_thumbnail(self, job_id: str) -> str:
+        """Ask for a job's picture (a fetch with ``thumbnail``); the reply goes to ``listener.on_reply``."""
+        return self._queue(Kind.FETCH, {"req": self._next_req(), "thumbnail": True}, job_id)
+
+    def request_delete(self, job_id: str) -> str:
+        """Ask the backend to delete a finished job; the reply goes to ``listener.on_reply``."""
+        return self._queue(Kind.DELETE, {"req": self._next_req()}, job_id)
 
     def adopt(self, job_id: str, config: Optional[dict] = None) -> JobStatus:
         """Follow an existing job (e.g. after Blender restarted): fetch it and wait for its events."""
@@ -758,6 +767,9 @@ class BackendClient:
     def _on_fetch(self, msg: Message) -> None:
         if not msg.reply:
             return
+        if msg.get("thumbnail") is True:  # a picture for the history, whatever job it is
+            self.listener.on_reply(msg)
+            return
         job = self._mine(msg)
         if job is None:
             self.listener.on_reply(msg)
@@ -793,6 +805,10 @@ class BackendClient:
             self.listener.on_reply(msg)
 
     def _on_list(self, msg: Message) -> None:
+        if msg.reply:
+            self.listener.on_reply(msg)
+
+    def _on_delete(self, msg: Message) -> None:
         if msg.reply:
             self.listener.on_reply(msg)
 

@@ -34,6 +34,7 @@ from .preferences import ConnectionSettings
 log = logging.getLogger(__name__)
 
 TIMER_INTERVAL_S = 0.1
+HISTORY_THUMBNAILS = 24  # pictures asked for, newest jobs first
 
 
 def format_duration(seconds: Optional[float]) -> str:
@@ -125,6 +126,11 @@ class JobController(ClientListener):
         self._testing_connection = False  # the status line awaits the answer to "Test connection"
         self.reports: list = []  # (level, text) sent to the Info log, newest last (the last 100)
         self._dead_backend_reported: Optional[int] = None  # pid of the local backend whose death was reported
+        #: the backend's jobs of this client (job infos with their configs, newest first) and their pictures
+        self.history: list[dict] = []
+        self.history_status = "Not loaded yet (Refresh)"
+        self.history_loaded = False
+        self.thumbnails: dict[str, str] = {}  # job id -> the name of its thumbnail image
         #: seconds per iteration the connected backend took, by (endpoint, prior, method, resolution, views per step)
         self.speeds: dict[tuple, float] = {}
         #: a texture job's object (by name) and the UV map its corner UVs were read from
@@ -356,6 +362,54 @@ class JobController(ClientListener):
         ensure_timer()
         return status
 
+    # ------------------------------------------------------------------ history
+
+    def refresh_history(self, settings: ConnectionSettings) -> None:
+        """Ask the backend for this client's jobs (the list arrives through :meth:`on_reply`)."""
+        client, _ = self._prepare(settings)
+        client.request_list(configs=True)
+        self.history_status = f"Loading the jobs of {client.client_name} from {client.endpoint}…"
+        ensure_timer()
+
+    def delete_history_job(self, job_id: str, settings: ConnectionSettings) -> None:
+        client, _ = self._prepare(settings)
+        client.request_delete(job_id)
+        self.history_status = f"Deleting job {job_id}…"
+        ensure_timer()
+
+    def history_entry(self, job_id: str) -> Optional[dict]:
+        return next((e for e in self.history if e.get("job") == job_id), None)
+
+    def _refresh_history_quietly(self) -> None:
+        """After a job ends, a history that was shown is brought up to date."""
+        if self.history_loaded and self.client is not None and not self.client.closed:
+            self.client.request_list(configs=True)
+
+    def on_reply(self, message: Any) -> None:
+        kind = message.kind
+        if kind == "list":
+            self.history = list(message.get("jobs") or [])  # newest first
+            self.history_loaded = True
+            done = sum(1 for e in self.history if e.get("state") == "done")
+            self.history_status = f"{len(self.history)} job{'s' if len(self.history) != 1 else ''} on the backend ({done} done)"
+            for entry in self.history[:HISTORY_THUMBNAILS]:
+                if entry.get("state") == "done" and entry["job"] not in self.thumbnails and self.client is not None:
+                    self.client.request_thumbnail(entry["job"])
+        elif kind == "fetch" and message.get("thumbnail"):
+            image = message.arrays.get("image")
+            if image is not None and message.job_id:
+                name = f"distill3d thumbnail {message.job_id}"
+                picture = scene_import.image_from_rgb(name, np.asarray(image), bpy.data.images.get(name))
+                picture.preview_ensure()
+                self.thumbnails[message.job_id] = picture.name
+        elif kind == "delete":
+            job_id = message.job_id
+            self.history = [e for e in self.history if e.get("job") != job_id]
+            picture = bpy.data.images.get(self.thumbnails.pop(job_id, ""))
+            if picture is not None:
+                bpy.data.images.remove(picture)
+            self.history_status = f"Deleted job {job_id}; {len(self.history)} left"
+
     # ------------------------------------------------------------------ pumping
 
     def pump(self) -> bool:
@@ -507,6 +561,7 @@ class JobController(ClientListener):
             return
         self.result_object_name = obj.name
         self.last_timings = timings
+        self._refresh_history_quietly()
         _undo_push(f"distill3d: import “{obj.name}”")
         self._set_status(
             f"Done: “{obj.name}” with {len(mesh.vertices)} vertices, {len(mesh.faces)} faces "
@@ -532,6 +587,7 @@ class JobController(ClientListener):
             self.report("ERROR", f"texture of job {job.job_id}: {exc}")
             return
         self.result_object_name = obj.name
+        self._refresh_history_quietly()
         _undo_push(f"distill3d: texture “{obj.name}”")
         uvs = f"UV map “{self.texture_uv_map}”" if uv_source == "kept" else f"new UV map “{mesh_texture.NEW_UV_MAP}”"
         self._set_status(f"Textured “{obj.name}”: material “{material.name}” on its {uvs}; geometry untouched")

@@ -237,6 +237,101 @@ class DISTILL3D_OT_fetch_job(bpy.types.Operator):
         return {"FINISHED"}
 
 
+class DISTILL3D_OT_history_refresh(bpy.types.Operator):
+    """List this client's jobs on the backend (they stay there across Blender sessions)"""
+
+    bl_idname = "distill3d.history_refresh"
+    bl_label = "Refresh"
+
+    def execute(self, context: Any) -> set:
+        try:
+            CONTROLLER.refresh_history(connection_settings(context))
+        except ClientError as exc:
+            CONTROLLER.history_status = str(exc)
+            self.report({"ERROR"}, str(exc))
+            return {"CANCELLED"}
+        return {"FINISHED"}
+
+
+class _HistoryJobOperator:
+    job_id: bpy.props.StringProperty(name="Job id")
+
+    def entry(self) -> Any:
+        entry = CONTROLLER.history_entry(self.job_id)
+        if entry is None:
+            self.report({"ERROR"}, f"distill3d: job {self.job_id} is not in the history (Refresh)")
+        return entry
+
+
+class DISTILL3D_OT_history_import(_HistoryJobOperator, bpy.types.Operator):
+    """Import this job's result as a new object (its settings ride along for Regenerate)"""
+
+    bl_idname = "distill3d.history_import"
+    bl_label = "Import"
+
+    @classmethod
+    def poll(cls, context: Any) -> bool:
+        return not CONTROLLER.busy
+
+    def execute(self, context: Any) -> set:
+        entry = self.entry()
+        if entry is None:
+            return {"CANCELLED"}
+        try:
+            CONTROLLER.fetch_job(context.scene, self.job_id, connection_settings(context), config=entry.get("config"))
+        except ClientError as exc:
+            self.report({"ERROR"}, str(exc))
+            return {"CANCELLED"}
+        CONTROLLER.set_status(f"Importing job {self.job_id}…")
+        return {"FINISHED"}
+
+
+class DISTILL3D_OT_history_rerun(_HistoryJobOperator, bpy.types.Operator):
+    """Load this job's settings into the panel and generate again (same seed: the same job); a texture job's
+settings are loaded for Texture selected"""
+
+    bl_idname = "distill3d.history_rerun"
+    bl_label = "Re-run"
+
+    @classmethod
+    def poll(cls, context: Any) -> bool:
+        return not CONTROLLER.busy
+
+    def execute(self, context: Any) -> set:
+        entry = self.entry()
+        if entry is None or not isinstance(entry.get("config"), dict):
+            if entry is not None:
+                self.report({"ERROR"}, f"distill3d: the backend did not send job {self.job_id}'s settings")
+            return {"CANCELLED"}
+        config = entry["config"]
+        for item in apply_job_to_settings(context.scene.distill3d, config):
+            self.report({"WARNING"}, f"distill3d: not restored: {item}")
+        if isinstance(config.get("geometry"), dict):  # the mesh it textured is the artist's: pick it again
+            CONTROLLER.set_status(f"Loaded the settings of texture job {self.job_id}: select the mesh and press Texture")
+            return {"FINISHED"}
+        return bpy.ops.distill3d.generate()
+
+
+class DISTILL3D_OT_history_delete(_HistoryJobOperator, bpy.types.Operator):
+    """Delete this job and its files from the backend"""
+
+    bl_idname = "distill3d.history_delete"
+    bl_label = "Delete"
+
+    def invoke(self, context: Any, event: Any) -> set:
+        return context.window_manager.invoke_confirm(self, event)
+
+    def execute(self, context: Any) -> set:
+        if self.entry() is None:
+            return {"CANCELLED"}
+        try:
+            CONTROLLER.delete_history_job(self.job_id, connection_settings(context))
+        except ClientError as exc:
+            self.report({"ERROR"}, str(exc))
+            return {"CANCELLED"}
+        return {"FINISHED"}
+
+
 class DISTILL3D_OT_start_backend(bpy.types.Operator):
     """Start a local backend process with the Python interpreter set in the preferences"""
 
@@ -291,6 +386,10 @@ CLASSES = (
     DISTILL3D_OT_load_settings_from_selected,
     DISTILL3D_OT_regenerate_from_selected,
     DISTILL3D_OT_fetch_job,
+    DISTILL3D_OT_history_refresh,
+    DISTILL3D_OT_history_import,
+    DISTILL3D_OT_history_rerun,
+    DISTILL3D_OT_history_delete,
     DISTILL3D_OT_start_backend,
     DISTILL3D_OT_stop_backend,
 )

@@ -30,6 +30,7 @@ from .properties import job_problem, settings_job, uses_scene_cameras
 
 log = logging.getLogger(__name__)
 _reported: set = set()
+HISTORY_ROWS = 15  # newest jobs shown in the History panel
 
 # Where the common settings are drawn (dotted job paths, in order); the rest is in "Advanced".
 MAIN_PATHS = ("prompt", "negative_prompt")
@@ -311,6 +312,56 @@ class VIEW3D_PT_distill3d_advanced(_Distill3DPanel, bpy.types.Panel):
                 draw_setting(col, settings, entry)
 
 
+def history_rows(history: list, now: float, limit: int = HISTORY_ROWS) -> list[tuple[str, str, str]]:
+    """``(job id, first line, second line)`` per job shown: the prompt, then method, state and age."""
+    from .jobs import format_duration
+
+    rows = []
+    for entry in history[:limit]:
+        age = max(now - float(entry.get("updated") or entry.get("created") or now), 0.0)
+        when = "just now" if age < 60 else f"{format_duration(age)} ago" if age < 86_400 else f"{int(age // 86_400)} d ago"
+        state = entry.get("state", "?")
+        if state in ("running", "queued") and entry.get("total"):
+            state = f"{state} {entry.get('step', 0)}/{entry['total']}"
+        config = entry.get("config") or {}
+        what = "texture" if isinstance(config.get("geometry"), dict) else entry.get("method", "?")
+        rows.append((entry["job"], entry.get("prompt") or "(no prompt)", f"{what} · {state} · {when}"))
+    return rows
+
+
+class VIEW3D_PT_distill3d_history(_Distill3DPanel, bpy.types.Panel):
+    bl_label = "History"
+    bl_parent_id = "VIEW3D_PT_distill3d"
+    bl_options = {"DEFAULT_CLOSED"}
+
+    @_safe
+    def draw(self, context: Any) -> None:
+        import time
+
+        layout = self.layout
+        row = layout.row()
+        row.operator("distill3d.history_refresh", icon="FILE_REFRESH")
+        draw_wrapped(layout, CONTROLLER.history_status, icon="INFO", width=wrap_width(context))
+        for job_id, prompt, detail in history_rows(CONTROLLER.history, time.time()):
+            box = layout.box()
+            row = box.row()
+            picture = bpy.data.images.get(CONTROLLER.thumbnails.get(job_id, ""))
+            if picture is not None and picture.preview is not None:
+                row.template_icon(icon_value=picture.preview.icon_id, scale=2.5)
+            col = row.column(align=True)
+            col.label(text=prompt)
+            col.label(text=detail)
+            buttons = col.row(align=True)
+            state = (CONTROLLER.history_entry(job_id) or {}).get("state")
+            sub = buttons.row(align=True)
+            sub.enabled = state == "done"
+            sub.operator("distill3d.history_import", icon="IMPORT", text="Import").job_id = job_id
+            buttons.operator("distill3d.history_rerun", icon="FILE_REFRESH", text="Re-run").job_id = job_id
+            sub = buttons.row(align=True)
+            sub.enabled = state not in ("queued", "running")
+            sub.operator("distill3d.history_delete", icon="TRASH", text="").job_id = job_id
+
+
 class VIEW3D_PT_distill3d_connection(_Distill3DPanel, bpy.types.Panel):
     bl_label = "Connection"
     bl_parent_id = "VIEW3D_PT_distill3d"
@@ -343,6 +394,7 @@ CLASSES = (
     VIEW3D_PT_distill3d_cameras,
     VIEW3D_PT_distill3d_export,
     VIEW3D_PT_distill3d_advanced,
+    VIEW3D_PT_distill3d_history,
     VIEW3D_PT_distill3d_connection,
 )
 

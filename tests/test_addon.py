@@ -519,6 +519,14 @@ def test_the_panel_wraps_long_messages_names_the_known_objects_and_counts_perspe
     bpy.data.collections.remove(rig)
 
 
+class _OperatorProperties:
+    def __init__(self):
+        self.__dict__["values"] = {}
+
+    def __setattr__(self, name, value):
+        self.values[name] = value
+
+
 class RecordingLayout:
     """Stands in for a panel's UILayout (none exists without a window): records what draw() puts in it."""
 
@@ -541,6 +549,10 @@ class RecordingLayout:
 
     def operator(self, idname, **kwargs):
         self.log.append(("operator", idname, kwargs.get("text")))
+        return _OperatorProperties()  # what draw() sets on it (a preset, a job id) is recorded too
+
+    def template_icon(self, icon_value=0, **kwargs):
+        self.log.append(("icon", icon_value, None))
 
     def progress(self, **kwargs):
         self.log.append(("progress", kwargs.get("text"), None))

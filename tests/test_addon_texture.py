@@ -10,7 +10,7 @@ import addon_support
 import numpy as np
 import pytest
 from addon_support import JOB_TIMEOUT_S, SMALL_JOB_SETTINGS, BackendServer
-from test_addon import configure, pump_until
+from test_addon import RecordingLayout, configure, pump_until
 
 pytestmark = pytest.mark.bpy
 
@@ -144,3 +144,61 @@ def test_only_a_mesh_with_faces_can_be_textured(blender, controller):
     assert "has no faces" in mesh_texture.texture_target_problem(empty_mesh)
     with pytest.raises(mesh_texture.TextureTargetError):
         mesh_texture.mesh_arrays_of(empty_mesh)
+
+
+def test_the_history_lists_imports_reruns_and_deletes_the_backends_jobs_across_a_restart(blender, controller, backend):
+    """After the texture jobs above: Refresh lists this client's jobs with thumbnails; Import makes a
+    new object; Re-run of a texture job loads its settings; Delete removes it from the backend; the
+    list comes back after the add-on is disabled and enabled again (as after a restart)."""
+    bpy = blender.bpy
+    panel = blender.submodule("panel")
+    configure(blender, backend.endpoint)
+    _settings(bpy.context.scene)
+    while len([p for p in backend.jobs_dir.glob("*/input_mesh.npz")]) < 2:  # this test alone: jobs of its own
+        bpy.ops.mesh.primitive_cube_add(size=1.0)
+        _texture_and_wait(bpy, controller, bpy.context.active_object)
+    assert bpy.ops.distill3d.history_refresh() == {"FINISHED"}
+    assert pump_until(controller, lambda: controller.history_loaded, 30.0)
+    done = [e for e in controller.history if e["state"] == "done"]
+    assert len(done) >= 2 and all(e["config"]["geometry"]["kind"] == "mesh" for e in done)
+    assert pump_until(controller, lambda: all(e["job"] in controller.thumbnails for e in done), 30.0)
+    picture = bpy.data.images[controller.thumbnails[done[0]["job"]]]
+    assert min(picture.size) > 0 and picture.preview is not None
+    rows = panel.history_rows(controller.history, done[0]["updated"] + 120)
+    assert rows[0][1] == "a house" and rows[0][2].startswith("texture · done · 2:00 ago")
+
+    class Fake:
+        layout = RecordingLayout()
+
+    panel.VIEW3D_PT_distill3d_history.draw(Fake, bpy.context)
+    log = Fake.layout.log
+    assert not [t for kind, t, _ in log if kind == "label" and str(t).startswith("Cannot draw")]
+    assert ("label", "a house", "NONE") in log and sum(1 for kind, *_ in log if kind == "icon") >= 2
+    assert sum(1 for kind, name, _ in log if kind == "operator" and name == "distill3d.history_import") == len(controller.history[:15])
+    # Import: the result as a new object, its settings stored on it
+    before = set(bpy.data.objects.keys())
+    assert bpy.ops.distill3d.history_import(job_id=done[0]["job"]) == {"FINISHED"}
+    assert pump_until(controller, lambda: not controller.busy, 60.0)
+    (imported,) = set(bpy.data.objects.keys()) - before
+    assert json.loads(bpy.data.objects[imported]["distill3d_job"]) == done[0]["config"]
+    # Re-run of a texture job: its settings, and a word on what to do next
+    scene = bpy.context.scene
+    scene.distill3d.seed = 99
+    assert bpy.ops.distill3d.history_rerun(job_id=done[0]["job"]) == {"FINISHED"}
+    assert scene.distill3d.seed == 3 and "select the mesh" in controller.status and not controller.busy
+    # Delete: gone from the list and from the backend's folder
+    gone = done[-1]["job"]
+    assert bpy.ops.distill3d.history_delete(job_id=gone) == {"FINISHED"}
+    assert pump_until(controller, lambda: controller.history_entry(gone) is None, 30.0)
+    assert not (backend.jobs_dir / gone).exists()
+    left = {e["job"] for e in controller.history}
+    # the history lives on the backend: it is there again after the add-on restarts
+    controller.close_client()
+    blender.disable()
+    blender.enable()
+    jobs = blender.submodule("jobs")
+    configure(blender, backend.endpoint)
+    assert bpy.ops.distill3d.history_refresh() == {"FINISHED"}
+    assert pump_until(jobs.CONTROLLER, lambda: jobs.CONTROLLER.history_loaded, 30.0)
+    assert {e["job"] for e in jobs.CONTROLLER.history} == left
+    jobs.CONTROLLER.close_client()

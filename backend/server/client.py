@@ -127,12 +127,21 @@ class Client:
         """Cancel and wait until the job has stopped (the ``cancelled`` reply)."""
         return self.request(Kind.CANCEL, {}, job_id=job_id, timeout=timeout)
 
+    def delete(self, job_id: str, timeout: Optional[float] = None) -> Message:
+        """Remove a finished (done, failed, cancelled or interrupted) job and its files."""
+        return self.request(Kind.DELETE, {}, job_id=job_id, timeout=timeout)
+
+    def thumbnail(self, job_id: str, timeout: Optional[float] = None) -> Optional[Any]:
+        """The job's picture (uint8 RGB, the first view of its turntable), None when it has none."""
+        return self.request(Kind.FETCH, {"thumbnail": True}, job_id=job_id, timeout=timeout).arrays.get("image")
+
     def status(self, job_id: Optional[str] = None, timeout: Optional[float] = None) -> Message:
         return self.request(Kind.STATUS, {}, job_id=job_id, timeout=timeout)
 
-    def list_jobs(self, all_clients: bool = False, timeout: Optional[float] = None) -> list:
-        """The newest jobs that fit one reply (about 1 MB); :meth:`list_all` pages through every job."""
-        return self.request(Kind.LIST, {"all": all_clients}, timeout=timeout).header["jobs"]
+    def list_jobs(self, all_clients: bool = False, timeout: Optional[float] = None, configs: bool = False) -> list:
+        """The newest jobs that fit one reply (about 1 MB), with their configurations when
+        ``configs``; :meth:`list_all` pages through every job."""
+        return self.request(Kind.LIST, {"all": all_clients, "configs": configs}, timeout=timeout).header["jobs"]
 
     def list_page(self, offset: int = 0, limit: Optional[int] = None, all_clients: bool = False,
                   timeout: Optional[float] = None) -> Dict[str, Any]:

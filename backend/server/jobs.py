@@ -290,6 +290,8 @@ class JobStore:
         atomic_write_text(self.job_dir(rec.job_id) / JOB_FILE, json.dumps(rec.to_json(), indent=1, allow_nan=False))
 
     def load_all(self) -> List[JobRecord]:
+        for trash in self.root.glob(".deleting-*"):  # a delete interrupted after its rename
+            shutil.rmtree(trash, ignore_errors=True)
         records = []
         for path in sorted(self.root.glob(f"*/{JOB_FILE}")):
             try:
@@ -425,6 +427,34 @@ class JobStore:
             return int(state["step"])
         except Exception as exc:  # a corrupt checkpoint: resume starts from scratch
             log.warning("unreadable checkpoint for job %s: %s", job_id, exc)
+            return None
+
+    def delete(self, job_id: str) -> None:
+        """Remove the job's folder; :class:`StorageError` when it cannot be removed (it is then
+        still there, so nothing is half gone from the listing)."""
+        folder = self.job_dir(job_id)
+        trash = folder.with_name(f".deleting-{job_id}")
+        try:
+            folder.rename(trash)  # one atomic step: a crash below leaves a hidden folder, not a half job
+        except FileNotFoundError:
+            return
+        except OSError as exc:
+            raise _storage_error("delete the job folder", folder, exc) from None
+        shutil.rmtree(trash, ignore_errors=True)
+
+    def read_thumbnail(self, job_id: str, size: int = 96) -> Optional[np.ndarray]:
+        """The first view of the job's preview.png turntable as uint8 RGB, at most ``size`` px (None without one)."""
+        path = self.job_dir(job_id) / "preview.png"
+        try:
+            from PIL import Image
+
+            with Image.open(path) as strip:
+                side = min(strip.size)
+                picture = strip.convert("RGB").crop((0, 0, side, side))
+                picture.thumbnail((size, size))
+                return np.ascontiguousarray(np.asarray(picture, dtype=np.uint8))
+        except (OSError, ValueError) as exc:
+            log.info("job=%s no thumbnail: %s", job_id, exc)
             return None
 
     def drop_checkpoint(self, job_id: str) -> None:

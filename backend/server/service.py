@@ -690,11 +690,12 @@ class Server:
         records = [r for r in self._jobs.values() if show_all or r.owner == owner]
         records.sort(key=lambda r: (r.created, r.job_id))
         paged = "offset" in msg.header or "limit" in msg.header
+        configs = msg.get("configs") is True
         budget = MAX_HEADER_BYTES - 16_384
         if not paged:
             infos, size = [], 0
             for rec in reversed(records[-MAX_LIST:]):  # newest first, as many as fit in one header
-                info = self._info(rec)
+                info = self._info(rec, configs)
                 size += len(json.dumps(info)) + 1
                 if size > budget:
                     break
@@ -705,7 +706,7 @@ class Server:
         offset, limit = int(msg.get("offset", 0)), int(msg.get("limit", MAX_LIST))
         infos, size, end = [], 0, offset
         for rec in records[offset:offset + limit]:
-            info = self._info(rec)
+            info = self._info(rec, configs)
             size += len(json.dumps(info)) + 1
             if size > budget and infos:
                 break
@@ -720,6 +721,11 @@ class Server:
         if rec is None:
             return
         header: Dict[str, Any] = {"reply": True, "info": self._info(rec)}
+        if msg.get("thumbnail") is True:  # the job's picture alone (none until it has one)
+            header["thumbnail"] = True
+            image = self.store.read_thumbnail(rec.job_id) if rec.state == "done" else None
+            self._reply(envelope, msg, Kind.FETCH, header, {"image": image} if image is not None else None, job_id=rec.job_id)
+            return
         if rec.state != "done":
             log.info("job=%s client=%s kind=fetch state=%s", rec.job_id, owner, rec.state)
             self._reply(envelope, msg, Kind.FETCH, header, job_id=rec.job_id)
@@ -748,6 +754,21 @@ class Server:
         log.info("job=%s client=%s kind=fetch state=done bytes=%d", rec.job_id, owner, frames_nbytes(frames))
         self._send(envelope, frames, critical=True, fetch_job=rec.job_id)
 
+    def _on_delete(self, envelope: Envelope, msg: Message, owner: Requester) -> None:
+        """Remove a job that is not queued or running, with its folder (a history's Delete)."""
+        rec = self._find(envelope, msg, owner)
+        if rec is None:
+            return
+        if rec.state in ("queued", "running"):
+            self._error(envelope, msg, "bad_state", f"job {rec.job_id} is {rec.state}: cancel it before deleting it", job_id=rec.job_id)
+            return
+        info = self._info(rec)
+        self.store.delete(rec.job_id)  # StorageError: answered "storage", the job stays listed
+        self._jobs.pop(rec.job_id, None)
+        self._subscribers.pop(rec.job_id, None)
+        log.info("job=%s client=%s kind=delete state=%s", rec.job_id, owner, rec.state)
+        self._reply(envelope, msg, Kind.DELETE, {"reply": True, "info": info}, job_id=rec.job_id)
+
     def _find(self, envelope: Envelope, msg: Message, owner: Requester) -> Optional[JobRecord]:
         """The job the request names, if this requester may see it: another owner's job is
         answered exactly like one that does not exist."""
@@ -763,9 +784,12 @@ class Server:
         rec = self._jobs.get(job_id) if job_id else None
         return job_id if rec is not None and owner.may_see(rec) else None
 
-    def _info(self, rec: JobRecord) -> dict:
+    def _info(self, rec: JobRecord, with_config: bool = False) -> dict:
         position = self._queue.index(rec.job_id) if rec.state == "queued" and rec.job_id in self._queue else None
-        return rec.info(position)
+        info = rec.info(position)
+        if with_config:
+            info["config"] = rec.config_json()
+        return info
 
     def _admission_problem(self, config) -> Optional[str]:
         """Why this server will not run ``config`` (a local file it does not serve, too much memory

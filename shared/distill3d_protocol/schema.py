@@ -4,7 +4,7 @@ Every header field has a validator here; ``codec.decode``/``codec.encode`` run t
 this module is the single statement of what is valid on the wire. Validators take a
 dotted path (for messages) and a value, and return the value or raise ``ProtocolError``.
 
-Request/reply pairs that share a kind (``status``, ``list``, ``fetch``) are told apart by
+Request/reply pairs that share a kind (``status``, ``list``, ``fetch``, ``delete``) are told apart by
 the header field ``"reply": true`` on the reply; the request has no ``reply`` field (or
 ``false``). All other kinds travel one way only (see ``DIRECTION``).
 """
@@ -36,18 +36,19 @@ class Kind:
     CANCELLED = "cancelled"  # server -> client: job stopped
     STATUS = "status"  # request: server (and optional job) status; reply: ``reply: true``
     LIST = "list"  # request: jobs of this client (``all: true`` for every client); reply: ``jobs``
-    FETCH = "fetch"  # request: the stored result of job ``job``; reply: state + arrays when done
+    FETCH = "fetch"  # request: the stored result of job ``job``; reply: state + arrays when done (``thumbnail: true``: its picture)
+    DELETE = "delete"  # request: remove finished job ``job`` and its files; reply: ``reply: true`` and the job's last info
     PING = "ping"  # client -> server
     PONG = "pong"  # server -> client
     HEARTBEAT = "heartbeat"  # server -> client: sent by the server's loop to clients with running or queued jobs
 
 
 KINDS = frozenset(v for k, v in vars(Kind).items() if k.isupper())
-REQUEST_REPLY_KINDS = frozenset({Kind.STATUS, Kind.LIST, Kind.FETCH})
-CLIENT_TO_SERVER = frozenset({Kind.SUBMIT, Kind.CANCEL, Kind.STATUS, Kind.LIST, Kind.FETCH, Kind.PING})
+REQUEST_REPLY_KINDS = frozenset({Kind.STATUS, Kind.LIST, Kind.FETCH, Kind.DELETE})
+CLIENT_TO_SERVER = frozenset({Kind.SUBMIT, Kind.CANCEL, Kind.STATUS, Kind.LIST, Kind.FETCH, Kind.DELETE, Kind.PING})
 SERVER_TO_CLIENT = frozenset(
     {Kind.ACCEPTED, Kind.PROGRESS, Kind.PREVIEW, Kind.RESULT, Kind.ERROR, Kind.CANCELLED,
-     Kind.STATUS, Kind.LIST, Kind.FETCH, Kind.PONG, Kind.HEARTBEAT}
+     Kind.STATUS, Kind.LIST, Kind.FETCH, Kind.DELETE, Kind.PONG, Kind.HEARTBEAT}
 )
 
 JOB_STATES = ("queued", "running", "done", "failed", "cancelled", "interrupted")
@@ -299,6 +300,7 @@ JOB_INFO_FIELDS: Dict[str, F] = {
     "position": F(v_optional(_count)),  # place in the queue (0 = next)
     "checkpoint_step": F(v_optional(_count)),  # last checkpoint a resume would start from
     "files": F(v_list(v_str(256, 1, NAME_RE), 64)),  # result files in the job folder
+    "config": F(v_json_object()),  # the job's configuration (list replies to ``configs: true``)
 }
 
 # ----------------------------------------------------------------------------- kinds' fields
@@ -370,6 +372,7 @@ KIND_FIELDS: Dict[Tuple[str, bool], Dict[str, F]] = {
         # paging (either one asks for it): jobs oldest first from ``offset``, at most ``limit``
         "offset": F(v_int(0, 1_000_000_000)),
         "limit": F(v_int(1, MAX_LIST)),
+        "configs": F(v_bool),  # each job's info carries its configuration (to re-run it)
     },
     (Kind.LIST, True): {
         "reply": F(v_bool, required=True),
@@ -379,11 +382,17 @@ KIND_FIELDS: Dict[Tuple[str, bool], Dict[str, F]] = {
         "next_offset": F(v_optional(_count)),  # the offset of the next page (null when none)
         "total": F(_count),  # jobs the request could list
     },
-    (Kind.FETCH, False): {"reply": F(v_bool)},
+    (Kind.FETCH, False): {"reply": F(v_bool), "thumbnail": F(v_bool)},  # thumbnail: only the job's picture, no mesh
     (Kind.FETCH, True): {
         "reply": F(v_bool, required=True),
         "info": F(v_record(JOB_INFO_FIELDS, "job info"), required=True),
+        "thumbnail": F(v_bool),  # the reply to a thumbnail request: at most an image
         **_result_fields,
+    },
+    (Kind.DELETE, False): {"reply": F(v_bool)},
+    (Kind.DELETE, True): {
+        "reply": F(v_bool, required=True),
+        "info": F(v_record(JOB_INFO_FIELDS, "job info"), required=True),  # as it was before it was deleted
     },
     (Kind.PING, False): {"t": F(v_num(-1e12, 1e12))},
     (Kind.HEARTBEAT, False): {
@@ -400,7 +409,7 @@ KIND_FIELDS: Dict[Tuple[str, bool], Dict[str, F]] = {
 
 # Kinds whose ``job`` header field must name a job (others: may be null).
 JOB_REQUIRED = frozenset(
-    {Kind.ACCEPTED, Kind.PROGRESS, Kind.PREVIEW, Kind.RESULT, Kind.CANCEL, Kind.CANCELLED}
+    {Kind.ACCEPTED, Kind.PROGRESS, Kind.PREVIEW, Kind.RESULT, Kind.CANCEL, Kind.CANCELLED, Kind.DELETE}
 )
 
 # ----------------------------------------------------------------------------- arrays
