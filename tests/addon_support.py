@@ -307,3 +307,32 @@ def installed_extension_fixture(name: str):
         ext.remove()
 
     return blender
+
+
+def backend_server_fixture():
+    """A module-scoped pytest fixture: a real backend subprocess on a free loopback port."""
+    import pytest
+
+    @pytest.fixture(scope="module")
+    def server(tmp_path_factory):
+        backend = BackendServer(tmp_path_factory.mktemp("backend") / "jobs").start()
+        yield backend
+        backend.stop()
+
+    return server
+
+
+def controller_fixture():
+    """A pytest fixture: the add-on's job controller, its job cancelled and its client closed afterwards."""
+    import pytest
+
+    @pytest.fixture
+    def controller(blender):
+        jobs = blender.submodule("jobs")
+        yield jobs.CONTROLLER
+        if jobs.CONTROLLER.busy:
+            jobs.CONTROLLER.cancel()
+            jobs.CONTROLLER.wait_until_done(30)
+        jobs.CONTROLLER.close_client()
+
+    return controller

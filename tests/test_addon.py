@@ -15,7 +15,7 @@ import time
 import addon_support
 import numpy as np
 import pytest
-from addon_support import JOB_TIMEOUT_S, SMALL_JOB_SETTINGS, BackendServer, BlenderExtension, TcpRelay
+from addon_support import JOB_TIMEOUT_S, SMALL_JOB_SETTINGS, BlenderExtension, TcpRelay
 from distill3d_protocol import CONFIG_VERSION, FIELDS, METHODS, PRIORS, JobConfig, jobconfig, parse_job
 from distill3d_protocol.jobconfig import CAMERAS
 from distill3d_protocol import settings as records
@@ -29,11 +29,7 @@ PROMPT = "a rubber duck"
 blender = addon_support.installed_extension_fixture("distill3d_tests")
 
 
-@pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    backend = BackendServer(tmp_path_factory.mktemp("backend") / "jobs").start()
-    yield backend
-    backend.stop()
+server = addon_support.backend_server_fixture()
 
 
 @pytest.fixture
@@ -41,14 +37,7 @@ def backend(server):
     return server
 
 
-@pytest.fixture
-def controller(blender):
-    jobs = blender.submodule("jobs")
-    yield jobs.CONTROLLER
-    if jobs.CONTROLLER.busy:
-        jobs.CONTROLLER.cancel()
-        jobs.CONTROLLER.wait_until_done(30)
-    jobs.CONTROLLER.close_client()
+controller = addon_support.controller_fixture()
 
 
 def configure(ext: BlenderExtension, endpoint: str, **prefs) -> None:

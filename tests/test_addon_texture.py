@@ -9,7 +9,7 @@ import json
 import addon_support
 import numpy as np
 import pytest
-from addon_support import JOB_TIMEOUT_S, SMALL_JOB_SETTINGS, BackendServer
+from addon_support import JOB_TIMEOUT_S, SMALL_JOB_SETTINGS
 from test_addon import RecordingLayout, configure, pump_until
 
 pytestmark = pytest.mark.bpy
@@ -17,21 +17,8 @@ pytestmark = pytest.mark.bpy
 blender = addon_support.installed_extension_fixture("distill3d_texture_tests")
 
 
-@pytest.fixture(scope="module")
-def backend(tmp_path_factory):
-    server = BackendServer(tmp_path_factory.mktemp("backend") / "jobs").start()
-    yield server
-    server.stop()
-
-
-@pytest.fixture
-def controller(blender):
-    jobs = blender.submodule("jobs")
-    yield jobs.CONTROLLER
-    if jobs.CONTROLLER.busy:
-        jobs.CONTROLLER.cancel()
-        jobs.CONTROLLER.wait_until_done(30)
-    jobs.CONTROLLER.close_client()
+backend = addon_support.backend_server_fixture()
+controller = addon_support.controller_fixture()
 
 
 def _settings(scene) -> None:
