@@ -121,7 +121,12 @@ class Trainer:
             if input_mesh is None:
                 raise Distill3DError("this job textures a mesh (geometry: mesh) but was given none: pass --texture-mesh FILE, "
                                      "or send the mesh's arrays with the submit")
-            self.field, self.mesh_fit = mesh_shaped_field(self.field, input_mesh.vertices, input_mesh.faces, config.geometry, config.seed)
+            target = None
+            if config.geometry.fit == "auto":  # where the prior knows the object, its frame is the one to match
+                truth = self.prior.ground_truth(self.prompt, resolution=64)
+                target = None if truth is None else (truth[1].min(axis=0), truth[1].max(axis=0))
+            self.field, self.mesh_fit = mesh_shaped_field(self.field, input_mesh.vertices, input_mesh.faces, config.geometry,
+                                                          config.seed, target)
             self.field = self.field.to(self.device)
             self.input_mesh = input_mesh
             log.info("texturing a mesh of %d faces (fit %s, %s)", len(input_mesh.faces), self.mesh_fit.to_dict(),

@@ -101,7 +101,7 @@ def main(argv=None) -> list[dict]:
     ap.add_argument("--objects-file", action="append", default=[], help="register extra reference objects (JSON or Python)")
     ap.add_argument("--iters", type=int, default=600)
     ap.add_argument("--method", default="esd-exact")
-    ap.add_argument("--fits", nargs="+", default=["none", "box"], choices=["none", "box"])
+    ap.add_argument("--fits", nargs="+", default=["none", "auto", "box"], choices=["none", "auto", "box"])
     ap.add_argument("--texture-size", type=int, default=512)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", type=Path, default=Path("out/bench_texturing"))

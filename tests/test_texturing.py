@@ -92,6 +92,10 @@ def test_fit_centres_and_scales_the_bounds():
     w = fit.apply(v)
     assert np.allclose((w.min(0) + w.max(0)) / 2, 0, atol=1e-6) and np.isclose(np.abs(w).max(), 0.75)
     assert MeshFit.for_mesh(v, "none", 0.75).apply(v).tolist() == v.astype(np.float32).tolist()
+    target = (np.array([-0.2, -0.5, -0.8]), np.array([0.2, 0.3, 0.6]))  # the prior's object: largest extent 1.4 (z)
+    w = MeshFit.for_mesh(v, "auto", 0.75, target).apply(v)
+    assert np.allclose((w.min(0) + w.max(0)) / 2, [0.0, -0.1, -0.1], atol=1e-6) and np.isclose(np.ptp(w, axis=0).max(), 1.4)
+    assert np.allclose(MeshFit.for_mesh(v, "auto", 0.75).apply(v), fit.apply(v))  # no known object: as box
     with pytest.raises(Exception, match="no extent"):
         MeshFit.for_mesh(np.ones((3, 3)), "box", 0.75)
 

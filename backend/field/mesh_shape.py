@@ -5,8 +5,10 @@ renderer and every estimator run unchanged on a :class:`MeshShapedField`, whose 
 from a signed-distance grid of the mesh (no parameters, no gradient) and whose albedo is an
 ordinary field's (the only parameters the optimiser gets).
 
-The mesh is first put into the field's frame by a :class:`MeshFit` (``fit="box"``: its bounds
-centred on the origin, its largest half-extent scaled to ``fit_size``). The distance grid
+The mesh is first put into the field's frame by a :class:`MeshFit` (``fit="auto"``: onto the
+bounds of the object the prompt names where the prior knows it, so its views line up with the
+prior's; ``fit="box"``, or auto for other priors: its bounds centred on the origin, its largest
+half-extent scaled to ``fit_size``). The distance grid
 (:func:`signed_distance_grid`) takes unsigned distances from dense area-weighted surface samples
 and the sign from two tests: near the surface (within one cell), the side of the nearest
 sample's face normal; farther away, a flood fill of the grid from its border (cells the fill
@@ -40,14 +42,18 @@ SEEN_SHARE = 0.1
 
 @dataclass(frozen=True)
 class MeshFit:
-    """``field = (mesh - center) * scale``: where a mesh's coordinates land in the field's frame."""
+    """``field = (mesh - center) * scale + offset``: where a mesh's coordinates land in the field's frame."""
 
     center: tuple[float, float, float] = (0.0, 0.0, 0.0)
     scale: float = 1.0
+    offset: tuple[float, float, float] = (0.0, 0.0, 0.0)
 
     @classmethod
-    def for_mesh(cls, vertices: np.ndarray, fit: str, fit_size: float) -> "MeshFit":
-        """``fit="box"``: bounds centred, the largest half-extent ``fit_size``; ``"none"``: identity."""
+    def for_mesh(cls, vertices: np.ndarray, fit: str, fit_size: float,
+                 target_bounds: Optional[tuple[np.ndarray, np.ndarray]] = None) -> "MeshFit":
+        """``"auto"`` with ``target_bounds`` (lo, hi): the mesh's bounds centred on the target's, its
+        largest extent the target's; ``"box"`` (and ``"auto"`` without a target): bounds centred on
+        the origin, the largest half-extent ``fit_size``; ``"none"``: the identity."""
         if fit == "none":
             return cls()
         v = np.asarray(vertices, dtype=np.float64)
@@ -55,13 +61,18 @@ class MeshFit:
         half = float((hi - lo).max()) / 2.0
         if not half > 0:
             raise FieldError("the mesh to texture has no extent (all its vertices coincide)")
-        return cls(tuple(float(c) for c in (lo + hi) / 2.0), float(fit_size) / half)
+        center = tuple(float(c) for c in (lo + hi) / 2.0)
+        if fit == "auto" and target_bounds is not None:
+            t_lo, t_hi = (np.asarray(b, dtype=np.float64) for b in target_bounds)
+            return cls(center, float((t_hi - t_lo).max()) / 2.0 / half, tuple(float(c) for c in (t_lo + t_hi) / 2.0))
+        return cls(center, float(fit_size) / half)
 
     def apply(self, vertices: np.ndarray) -> np.ndarray:
-        return ((np.asarray(vertices, dtype=np.float64) - np.asarray(self.center)) * self.scale).astype(np.float32)
+        v = np.asarray(vertices, dtype=np.float64)
+        return ((v - np.asarray(self.center)) * self.scale + np.asarray(self.offset)).astype(np.float32)
 
     def to_dict(self) -> dict:
-        return {"center": list(self.center), "scale": self.scale}
+        return {"center": list(self.center), "scale": self.scale, "offset": list(self.offset)}
 
 
 def _face_normals(vertices: np.ndarray, faces: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -266,10 +277,11 @@ class MeshShapedField(RadianceField):
         return f"cells={self.cells}, solid={self.solid}, sharpness={self.sharpness:g}"
 
 
-def mesh_shaped_field(colour: RadianceField, vertices: np.ndarray, faces: np.ndarray, geometry: Any,
-                      seed: int = 0) -> tuple[MeshShapedField, MeshFit]:
-    """The field of ``geometry`` (a job's MeshGeometryConfig) for a mesh in its own coordinates."""
-    fit = MeshFit.for_mesh(vertices, geometry.fit, geometry.fit_size)
+def mesh_shaped_field(colour: RadianceField, vertices: np.ndarray, faces: np.ndarray, geometry: Any, seed: int = 0,
+                      target_bounds: Optional[tuple[np.ndarray, np.ndarray]] = None) -> tuple[MeshShapedField, MeshFit]:
+    """The field of ``geometry`` (a job's MeshGeometryConfig) for a mesh in its own coordinates;
+    ``target_bounds``: those of the object the prompt names, where the prior knows it."""
+    fit = MeshFit.for_mesh(vertices, geometry.fit, geometry.fit_size, target_bounds)
     field = MeshShapedField.from_mesh(colour, fit.apply(vertices), faces, geometry.grid, geometry.sharpness, seed)
     return field, fit
 

@@ -315,8 +315,9 @@ class MeshGeometryConfig:
     """A fixed shape: the field's density is the signed distance of the given mesh."""
 
     # the built-in objects' largest half-extent is 0.62 to 0.86: a fitted mesh fills the views as they do
-    fit: str = setting("box", "box: centre the mesh's bounds on the origin and scale its largest half-extent to fit_size; "
-                       "none: use its coordinates as they are (field units)", choices=("box", "none"))
+    fit: str = setting("auto", "auto: put the mesh's bounds onto those of the object the prompt names where the prior knows "
+                       "it (the reference world), else as box; box: centre the mesh's bounds on the origin and scale its largest "
+                       "half-extent to fit_size; none: use its coordinates as they are (field units)", choices=("auto", "box", "none"))
     fit_size: float = setting(0.75, "largest half-extent of a fitted mesh in field units (the field spans +-bound, 1 by "
                               "default)", lo=0.05, hi=1e4, soft_hi=0.95, label="Fit size")
     uv: str = setting("keep", "keep: bake onto the UVs sent with the mesh (unwrapped anew when none were sent); "
@@ -467,7 +468,7 @@ class JobConfig:
             raise ConfigError(f"{path + ': ' if path else ''}method esd-exact (a mixture over pixel renders) exists only for "
                               "the reference prior and the learned reference prior")
         bound = self.field.bound if self.field is not None else FieldCommonConfig.bound
-        if isinstance(self.geometry, MeshGeometryConfig) and self.geometry.fit == "box" and self.geometry.fit_size >= bound:
+        if isinstance(self.geometry, MeshGeometryConfig) and self.geometry.fit != "none" and self.geometry.fit_size >= bound:
             raise ConfigError(f"{path + '.' if path else ''}geometry.fit_size must be below the field's bound ({bound:g}), "
                               f"got {self.geometry.fit_size:g}")
 
