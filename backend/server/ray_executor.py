@@ -467,5 +467,5 @@ def _first_line(exc: BaseException) -> str:
     text = str(exc).strip()
     for line in text.splitlines():
         if line.strip():
-            return line.strip()[:300]
+            return line.strip().rstrip(".")[:300]
     return type(exc).__name__

@@ -9,6 +9,9 @@ wake-up socket sits in the same ``zmq.Poller`` as the ROUTER, so the loop sleeps
 work. A child that dies fails its job with the cause (signal or exit code) and the next job gets
 a fresh child; a cancelled job that has not stopped after ``cancel_grace_s`` is killed.
 ``job_runner="thread"`` runs jobs as threads of this process instead (tests with stand-ins).
+Where jobs run is the executor's business (:mod:`.executor`: start, cancel, kill, release, events
+on the bus): the local one above, or ``executor="ray"`` (:mod:`.ray_executor`), a pool of Ray
+actors across a cluster; this loop, the protocol, CURVE and validation are the same for both.
 The loop sends a ``heartbeat`` every ``heartbeat_s`` to each client with queued or running jobs.
 
 Outbound traffic never blocks: sends are non-blocking with ``ROUTER_MANDATORY``; a client
