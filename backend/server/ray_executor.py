@@ -37,7 +37,7 @@ import os
 import threading
 import time
 from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Deque, Dict, List, Optional, Tuple
 
 from ..priors.factory import PriorCache, prior_key
@@ -51,6 +51,7 @@ log = logging.getLogger("distill3d.server.ray")
 
 CPU_JOB_MEMORY_GIB = 8.0  # what a CPU actor admits (the local server's default without CUDA)
 POLL_S = 0.5  # how long one next_events call waits for something to arrive
+UNREACHABLE_S = 30.0  # an actor that cannot be reached this long (its node's network) counts as dead
 PROBE_NAME = ".cluster-probe"
 
 
@@ -192,7 +193,6 @@ class _RayJob(JobHandle):
     actor: Optional[_Actor] = None
     retries: int = 0
     stop_requested: bool = False
-    causes: List[str] = field(default_factory=list)
     killable = True
 
     def cancel(self) -> None:
@@ -413,7 +413,10 @@ class RayExecutor(Executor):
             cause = self._run_on(job, actor)
             if cause is None:
                 return
-            job.causes.append(cause)
+            try:  # make sure it is gone: an unreachable actor must not go on writing into the job's folder
+                self.ray.kill(actor.handle, no_restart=True)
+            except Exception:
+                pass
             with self._cond:
                 actor.dead = True
                 job.actor = None
@@ -436,9 +439,11 @@ class RayExecutor(Executor):
         actor.prior = prior_key(job.config, "any")
         run_ref = actor.handle.run.remote(job.job_id, job.config, job.resume, job.start_step)
         where = f"slot {actor.slot}, pid {(actor.info or {}).get('pid')} on {(actor.info or {}).get('host')}"
+        unreachable_since: Optional[float] = None
         while True:
             try:
                 self._deliver(ray.get(actor.handle.next_events.remote(POLL_S)))
+                unreachable_since = None
                 finished, _ = ray.wait([run_ref], timeout=0)
                 if not finished:
                     continue
@@ -446,6 +451,12 @@ class RayExecutor(Executor):
                 self._deliver(ray.get(actor.handle.next_events.remote(0)))  # the last progress precedes the end
             except ray.exceptions.RayTaskError as exc:  # run itself raised: a bug, reported like one
                 kind, data = "failed", {"message": f"the job's actor failed: {_first_line(exc)}", "code": "job_failed"}
+            except ray.exceptions.ActorUnavailableError as exc:  # perhaps back soon (a network blip)
+                unreachable_since = unreachable_since or time.monotonic()
+                if time.monotonic() - unreachable_since < UNREACHABLE_S:
+                    time.sleep(1.0)
+                    continue
+                return f"was lost with its Ray actor ({where}), unreachable for {UNREACHABLE_S:g} s: {_first_line(exc)}"
             except ray.exceptions.RayActorError as exc:
                 return f"was lost with its Ray actor ({where}): {_first_line(exc)}"
             self.bus.post(Event(kind, job.job_id, data))
