@@ -1,8 +1,8 @@
 """Jobs through the gateway on a Ray actor pool: throughput on 1 vs 2 actors, and what the
 relay from the actors adds to each message.
 
-A local Ray (``ray.init(num_cpus=max(actors))``, no GPU) and, for each pool size, a gateway
-(``Server`` with ``executor="ray"``, ``workers=<actors>``) on a free loopback port. Each pool
+A local Ray of its own (``ray.init(address="local", num_cpus=max(actors))``, no GPU) and, for each
+pool size, a gateway (``Server`` with ``executor="ray"``, ``workers=<actors>``) on a free loopback port. Each pool
 first runs one job per actor (not timed: the first job of an actor imports the export
 libraries and builds the prior), then ``--jobs`` identical small jobs submitted at once by as
 many real ZeroMQ clients; timed from the first submit to the last result. A pinging client
@@ -112,7 +112,7 @@ def main(argv=None) -> dict:
 
     owns = not ray.is_initialized()
     if owns:
-        ray.init(num_cpus=max(args.actors), include_dashboard=False, logging_level="WARNING", log_to_driver=False)
+        ray.init(address="local", num_cpus=max(args.actors), include_dashboard=False, logging_level="WARNING", log_to_driver=False)
     try:
         pools = [bench_pool(a, args.jobs, args.iters, args.timeout) for a in args.actors]
     finally:

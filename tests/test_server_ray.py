@@ -45,7 +45,7 @@ def cluster(tmp_path_factory):
     pause.write_text("")
     patch = pytest.MonkeyPatch()
     patch.setenv(FAULT_PAUSE_ENV, f"@{pause}")  # handed to the actors (runtime_env)
-    ray.init(num_cpus=2, resources={"large_vram": 1}, include_dashboard=False, logging_level="WARNING")
+    ray.init(address="local", num_cpus=2, resources={"large_vram": 1}, include_dashboard=False, logging_level="WARNING")  # its own, never one the machine runs
     state = SimpleNamespace(pause=pause, jobs=root / "jobs", running=None, straight=None)
     try:
         state.running = RunningServer(state.jobs, **OPTIONS)

@@ -74,7 +74,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                          help="local (default): job processes on this machine; ray: one Ray actor per GPU of the cluster "
                          "(per CPU without GPUs), --workers caps their number; the jobs folder must be the same shared path on every node")
     cluster.add_argument("--ray-address", default=None, metavar="ADDR",
-                         help="the Ray cluster to join (auto, or HEAD_IP:6379; default: RAY_ADDRESS, else a Ray of this machine alone)")
+                         help="the Ray cluster to join (auto, or HEAD_IP:6379; default: RAY_ADDRESS, else the one `ray start` began on this machine, else a Ray of this machine alone)")
     cluster.add_argument("--job-retries", type=int, default=2,
                          help="ray: a job whose actor or node dies is retried this often on another actor from its last checkpoint (default 2)")
     cluster.add_argument("--ray-large-tag", default="large_vram", metavar="RESOURCE",

@@ -147,7 +147,7 @@ class ServerConfig:
     # where jobs run (distill3d.server.executor): "local" (this machine: job_runner's processes or threads)
     # or "ray" (a pool of Ray actors, distill3d.server.ray_executor; needs the cluster extra)
     executor: str = "local"
-    ray_address: Optional[str] = None  # None: a local Ray, or the cluster RAY_ADDRESS names; "auto": the running one
+    ray_address: Optional[str] = None  # None: RAY_ADDRESS, else the cluster `ray start` began here, else a Ray of this machine alone
     job_retries: int = 2  # ray: a job whose actor or node dies is retried this often from its last checkpoint
     ray_large_tag: str = "large_vram"  # ray: the custom resource of GPUs that take the largest jobs (when defined)
     ray_large_above_gib: float = 0.0  # ray: jobs estimated above this need a tagged actor (0 = the others' memory)
