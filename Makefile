@@ -1,6 +1,6 @@
 # The two commands a newcomer runs: `make demo` and `make test`.
 # Each creates .venv when missing (torch 2.13.0 first, so nothing pulls a CUDA build),
-# installs the project with its test extras and bpy, then does its job.
+# installs the project with its test and cluster (Ray) extras and bpy, then does its job.
 # Re-running is quick: the install is redone only when pyproject.toml changes.
 
 PYTHON ?= python3
@@ -19,7 +19,7 @@ $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet "$(TORCH)"
-	$(PY) -m pip install --quiet -e ".[test]"
+	$(PY) -m pip install --quiet -e ".[test,cluster]"
 	$(PY) -m pip install --quiet "$(BPY)"
 	touch $(STAMP)
 

@@ -610,3 +610,28 @@ def test_serve_flags_reach_the_server_config(tmp_path, monkeypatch):
     assert config.admin_clients == ("ops", "lead") and config.admin_keys_dir is None
     with pytest.raises(service.ServerConfigError, match="job_runner"):
         ServerConfig(jobs_dir=tmp_path, job_runner="fork").validate()
+
+
+def test_serve_parses_the_cluster_options_into_the_server_config(monkeypatch, tmp_path):
+    import distill3d.server.service as service
+
+    seen = {}
+
+    def capture(self, config):
+        seen["config"] = config
+        raise service.ServerConfigError("captured")
+
+    monkeypatch.setattr(service.Server, "__init__", capture)
+    assert 2 == cli_main(["serve", "--bind", "tcp://127.0.0.1:*", "--jobs-dir", str(tmp_path), "--executor", "ray",
+                          "--ray-address", "10.0.0.1:6379", "--job-retries", "5", "--ray-large-tag", "a100",
+                          "--ray-large-above", "20"])
+    config = seen["config"]
+    assert (config.executor, config.ray_address, config.job_retries) == ("ray", "10.0.0.1:6379", 5)
+    assert (config.ray_large_tag, config.ray_large_above_gib) == ("a100", 20.0)
+    assert ServerConfig(jobs_dir=tmp_path).validate().executor == "local"  # today's executor unless asked
+    with pytest.raises(service.ServerConfigError, match="executor"):
+        ServerConfig(jobs_dir=tmp_path, executor="k8s").validate()
+    with pytest.raises(service.ServerConfigError, match="local executor"):
+        ServerConfig(jobs_dir=tmp_path, executor="ray", job_runner="thread").validate()
+    with pytest.raises(service.ServerConfigError, match="job_retries"):
+        ServerConfig(jobs_dir=tmp_path, job_retries=-1).validate()

@@ -1,4 +1,4 @@
-"""`distill3d serve`: run the backend service until SIGINT/SIGTERM (jobs in job processes)."""
+"""`distill3d serve`: run the backend service until SIGINT/SIGTERM (jobs in job processes, or on a Ray cluster)."""
 
 from __future__ import annotations
 
@@ -69,6 +69,18 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--model-dir", type=Path, action="append", default=[], metavar="DIR",
                    help="a folder whose model weights and objects files jobs may name (repeatable); without any, a loopback "
                         "server accepts every local path and any other server none")
+    cluster = p.add_argument_group("cluster", "where jobs run: this machine (local) or a Ray cluster (needs pip install 'distill3d[cluster]')")
+    cluster.add_argument("--executor", choices=("local", "ray"), default="local",
+                         help="local (default): job processes on this machine; ray: one Ray actor per GPU of the cluster "
+                         "(per CPU without GPUs), --workers caps their number; the jobs folder must be the same shared path on every node")
+    cluster.add_argument("--ray-address", default=None, metavar="ADDR",
+                         help="the Ray cluster to join (auto, or HEAD_IP:6379; default: RAY_ADDRESS, else the one `ray start` began on this machine, else a Ray of this machine alone)")
+    cluster.add_argument("--job-retries", type=int, default=2,
+                         help="ray: a job whose actor or node dies is retried this often on another actor from its last checkpoint (default 2)")
+    cluster.add_argument("--ray-large-tag", default="large_vram", metavar="RESOURCE",
+                         help="ray: the custom resource of the GPUs that take the largest jobs (default large_vram, used when the cluster defines it)")
+    cluster.add_argument("--ray-large-above", type=float, default=0.0, metavar="GIB",
+                         help="ray: jobs estimated above this need a tagged GPU (default 0: the untagged GPUs' memory)")
     p.add_argument("--log-json", action="store_true", help="log one JSON object per line")
     p.set_defaults(func=run)
 
@@ -93,6 +105,8 @@ def run(args: argparse.Namespace) -> int:
         max_job_minutes=args.max_job_minutes, client_budget_mib=args.client_budget,
         job_runner=args.job_runner, cancel_grace_s=args.cancel_grace, heartbeat_s=args.heartbeat,
         admin_keys_dir=args.admin_keys, admin_clients=tuple(args.admin_client), model_dirs=tuple(args.model_dir),
+        executor=args.executor, ray_address=args.ray_address, job_retries=args.job_retries, ray_large_tag=args.ray_large_tag,
+        ray_large_above_gib=args.ray_large_above,
     )
     try:
         server = Server(config)
@@ -107,7 +121,8 @@ def run(args: argparse.Namespace) -> int:
 
     signal.signal(signal.SIGINT, on_signal)
     signal.signal(signal.SIGTERM, on_signal)
-    print(f"distill3d serve: listening on {endpoint} (jobs in {server.store.root}, {server.workers} job {'process(es)' if args.job_runner == 'process' else 'thread(s)'}, "
+    what = "Ray actor(s)" if args.executor == "ray" else "job process(es)" if args.job_runner == "process" else "job thread(s)"
+    print(f"distill3d serve: listening on {endpoint} (jobs in {server.store.root}, {server.workers} {what}, "
           f"up to {server.limits.memory_gib:g} GiB per job)", flush=True)
     started = time.time()
     server.serve_forever()

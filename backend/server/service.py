@@ -9,6 +9,9 @@ wake-up socket sits in the same ``zmq.Poller`` as the ROUTER, so the loop sleeps
 work. A child that dies fails its job with the cause (signal or exit code) and the next job gets
 a fresh child; a cancelled job that has not stopped after ``cancel_grace_s`` is killed.
 ``job_runner="thread"`` runs jobs as threads of this process instead (tests with stand-ins).
+Where jobs run is the executor's business (:mod:`.executor`: start, cancel, kill, release, events
+on the bus): the local one above, or ``executor="ray"`` (:mod:`.ray_executor`), a pool of Ray
+actors across a cluster; this loop, the protocol, CURVE and validation are the same for both.
 The loop sends a ``heartbeat`` every ``heartbeat_s`` to each client with queued or running jobs.
 
 Outbound traffic never blocks: sends are non-blocking with ``ROUTER_MANDATORY``; a client
@@ -76,15 +79,14 @@ from distill3d_protocol.schema import MAX_LIST
 
 from .. import __version__
 from ..config import ConfigError, parse_job
-from ..priors.factory import PriorCache
 from ..texturing import InputMesh, InputMeshError
 from .admission import GIB, Limits, admission_problem, estimate_job
 from .paths import local_path_problem
 from .auth import ADMIN_DIR, AuthError, ServerKeys, is_loopback, load_server_keys, secure_socket, start_authenticator
 from .jobs import RESUMABLE_STATES, JobRecord, JobStore, StorageError
 from .outbound import MIB, TRACK_MIN_BYTES, DropLog, OutboundLedger, Outgoing, frames_nbytes
-from .process import JobProcess
-from .worker import Event, EventBus, JobWorker
+from .executor import Executor, JobHandle, LocalExecutor
+from .worker import Event, EventBus
 
 log = logging.getLogger("distill3d.server")
 
@@ -142,6 +144,14 @@ class ServerConfig:
     # local files a job may name (model weights, objects files): only under these folders; with none,
     # any path on a loopback server and none off loopback (distill3d.server.paths)
     model_dirs: Tuple[Path, ...] = ()
+    # where jobs run (distill3d.server.executor): "local" (this machine: job_runner's processes or threads)
+    # or "ray" (a pool of Ray actors, distill3d.server.ray_executor; needs the cluster extra)
+    executor: str = "local"
+    ray_address: Optional[str] = None  # None: RAY_ADDRESS, else the cluster `ray start` began here, else a Ray of this machine alone
+    job_retries: int = 2  # ray: a job whose actor or node dies is retried this often from its last checkpoint
+    ray_large_tag: str = "large_vram"  # ray: the custom resource of GPUs that take the largest jobs (when defined)
+    ray_large_above_gib: float = 0.0  # ray: jobs estimated above this need a tagged actor (0 = the others' memory)
+    ray_ready_timeout_s: float = 300.0  # ray: how long the start waits for the first actor
 
     def validate(self) -> "ServerConfig":
         if not isinstance(self.bind, str) or "://" not in self.bind:
@@ -150,7 +160,7 @@ class ServerConfig:
             "workers": (self.workers, 0, 64), "checkpoint_every": (self.checkpoint_every, 0, 10**9),
             "max_queue": (self.max_queue, 1, 100_000), "send_hwm": (self.send_hwm, 1, 1_000_000),
             "keep_priors": (self.keep_priors, 0, 16), "max_mc_resolution": (self.max_mc_resolution, 16, 4096),
-            "max_texture_size": (self.max_texture_size, 64, 16384),
+            "max_texture_size": (self.max_texture_size, 64, 16384), "job_retries": (self.job_retries, 0, 100),
         }
         for name, (value, lo, hi) in checks.items():
             if isinstance(value, bool) or not isinstance(value, int) or not lo <= value <= hi:
@@ -159,6 +169,7 @@ class ServerConfig:
             "progress_interval_s": 3600, "preview_interval_s": 3600, "critical_retry_s": 3600, "shutdown_timeout_s": 3600,
             "status_save_interval_s": 3600, "client_budget_mib": 1 << 20, "max_job_memory_gib": 1 << 20,
             "max_job_minutes": 10**7, "cancel_grace_s": 3600, "heartbeat_s": 3600, "keys_reload_s": 3600,
+            "ray_large_above_gib": 1 << 20, "ray_ready_timeout_s": 3600,
         }
         for name, hi in numbers.items():
             value = getattr(self, name)
@@ -166,6 +177,10 @@ class ServerConfig:
                 raise ServerConfigError(f"{name} must be a number in [0, {hi}], got {value!r}")
         if self.job_runner not in ("process", "thread"):
             raise ServerConfigError(f"job_runner must be 'process' or 'thread', got {self.job_runner!r}")
+        if self.executor not in ("local", "ray"):
+            raise ServerConfigError(f"executor must be 'local' or 'ray', got {self.executor!r}")
+        if self.executor == "ray" and self.job_runner == "thread":
+            raise ServerConfigError("job_runner 'thread' is for the local executor; Ray actors run jobs in their own processes")
         if self.client_budget_mib <= 0:
             raise ServerConfigError(f"client_budget_mib must be positive, got {self.client_budget_mib!r}")
         if self.jobs_dir is None:
@@ -201,9 +216,7 @@ def _curve_key(frame: zmq.Frame) -> Optional[str]:
 @dataclass
 class RunningJob:
     record: JobRecord
-    slot: int
-    worker: Optional[JobWorker] = None  # job_runner "thread"
-    process: Optional[JobProcess] = None  # job_runner "process"
+    handle: JobHandle  # the executor's: cancel, kill
     stop_reason: Optional[str] = None  # "cancel" | "shutdown" | "storage"
     last_saved: float = field(default_factory=time.monotonic)
     storage_problem: Optional[str] = None  # why it was stopped for storage
@@ -212,12 +225,9 @@ class RunningJob:
 
     def request_stop(self, grace_s: Optional[float] = None) -> None:
         """Flag the job to stop at its next iteration; its process is killed ``grace_s`` later."""
-        if self.worker is not None:
-            self.worker.cancel.set()
-        if self.process is not None:
-            self.process.cancel(self.record.job_id)
-            if grace_s is not None and self.kill_at is None:
-                self.kill_at = time.monotonic() + grace_s
+        self.handle.cancel()
+        if self.handle.killable and grace_s is not None and self.kill_at is None:
+            self.kill_at = time.monotonic() + grace_s
 
 
 def _gpu_memory_gib() -> float:
@@ -257,16 +267,16 @@ class Server:
             )
         self.admin_keys = self._load_admin_keys()
         self.store = JobStore(config.jobs_dir)
-        self.gpus = _gpu_count()
-        self.workers = config.workers or max(self.gpus, 1)
-        memory = config.max_job_memory_gib or (round(0.9 * _gpu_memory_gib(), 1) if self.gpus else 8.0) or 8.0
+        self.bus = EventBus()
+        self.executor = self._make_executor()
+        self.gpus = self.executor.gpus
+        self.workers = self.executor.capacity
+        memory = (config.max_job_memory_gib or self.executor.memory_gib()
+                  or (round(0.9 * _gpu_memory_gib(), 1) if self.gpus else 8.0) or 8.0)
         self.limits = Limits(memory_gib=memory, mc_resolution=config.max_mc_resolution, texture_size=config.max_texture_size,
                              job_seconds=60.0 * config.max_job_minutes)
         self.outbound = OutboundLedger(int(config.client_budget_mib * MIB))
         self.drops = DropLog(log)
-        self.bus = EventBus()
-        self.priors = PriorCache(config.keep_priors)  # job_runner "thread" only: each job process keeps its own
-        self._processes: Dict[int, JobProcess] = {}  # slot -> its job process
         self._next_heartbeat = 0.0
         self._next_keys_reload = 0.0
         self._keys_loaded = False  # the first reload is the start's own load
@@ -288,6 +298,15 @@ class Server:
         self.ready = threading.Event()
         self._loop_cpu_start: Optional[float] = None
         self._callback_cpu_s = 0.0  # workers' CPU time in the service's callbacks, finished jobs
+
+    def _make_executor(self) -> Executor:
+        config = self.config
+        if config.executor == "ray":
+            from .ray_executor import RayExecutor
+
+            return RayExecutor(config, self.bus, self.store)
+        gpus = _gpu_count()
+        return LocalExecutor(self.bus, self.store, config.workers or max(gpus, 1), gpus, config.keep_priors, config.job_runner)
 
     def _load_admin_keys(self, quiet: bool = False) -> frozenset:
         """The z85 public keys of the admin clients (CURVE only)."""
@@ -344,8 +363,8 @@ class Server:
             raise OSError(f"cannot bind {self.config.bind}: {exc}") from None
         self.socket = sock
         self.endpoint = sock.getsockopt_string(zmq.LAST_ENDPOINT)
-        log.info("listening endpoint=%s workers=%d gpus=%d jobs_dir=%s curve=%s", self.endpoint, self.workers, self.gpus,
-                 self.store.root, self.keys is not None)
+        log.info("listening endpoint=%s executor=%s workers=%d gpus=%d jobs_dir=%s curve=%s", self.endpoint, self.executor.name,
+                 self.workers, self.gpus, self.store.root, self.keys is not None)
         self.ready.set()
         return self.endpoint
 
@@ -664,9 +683,8 @@ class Server:
         server = {
             "version": __version__, "protocol": PROTOCOL_VERSION, "workers": self.workers, "gpus": self.gpus,
             "running": len(self._running), "queued": len(self._queue), "uptime_s": round(time.time() - self._started_at, 3),
-            "curve": self.keys is not None, "job_runner": self.config.job_runner,
-            "job_processes": [{"slot": p.slot, "pid": p.pid, "job": self._visible_id(p.job_id, owner)}
-                              for p in self._processes.values() if p.alive],
+            "curve": self.keys is not None, "job_runner": self.config.job_runner, "executor": self.executor.name,
+            "job_processes": [{**w, "job": self._visible_id(w.get("job"), owner)} for w in self.executor.workers_info()],
             "admin": owner.admin,
             # what the service itself costs: CPU seconds of the socket loop, and of the
             # progress/preview callbacks on the training threads (finished jobs)
@@ -799,13 +817,17 @@ class Server:
 
     # ------------------------------------------------------------------ scheduling
     def _schedule(self) -> None:
-        while self._queue and len(self._running) < self.workers and not self._stop.is_set():
-            job_id = self._queue.popleft()
+        """Start queued jobs, oldest first, that a free worker of the executor may run."""
+        for job_id in list(self._queue):
+            if self._stop.is_set() or self.executor.full():
+                return
             rec = self._jobs[job_id]
             config = rec.config  # typed and validated when the job was submitted (or its job.json read)
+            if not self.executor.can_start(config):  # e.g. waits for a large-memory worker; smaller jobs go first
+                continue
+            self._queue.remove(job_id)
             if config.checkpoint_every == 0 and self.config.checkpoint_every:
                 config = dataclasses.replace(config, checkpoint_every=self.config.checkpoint_every)  # the record keeps the job's own
-            slot = min(set(range(self.workers)) - {r.slot for r in self._running.values()})
             rec.state, rec.total, rec.message = "running", config.iters, None
             problem = self._try_save(rec)  # "running" is on disk before the first step: a crash reads as interrupted
             if problem is not None:
@@ -813,37 +835,20 @@ class Server:
                 self._finish_failed(rec, f"the job could not start: {problem}", code="storage")
                 continue
             start = (rec.checkpoint_step or 0) if rec.resume else 0  # the step its phase messages show until training reports
-            if self.config.job_runner == "thread":
-                worker = JobWorker(job_id, config, self.store, self.bus, resume=rec.resume, gpu_slot=slot, priors=self.priors,
-                                   start_step=start)
-                self._running[job_id] = RunningJob(rec, slot, worker=worker)
-                worker.start()
-            else:
-                process = self._process(slot)
-                self._running[job_id] = RunningJob(rec, slot, process=process)
-                process.run(job_id, config, rec.resume, start)
-            log.info("job=%s state=running resume=%s slot=%d", job_id, rec.resume, slot)
-
-    def _process(self, slot: int) -> JobProcess:
-        """The slot's job process: the one that ran its last job, or a fresh one if that one died."""
-        process = self._processes.get(slot)
-        if process is None or not process.alive:
-            if process is not None:
-                process.close(timeout=0.1)
-            process = JobProcess(slot, self.bus, self.store.root, self.config.keep_priors)
-            self._processes[slot] = process
-        return process
+            handle = self.executor.start(job_id, config, rec.resume, start)
+            self._running[job_id] = RunningJob(rec, handle)
+            log.info("job=%s state=running resume=%s slot=%d", job_id, rec.resume, handle.slot)
 
     def _enforce_kills(self) -> float:
         """Kill job processes whose stop did not take effect in time; seconds until the next is due."""
         now, next_due = time.monotonic(), math.inf
         for running in self._running.values():
-            if running.kill_at is None or running.process is None:
+            if running.kill_at is None:
                 continue
             if now >= running.kill_at:
                 running.kill_at = None
                 log.warning("job=%s did not stop within %.1f s: killing its process", running.record.job_id, self.config.cancel_grace_s)
-                running.process.kill()  # its reader reports the death; _on_event finishes the job
+                running.handle.kill()  # its reader reports the death; _on_event finishes the job
             else:
                 next_due = min(next_due, running.kill_at - now)
         return next_due
@@ -905,7 +910,8 @@ class Server:
             return
         self._flush_streams(job_id=event.job_id, force=event.kind == "done")
         self.bus.discard_streams(event.job_id)
-        self._running.pop(event.job_id, None)
+        if self._running.pop(event.job_id, None) is not None:
+            self.executor.release(running.handle)
         self._callback_cpu_s += float(event.data.get("callback_cpu_s", 0.0))
         rec.resume = False
         storage = running.storage_problem if running is not None and running.stop_reason == "storage" else None
@@ -1064,15 +1070,12 @@ class Server:
                 select.select([self.bus.wake_fd], [], [], min(0.1, max(0.0, deadline - time.monotonic())))
                 self.bus.drain_wake()
         for running in list(self._running.values()):  # still running: interrupted without a fresh checkpoint
-            if running.process is not None:
-                running.process.kill()
+            running.handle.kill()
             rec = running.record
             rec.checkpoint_step = self.store.last_checkpoint_step(rec.job_id)
             self._mark_interrupted(rec, rec.step)
         self._running.clear()
-        for process in self._processes.values():
-            process.close(timeout=5.0)
-        self._processes.clear()
+        self.executor.close(timeout=5.0)
         self._retry_pending()
         self._retry_saves(force=True)
         for rec in self._unsaved.values():
@@ -1086,6 +1089,5 @@ class Server:
             self._auth.stop()
             self._auth = None
         self.bus.close()
-        self.priors.clear()
         self.context.term()
         log.info("stopped")
