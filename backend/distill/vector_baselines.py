@@ -17,7 +17,14 @@ built here, both zero-mean given (x0, t) by construction:
   x~ = a_t x0 + s_t eps~ (eps~ drawn apart from eps): CV = eps - s_t J(x~) eps. It is the
   first-order model of the noise in d_base = eps_pre(x_t) - eps (whose derivative in eps is
   s_t J - I), so CV tracks the whole low-rank noise of the denoiser, not just its diagonal.
-  Cost: one Jacobian-vector product through the prior (a forward and two backward passes).
+  J eps is taken as a central difference (odd in eps, so still exactly zero-mean): two more
+  prior evaluations per sample.
+* ``antithetic`` (:class:`AntitheticBaseline`): the same matrix baseline at x~ = a_t x0 with a
+  finite step equal to the noise itself: CV = d_base(-eps) - d_base(eps), zero-mean because
+  eps and -eps have the same law, and d_base + CV / 2 removes every odd-order part of the
+  noise, not only the linear one. (In the Gaussian case every zero-mean function of eps is
+  the Stein operator applied to some G, so this stays within Stein's identity formally; it is
+  not of the scalar form eps phi - s_t grad phi.) One more prior evaluation per sample.
 
 Why the diagonal is weak (the measured result, see docs/benchmark/ssd_variance.md): the noise
 of d_base given (x0, t) is mostly (s_t J - I) eps with s_t J - I = -(a_t / s_t)^2 Cov[x0 | x_t]
@@ -145,7 +152,7 @@ class PixelNetBaseline(Baseline):
         loss.backward()
         self.optimizer.step()
         self.updates += 1
-        return {"ssd_baseline_loss": float(loss)}
+        return {"ssd_baseline_loss": float(loss.detach())}
 
     def _load(self, state: dict) -> None:
         self.net.load_state_dict(state["net"])
@@ -175,12 +182,21 @@ class PixelNetBaseline(Baseline):
 @register_baseline("jacobian")
 class JacobianBaseline(Baseline):
     """CV = eps - s_t J(x~) eps, J the guided noise prediction's Jacobian at an independent
-    noisy copy x~ of x0 (see module doc). ``at="mean"`` evaluates J at a_t x0 (no noise)."""
+    noisy copy x~ of x0 (see module doc); ``at="mean"`` takes x~ = a_t x0 (no noise).
 
-    def __init__(self, at: str = "independent", seed: int = 0) -> None:
+    J eps is a central difference, (eps_pre(x~ + h eps) - eps_pre(x~ - h eps)) / (2 h) with
+    h = ``step`` * s_t: two prior evaluations, no backward pass (double backward is not
+    available through every attention kernel). The difference is an odd function of eps with
+    x~ independent of eps, so CV stays exactly zero-mean for any step. (With ``at="mean"`` and
+    step 1 this is half the antithetic control variate below.)"""
+
+    def __init__(self, at: str = "independent", step: float = 0.05, seed: int = 0) -> None:
         if at not in ("independent", "mean"):
             raise BaselineError(f"at must be 'independent' or 'mean', got {at!r}")
+        if not (isinstance(step, (int, float)) and 0.0 < step <= 10.0):
+            raise BaselineError(f"step must be a number in (0, 10], got {step!r}")
         self.at = at
+        self.step = float(step)
         self.seed = int(seed)
         self.generator = torch.Generator().manual_seed(self.seed + 2)
 
@@ -195,14 +211,14 @@ class JacobianBaseline(Baseline):
             other = torch.zeros_like(x0)
         x_tilde = prior.add_noise(x0, other, t).detach()
         eps = batch.eps.to(x_t.dtype)
-
-        def f(x: torch.Tensor) -> torch.Tensor:
-            return prior.predict_eps(x, t, batch.prompt, batch.guidance_scale, batch.cameras)
-
-        with torch.enable_grad():
-            _, jvp = torch.autograd.functional.jvp(f, x_tilde, eps)
         _, s = prior.sigmas(t)
-        cv = eps - _broadcast(s, eps) * jvp.detach()
+        h = _broadcast(s, eps) * self.step
+        with torch.no_grad():
+            both = prior.predict_eps(torch.cat([x_tilde + h * eps, x_tilde - h * eps]), torch.cat([t, t]), batch.prompt,
+                                     batch.guidance_scale, _cat_cameras(batch.cameras))
+        plus, minus = both.chunk(2)
+        jvp = (plus - minus) / (2 * h)
+        cv = eps - _broadcast(s, eps) * jvp
         return BaselineValue(phi=cv.new_ones(cv.shape[0]), grad=torch.zeros_like(cv), cv=cv)
 
     def state_dict(self) -> dict:
@@ -211,3 +227,33 @@ class JacobianBaseline(Baseline):
     def load_state_dict(self, state: dict) -> None:
         if "generator" in state:
             self.generator.set_state(state["generator"])
+
+
+@register_baseline("antithetic")
+class AntitheticBaseline(Baseline):
+    """CV = eps_pre(a_t x0 - s_t eps) - eps_pre(x_t) + 2 eps: the SDS direction at the mirrored
+    noise minus the one at the drawn noise (see module doc). Zero-mean because eps and -eps
+    have the same law; d_base + CV / 2 is the mean of the two mirrored SDS directions, which
+    removes every odd-order part of the noise. The prediction at x_t is handed to SSD (its
+    SDS term), so the cost is one more prior evaluation per sample."""
+
+    def __call__(self, x_t, t, batch, prior, eps_pred=None):
+        raise BaselineError("the antithetic baseline forms its control variate directly: use value_and_grad")
+
+    def value_and_grad(self, x_t, t, batch, prior) -> BaselineValue:
+        eps = batch.eps.to(x_t.dtype)
+        x0 = batch.x0.detach().to(x_t.dtype)
+        with torch.no_grad():
+            both = prior.predict_eps(torch.cat([x_t.detach(), prior.add_noise(x0, -eps, t)]), torch.cat([t, t]), batch.prompt,
+                                     batch.guidance_scale, _cat_cameras(batch.cameras))
+        here, mirrored = both.chunk(2)
+        cv = mirrored - here + 2 * eps
+        return BaselineValue(phi=cv.new_ones(cv.shape[0]), grad=torch.zeros_like(cv), cv=cv, eps_pred=here)
+
+
+def _cat_cameras(cameras):
+    if cameras is None:
+        return None
+    from ..cameras import CameraBatch
+
+    return CameraBatch.cat([cameras, cameras])

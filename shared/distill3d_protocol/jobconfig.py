@@ -192,7 +192,7 @@ class SSDConfig(MethodConfig):
     depth_on: str = setting("x_t", "the baseline's depth is estimated on x_t or on the one-step denoised x0_hat", choices=("x_t", "x0_hat"))
     baseline: str = setting("depth", "Stein baseline: depth = 1 - Pearson(rendered, estimated depth); pixel = per-pixel h from a small "
                             "network trained online; jacobian = I - s_t J of the prior's noise prediction at an independent noisy copy",
-                            choices=("depth", "pixel", "jacobian"))
+                            choices=("depth", "pixel", "jacobian", "antithetic"))
     mu_bands: int = setting(1, "timestep bands of equal width, each with its own online mu", lo=1, hi=100)
     pixel_inputs: str = setting("x0", "pixel baseline's inputs: the render and t (exact), or also x_t (Hutchinson diagonal)",
                                 choices=("x0", "x0+x_t"))
