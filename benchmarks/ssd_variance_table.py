@@ -32,13 +32,13 @@ def load(folder: Path) -> list[dict]:
 
 
 def table(rows: list[dict]) -> str:
-    head = ("| prior | run, step | baseline | V (SDS) | W / V | bound 1 - W/V | 2 eps (same cost as antithetic) | SSD / SDS [95% CI] "
+    head = ("| prior | run, step | baseline | samples | V (SDS) | W / V | bound 1 - W/V | 2 eps (same cost as antithetic) | SSD / SDS [95% CI] "
             "| eps-part ratio | oracle 1 - rho^2 | mean agrees (z) | mu |")
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for r in sorted(rows, key=lambda r: (r["prior"], r["run"], r["step"], r["baseline"])):
         mu = ", ".join(f"{m:.3g}" for m in (r["mu"] or []))
         lines.append(
-            f"| {r['prior']} | {r['run']} {r['step']} | {r['baseline']} | {r['v_sds']:.4g} | {r['w_share']:.3f} | {r['floor']:.3f} | "
+            f"| {r['prior']} | {r['run']} {r['step']} | {r['baseline']} | {r['samples']} | {r['v_sds']:.4g} | {r['w_share']:.3f} | {r['floor']:.3f} | "
             f"{r['two_eps']:.3f} | **{r['ratio']:.3f}** [{r['ci'][0]:.3f}, {r['ci'][1]:.3f}] | {r['ratio_eps']:.3f} | {r['oracle']:.3f} | "
             f"{'yes' if r['agrees'] else 'NO'} ({r['z']:.2f}) | {mu} |"
         )

@@ -212,7 +212,9 @@ def test_make_ssd_follows_the_new_settings(smooth):
     assert isinstance(ssd.baseline, PixelNetBaseline) and ssd.baseline.inputs == "x0+x_t" and ssd.baseline.lr == 0.01
     assert ssd.mu_bands == 3 and ssd.mu_table().shape == (3, 1)
     assert isinstance(make_ssd(smooth, SSDConfig(baseline="jacobian")).baseline, JacobianBaseline)
-    assert isinstance(make_ssd(smooth, SSDConfig(baseline="antithetic")).baseline, AntitheticBaseline)
+    anti = make_ssd(smooth, SSDConfig(baseline="antithetic"))
+    assert isinstance(anti.baseline, AntitheticBaseline)
+    assert not anti.direction_needs_memory and make_ssd(smooth, SSDConfig()).direction_needs_memory  # only depth back-propagates through the prior
 
 
 def test_variance_instrument_measures_a_configured_baseline():

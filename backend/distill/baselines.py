@@ -92,6 +92,9 @@ class Baseline(abc.ABC):
     needs_eps_pred: bool = False
     #: True when the baseline has parameters SSD trains online (:meth:`learn`)
     learnable: bool = False
+    #: True when its gradient back-propagates through the prior's networks (memory: the
+    #: trainer then frees the VAE-encode graph during the direction)
+    through_prior: bool = False
 
     def learn(self, d_base: torch.Tensor, batch: DistillBatch, prior: Prior, weights: torch.Tensor) -> dict[str, float]:
         """One training step on a batch whose direction was already formed (learnable baselines
@@ -203,6 +206,7 @@ class DepthCorrelationBaseline(Baseline):
             raise BaselineError(f"background_weight must be a number in [0, 1], got {background_weight!r}")
         self.depth_on = depth_on
         self.background_weight = float(background_weight)
+        self.through_prior = True
         self.needs_eps_pred = depth_on == "x0_hat"
 
     def estimated_depth(self, x_t: torch.Tensor, t: torch.Tensor, batch: DistillBatch, prior: Prior, eps_pred: Optional[torch.Tensor]) -> torch.Tensor:

@@ -103,7 +103,6 @@ class SSD(Estimator):
     """Stein Score Distillation (see module doc). ``base_estimator=None`` means SDS."""
 
     name = SSDConfig.KIND
-    direction_needs_memory = True  # the depth baseline back-propagates through UNet, VAE decoder and DPT
 
     def __init__(
         self,
@@ -131,6 +130,8 @@ class SSD(Estimator):
         if not isinstance(baseline, Baseline):
             raise SSDError(f"baseline must be a distill3d.distill.baselines.Baseline, got {type(baseline).__name__}")
         self.baseline = baseline
+        # the depth baseline back-propagates through UNet, VAE decoder and DPT; antithetic and jacobian use no_grad passes
+        self.direction_needs_memory = baseline.through_prior
         self.mu_mode = mu_mode
         self.base = base_estimator
         self.decay = float(decay)
