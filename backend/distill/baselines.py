@@ -302,4 +302,4 @@ class ConstantBaseline(Baseline):
         return torch.zeros_like(x_t)
 
 
-from . import vector_baselines as _vector_baselines  # noqa: E402,F401  (registers "pixel" and "jacobian")
+from . import vector_baselines as _vector_baselines  # noqa: E402,F401  (registers "pixel", "jacobian", "antithetic")

@@ -1,7 +1,7 @@
 """Per-pixel and matrix baselines for SSD: Stein control variates beyond one scalar phi.
 
 Stein's identity for x_t = a_t x0 + s_t eps holds coordinate by coordinate and for any
-matrix-valued G(x_t): E[sum_j eps_j G_ij(x_t)] = s_t E[sum_j d G_ij / d x_j]. Two forms are
+matrix-valued G(x_t): E[sum_j eps_j G_ij(x_t)] = s_t E[sum_j d G_ij / d x_j]. Three forms are
 built here, both zero-mean given (x0, t) by construction:
 
 * ``pixel`` (:class:`PixelNetBaseline`): a per-pixel (vector) baseline h(x_t), the diagonal
@@ -39,7 +39,6 @@ import math
 from typing import Optional
 
 import torch
-import torch.nn.functional as F
 
 from ..priors.base import Prior
 from .base import DistillBatch
