@@ -80,7 +80,7 @@ def plot(rows: list[dict], path: Path) -> None:
         ax.set_ylabel("gradient variance, SSD / SDS (95% CI)")
         ax.set_title(f"{prior} prior")
         ax.grid(True, axis="y", alpha=0.3)
-    axes[0, -1].legend(fontsize=8, loc="lower right")
+    axes[0, 0].legend(fontsize=8, loc="lower right")  # the reference prior has every baseline
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=100)
