@@ -1,4 +1,4 @@
-"""Time per iteration of SDS, VSD, ESD and esd-kernel on a Stable Diffusion prior with random weights.
+"""Time per iteration of SDS, VSD, ESD, esd-kernel and SSD on a Stable Diffusion prior with random weights.
 
 One "iteration" is what the trainer asks of an estimator each step: ``direction(batch)``
 (the guided pretrained UNet call, plus eps_psi for VSD/ESD) and ``update(...)`` (one LoRA
@@ -8,6 +8,7 @@ each iteration so the ratio can be read both ways.
 
   python benchmarks/bench_estimators.py                # tiny UNet, CPU (or --device cuda)
   python benchmarks/bench_estimators.py --full         # SD 2.1-base UNet config (865M), 64x64 latents
+  python benchmarks/bench_estimators.py --methods sds,ssd-antithetic,ssd-jacobian,ssd-pixel   # SSD's baselines
 
 Weights are random (timing only; no download). Reports seconds per iteration, the ratio of
 VSD's and ESD's cost to SDS's in the same run, and the peak GPU memory per method
@@ -29,7 +30,9 @@ import torch
 from distill3d.cameras import CameraDistribution
 from distill3d.distill import SDS
 from distill3d.distill.base import DistillBatch
+from distill3d.distill.baselines import make_baseline
 from distill3d.distill.esd import ESD, VSD, ESDKernel
+from distill3d.distill.ssd import SSD
 from distill3d.distill.learned_score import LearnedScoreConfig, LoRAScore
 from distill3d.priors.stable_diffusion import random_prior
 
@@ -71,6 +74,8 @@ def time_method(prior, name: str, args, generator: torch.Generator) -> dict:
     learned = None
     if name == "sds":
         estimator = SDS(prior)
+    elif name.startswith("ssd-"):  # SSD with a named baseline on SDS (depth needs a depth model: not in the random prior)
+        estimator = SSD(prior, make_baseline(name[len("ssd-"):]))
     elif name == "esd-kernel":  # a full bank of distant cameras: the mixture over 16 + batch renders is computed
         estimator = ESDKernel(prior, lam=0.5, bank_size=64, max_age=10**6)  # (64: the 16 stay while the timed steps push theirs)
         away = CameraDistribution(azimuth_range=(150.0, 210.0)).sample(16, generator).to(device)
@@ -78,7 +83,7 @@ def time_method(prior, name: str, args, generator: torch.Generator) -> dict:
     else:
         learned = LoRAScore(prior, LearnedScoreConfig(lora_rank=args.lora_rank, lr=1e-4, p_null=0.1))
         estimator = VSD(prior, learned) if name == "vsd" else ESD(prior, learned, lam=0.5)
-    batch = _make_batch(prior, args.batch, generator, guidance=100.0 if name in ("sds", "esd-kernel") else 7.5)
+    batch = _make_batch(prior, args.batch, generator, guidance=100.0 if name in ("sds", "esd-kernel") or name.startswith("ssd-") else 7.5)
     if device.type == "cuda":
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
@@ -150,11 +155,11 @@ def main(argv: list[str] | None = None) -> int:
     }
     print(f"{size} UNet ({info['unet_params_m']}M params), latents {info['latent']}, batch {args.batch}, "
           f"{info['device']}, {info['dtype']}{', with VAE encode+backward' if args.with_vae else ''}")
-    print(f"{'method':8s} {'s/iter':>10s} {'x SDS':>7s} {'peak GiB':>9s}")
+    print(f"{'method':16s} {'s/iter':>10s} {'x SDS':>7s} {'peak GiB':>9s}")
     for r in results:
         peak = f"{r['peak_gpu_gib']:.2f}" if r["peak_gpu_gib"] is not None else "-"
         ratio = f"{r['ratio_to_sds']:.2f}" if r["ratio_to_sds"] is not None else "-"
-        print(f"{r['method']:8s} {r['s_per_iter']:10.4f} {ratio:>7s} {peak:>9s}")
+        print(f"{r['method']:16s} {r['s_per_iter']:10.4f} {ratio:>7s} {peak:>9s}")
     if args.json:
         with open(args.json, "w", encoding="utf-8") as fh:
             json.dump(info, fh, indent=2)

@@ -11,6 +11,10 @@ Settings:
 
 * ``--prior reference`` (default): the CPU reference world, "a rubber duck", 32 px, dense
   grid, SSD's depth baseline on the exact posterior-mean depth.
+* ``--prior learned``: the learned pixel-space UNet prior of the reference world.
+* ``--baselines depth,antithetic,jacobian,pixel``: one SSD trainer per baseline
+  (``method.baseline``), all stepped in turn with SDS (the order rotates every iteration);
+  each gets its own ratio to SDS.
 * ``--prior sd``: Stable Diffusion with random weights (no download) and a random DPT.
   ``--sd-size full`` (the default when CUDA is available) uses SD 2.1-base's UNet and VAE
   configs (64x64 latents, 512 px) and a DPT-Hybrid-sized depth config (ViT-B/16 on a BiT
@@ -19,6 +23,7 @@ Settings:
   python benchmarks/bench_ssd.py                       # reference world, CPU
   python benchmarks/bench_ssd.py --prior sd            # full-size SD + DPT on CUDA when available
   python benchmarks/bench_ssd.py --prior sd --sd-size tiny --device cpu   # the SD path, tiny, on a CPU
+  python benchmarks/bench_ssd.py --baselines depth,antithetic,jacobian,pixel --prior learned
 """
 
 from __future__ import annotations
@@ -58,7 +63,7 @@ def dpt_hybrid_sized(seed: int = 0):
 
 
 def build_prior(args, device: torch.device):
-    if args.prior == "reference":
+    if args.prior in ("reference", "learned"):
         return None  # the trainer builds it from the config
     from distill3d.priors.depth import DPTDepthEstimator
     from distill3d.priors.stable_diffusion import random_prior
@@ -71,10 +76,10 @@ def build_prior(args, device: torch.device):
     return prior
 
 
-def make_config(args, method: str, device: torch.device) -> JobConfig:
+def make_config(args, method: str, device: torch.device, baseline: str = "depth") -> JobConfig:
     data = {
-        "prompt": args.prompt or ("a rubber duck" if args.prior == "reference" else "a wooden teapot"),
-        "method": {"kind": method}, "prior": {"kind": args.prior}, "iters": 10_000, "preview": {"every": 0}, "seed": args.seed,
+        "prompt": args.prompt or ("a wooden teapot" if args.prior == "sd" else "a rubber duck"),
+        "method": {"kind": method, **({"baseline": baseline} if method == "ssd" else {})}, "prior": {"kind": args.prior}, "iters": 10_000, "preview": {"every": 0}, "seed": args.seed,
         "resolution": args.resolution, "batch_size": args.batch_size, "device": device.type,
     }
     return parse_job(data)
@@ -108,7 +113,8 @@ def paired_ratio_ci(a: list[float], b: list[float], n_boot: int = 4000, seed: in
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--prior", choices=("reference", "sd"), default="reference")
+    p.add_argument("--prior", choices=("reference", "learned", "sd"), default="reference")
+    p.add_argument("--baselines", default="depth", help="comma-separated SSD baselines (method.baseline), each timed against SDS")
     p.add_argument("--sd-size", choices=("tiny", "full"), default=None, help="SD configs (default: full on CUDA, tiny elsewhere)")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     p.add_argument("--prompt", default="")
@@ -127,8 +133,11 @@ def main(argv: list[str] | None = None) -> int:
 
     prior = build_prior(args, device)
     trainers = {"sds": Trainer(make_config(args, "sds", device), prior=prior)}
-    # one prior object for both (the reference prior the first trainer built, or the random SD)
-    trainers["ssd"] = Trainer(make_config(args, "ssd", device), prior=trainers["sds"].prior)
+    # one prior object for all (the reference prior the first trainer built, or the random SD)
+    baselines = [b.strip() for b in args.baselines.split(",") if b.strip()]
+    ssd_names = ["ssd" if b == "depth" and len(baselines) == 1 else f"ssd-{b}" for b in baselines]
+    for name, b in zip(ssd_names, baselines):
+        trainers[name] = Trainer(make_config(args, "ssd", device, b), prior=trainers["sds"].prior)
     for _ in range(args.warmup):
         for trainer in trainers.values():
             timed_step(trainer, device)
@@ -136,7 +145,8 @@ def main(argv: list[str] | None = None) -> int:
     phases: dict[str, dict[str, list[float]]] = {m: {k: [] for k in PHASES} for m in trainers}
     peak: dict[str, float] = {}
     for i in range(args.iters):
-        order = ("sds", "ssd") if i % 2 == 0 else ("ssd", "sds")
+        names = list(trainers)
+        order = names[i % len(names):] + names[: i % len(names)]
         for m in order:
             if device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats(device)
@@ -146,26 +156,31 @@ def main(argv: list[str] | None = None) -> int:
             times[m].append(elapsed)
             for k in PHASES:
                 phases[m][k].append(ph[k])
-    ratio, lo, hi = paired_ratio_ci(times["ssd"], times["sds"])
-    prior_ratio = statistics.mean(phases["ssd"]["prior"]) / max(statistics.mean(phases["sds"]["prior"]), 1e-12)
-    name = trainers["sds"].prior.name if args.prior == "reference" else f"sd ({args.sd_size or ('full' if device.type == 'cuda' else 'tiny')}, random weights)"
+    name = trainers["sds"].prior.name if args.prior != "sd" else f"sd ({args.sd_size or ('full' if device.type == 'cuda' else 'tiny')}, random weights)"
     print(f"SSD vs SDS per iteration, {name} prior, {args.resolution} px renders, batch {args.batch_size}, {args.iters} interleaved iterations "
           f"on {torch.cuda.get_device_name(device) if device.type == 'cuda' else platform.processor() or 'cpu'}")
-    for m in ("sds", "ssd"):
+    for m in trainers:
         parts = ", ".join(f"{k} {1000 * statistics.mean(phases[m][k]):.0f}" for k in PHASES)
         mem = f", peak {peak[m]:.1f} GiB" if m in peak else ""
         print(f"  {m}: {1000 * statistics.mean(times[m]):.0f} ms/it (median {1000 * statistics.median(times[m]):.0f}; {parts} ms{mem})")
-    extra_ms = 1000 * (statistics.mean(phases["ssd"]["prior"]) - statistics.mean(phases["sds"]["prior"]))
-    median_ratio = statistics.median(times["ssd"]) / statistics.median(times["sds"])
-    print(f"  cost ratio SSD/SDS: {ratio:.2f} (95% CI {lo:.2f}-{hi:.2f}; ratio of medians {median_ratio:.2f}); "
-          f"estimator phase alone: {prior_ratio:.2f}x, i.e. {extra_ms:.0f} ms more per iteration")
     result = {
         "prior": name, "device": str(device), "resolution": args.resolution, "batch_size": args.batch_size, "iters": args.iters,
         "seconds_per_iteration": {m: statistics.mean(times[m]) for m in times},
         "phases_s": {m: {k: statistics.mean(v) for k, v in phases[m].items()} for m in phases},
-        "ratio": ratio, "ratio_ci95": [lo, hi], "ratio_of_medians": median_ratio, "estimator_phase_ratio": prior_ratio,
-        "estimator_extra_ms": extra_ms, "peak_gib": peak,
+        "peak_gib": peak, "ssd": {},
     }
+    for m in ssd_names:
+        ratio, lo, hi = paired_ratio_ci(times[m], times["sds"])
+        prior_ratio = statistics.mean(phases[m]["prior"]) / max(statistics.mean(phases["sds"]["prior"]), 1e-12)
+        extra_ms = 1000 * (statistics.mean(phases[m]["prior"]) - statistics.mean(phases["sds"]["prior"]))
+        median_ratio = statistics.median(times[m]) / statistics.median(times["sds"])
+        print(f"  cost ratio {m}/SDS: {ratio:.2f} (95% CI {lo:.2f}-{hi:.2f}; ratio of medians {median_ratio:.2f}); "
+              f"estimator phase alone: {prior_ratio:.2f}x, i.e. {extra_ms:.0f} ms more per iteration")
+        entry = {"ratio": ratio, "ratio_ci95": [lo, hi], "ratio_of_medians": median_ratio, "estimator_phase_ratio": prior_ratio,
+                 "estimator_extra_ms": extra_ms}
+        result["ssd"][m] = entry
+        if m == "ssd":  # the one-baseline form keeps its old keys
+            result.update(entry)
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(result, indent=2))

@@ -104,6 +104,8 @@ class VarianceConfig:
     include_background: bool = False  # also differentiate the background's parameters
     ssd_baseline: Optional[str] = None  # a registered baseline name; None = the run's (depth)
     ssd_depth_on: Optional[str] = None  # depth baseline on "x_t" | "x0_hat"; None = the run's setting
+    ssd_settings: dict[str, Any] = field(default_factory=dict)  # method.<key> of the measured SSD (e.g. baseline, mu_bands)
+    baseline_epochs: int = 20  # passes over the pilot draws that train a learnable baseline (pixel)
 
     def validate(self) -> "VarianceConfig":
         def integer(name: str, lo: int, hi: int) -> int:
@@ -145,6 +147,13 @@ class VarianceConfig:
                 raise VarianceError(f"ssd_baseline must be one of {', '.join(sorted(BASELINES))}; got {self.ssd_baseline!r}")
         if self.ssd_depth_on not in (None, "x_t", "x0_hat"):
             raise VarianceError(f"ssd_depth_on must be x_t or x0_hat, got {self.ssd_depth_on!r}")
+        integer("baseline_epochs", 0, 100_000)
+        unknown = sorted(set(self.ssd_settings) - {f.name for f in fields(SSDConfig)} | ({"kind"} & set(self.ssd_settings)))
+        if unknown:
+            raise VarianceError(f"ssd_settings: not settings of the ssd method: {', '.join(unknown)}; "
+                                f"known: {', '.join(f.name for f in fields(SSDConfig) if f.name != 'kind')}")
+        if self.ssd_settings:
+            with_overrides(JobConfig(prompt="x", method=SSDConfig()), {f"method.{k}": v for k, v in self.ssd_settings.items()})
         if self.ssd_mu == "pilot" and SSD_NAME in self.methods and self.pilot < 2:
             raise VarianceError("fitting SSD's mu on pilot draws needs pilot >= 2 (or ssd_mu='checkpoint')")
         return self
@@ -354,10 +363,14 @@ def _build_estimators(trainer, config: VarianceConfig, bank_generator: torch.Gen
                 notes[m].append(f"baseline {config.ssd_baseline!r}")
             elif config.ssd_depth_on is not None:
                 baseline = DepthCorrelationBaseline(depth_on=config.ssd_depth_on)
-            est = make_ssd(trainer.prior, job_for_method(cfg, m).method, baseline=baseline, schedule=trainer.schedule)
-            if baseline is None or baseline.name == "depth":
+            job_m = job_for_method(cfg, m)
+            if config.ssd_settings:
+                job_m = with_overrides(job_m, {f"method.{k}": v for k, v in config.ssd_settings.items()})
+                notes[m].append(", ".join(f"{k}={v}" for k, v in config.ssd_settings.items()))
+            est = make_ssd(trainer.prior, job_m.method, baseline=baseline, schedule=trainer.schedule)
+            if est.baseline.name == "depth":
                 notes[m].append(f"depth baseline on {est.baseline.depth_on}")
-            if run_method == m:
+            if run_method == m and not config.ssd_settings and baseline is None:
                 est.load_state_dict(own.state_dict())  # a copy: measurement never touches the run's statistics
             estimators[m] = est
         elif issubclass(record, LearnedScoreConfig):
@@ -445,6 +458,14 @@ class _Sampler:
         return x0, batch, w
 
 
+def _detached(batch: DistillBatch) -> DistillBatch:
+    """A copy of ``batch`` whose tensors hold no graph (kept for training a baseline)."""
+    from dataclasses import replace
+
+    return replace(batch, x0=batch.x0.detach(), x_t=batch.x_t.detach(), eps=batch.eps.detach(),
+                   render={k: v.detach() for k, v in batch.render.items()})
+
+
 def _parameters(trainer, include_background: bool) -> list[torch.nn.Parameter]:
     params = [p for p in trainer.field.parameters() if p.requires_grad]
     if include_background:
@@ -510,31 +531,44 @@ def measure_variance(
         u_dir: Optional[torch.Tensor] = None
         if config.pilot > 0:
             pilot_sum = torch.zeros(dim, dtype=torch.float64)
-            pd, pc, pw = [], [], []
+            kept: list[tuple[DistillBatch, torch.Tensor, torch.Tensor]] = []  # (batch, d_base, w per sample)
             n_pilot_units = max(1, config.pilot // R)
+            fit = ssd is not None and config.ssd_mu == "pilot"
             for _ in range(n_pilot_units):
                 x0, batch, w = pilot.draw()
-                if ssd is not None and config.ssd_mu == "pilot":
-                    parts = ssd.control_variate(batch)
-                    d_sds = parts.d_base
-                    pd.append(parts.d_base.detach().float().cpu())
-                    pc.append(parts.cv.detach().float().cpu())
-                    pw.append(w.reshape(1).float().cpu().repeat(R))
+                if fit:
+                    d_sds = ssd.control_variate(batch).d_base.detach()
+                    kept.append((_detached(batch), d_sds, w.detach().reshape(1).repeat(R)))
                 else:
                     d_sds, _ = estimators[SDS_NAME].direction(batch)
                 pilot_sum += _param_grads(x0, params, w, d_sds, sketch).double().sum(dim=0)
             norm = float(pilot_sum.norm())
             u_dir = pilot_sum / norm if norm > 0 else None
-            if pd:
-                mu = SSD.fit_mu(torch.cat(pd), torch.cat(pc), ssd.mu_mode, weights=torch.cat(pw), mu_max=ssd.mu_max)
+            if kept:
+                if ssd.baseline.learnable and config.baseline_epochs:  # trained on the pilot draws only
+                    ssd.baseline.freeze(False)
+                    for _ in range(config.baseline_epochs):
+                        for b, d_b, w_b in kept:
+                            ssd.baseline.learn(d_b, b, trainer.prior, w_b)
+                    ssd_info.update(baseline_training=f"{config.baseline_epochs} passes over the {len(kept) * R} pilot draws")
+                pd, pc = [], []
+                for b, _, _ in kept:
+                    parts = ssd.control_variate(b)
+                    pd.append(parts.d_base.detach().float().cpu())
+                    pc.append(parts.cv.detach().float().cpu())
+                pw = torch.cat([w_b.float().cpu() for _, _, w_b in kept])
+                band = SSD.band_index(torch.cat([b.t for b, _, _ in kept]), ssd.mu_bands, trainer.prior.num_timesteps)
+                mu = SSD.fit_mu(torch.cat(pd), torch.cat(pc), ssd.mu_mode, weights=pw, mu_max=ssd.mu_max, band=band, bands=ssd.mu_bands)
                 ssd.set_fixed_mu(mu)
-                ssd_info.update(mu_source=f"least squares on {len(pd) * R} pilot draws", mu=mu.tolist(), mu_mode=ssd.mu_mode)
+                ssd_info.update(mu_source=f"least squares on {len(kept) * R} pilot draws", mu=mu.reshape(-1).tolist(), mu_mode=ssd.mu_mode,
+                                mu_bands=ssd.mu_bands)
         if ssd is not None and config.ssd_mu == "checkpoint":
             if not isinstance(trainer.config.method, SSDConfig):
                 raise VarianceError("ssd_mu='checkpoint' needs a checkpoint of an SSD run")
-            mu = ssd.current_mu()
+            mu = ssd.mu_table()
             ssd.set_fixed_mu(mu)
-            ssd_info.update(mu_source=f"online EMA of the run at step {trainer.step}", mu=mu.tolist(), mu_mode=ssd.mu_mode)
+            ssd_info.update(mu_source=f"online EMA of the run at step {trainer.step}", mu=mu.reshape(-1).tolist(), mu_mode=ssd.mu_mode,
+                            mu_bands=ssd.mu_bands)
 
         # ---- measurement
         names = list(methods) + (["cv"] if ssd is not None else [])
@@ -548,7 +582,7 @@ def measure_variance(
                 t0 = time.perf_counter()
                 if m == SSD_NAME:
                     parts = ssd.control_variate(batch)
-                    mu = ssd.current_mu()
+                    mu = ssd.mu_for(batch.t)[0]  # the replicates of a unit share t
                     grads["cv"] = _param_grads(x0, params, w, parts.cv, sketch)
                     if ssd.mu_mode == "scalar":  # linear in d: g_ssd = g_sds + mu g_cv
                         grads[SSD_NAME] = grads[SDS_NAME] + float(mu[0]) * grads["cv"]

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from distill3d_protocol.errors import Distill3DError
 
-from ..bench.variance import METHODS, SSD_MU_SOURCES
+from ..bench.variance import METHODS, SSD_MU_SOURCES, VarianceError
 
 
 def _t_range(text: str) -> tuple[float, float]:
@@ -47,6 +47,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--ssd-mu", choices=SSD_MU_SOURCES, default="pilot", help="fit SSD's mu on the pilot draws, or use the checkpoint's online mu (SSD runs)")
     p.add_argument("--ssd-baseline", default=None, help="SSD baseline by registered name (default: the run's depth baseline)")
     p.add_argument("--ssd-depth-on", choices=("x_t", "x0_hat"), default=None, help="depth baseline on x_t or the one-step denoised image (default: the run's)")
+    p.add_argument("--ssd-set", action="append", default=[], metavar="KEY=VALUE",
+                   help="a setting of the measured SSD (method.KEY of the ssd method, e.g. baseline=pixel, mu_bands=4); repeatable")
+    p.add_argument("--baseline-epochs", type=int, default=20, help="passes over the pilot draws that train a learnable baseline (pixel)")
     p.add_argument("--t-range", type=_t_range, default=None, metavar="LO,HI", help="timestep range as fractions (default: the run's schedule at each checkpoint)")
     p.add_argument("--confidence", type=float, default=0.95)
     p.add_argument("--projection-dim", type=int, default=0, help="CountSketch the gradients to this many dimensions (0 = exact)")
@@ -67,6 +70,20 @@ def _json_safe(value):
     return value
 
 
+def _ssd_settings(items: list[str]) -> dict:
+    """``KEY=VALUE`` items (VALUE JSON or a plain string) -> {KEY: value}."""
+    out = {}
+    for item in items:
+        key, sep, text = item.partition("=")
+        if not sep:
+            raise VarianceError(f"--ssd-set expects KEY=VALUE, got {item!r}")
+        try:
+            out[key.strip()] = json.loads(text)
+        except json.JSONDecodeError:
+            out[key.strip()] = text
+    return out
+
+
 def run(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
@@ -78,7 +95,8 @@ def run(args: argparse.Namespace) -> int:
             samples=args.samples, eps_per_draw=args.eps_per_draw, groups=args.groups, pilot=args.pilot,
             methods=tuple(m.strip() for m in args.methods.split(",") if m.strip()), seed=args.seed,
             confidence=float(args.confidence), t_range=args.t_range, ssd_mu=args.ssd_mu, projection_dim=args.projection_dim,
-            ssd_baseline=args.ssd_baseline, ssd_depth_on=args.ssd_depth_on,
+            ssd_baseline=args.ssd_baseline, ssd_depth_on=args.ssd_depth_on, ssd_settings=_ssd_settings(args.ssd_set),
+            baseline_epochs=args.baseline_epochs,
         ).validate()
         paths = find_checkpoints(args.run) if args.run else list(args.checkpoint)
     except Distill3DError as exc:

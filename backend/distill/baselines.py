@@ -23,7 +23,10 @@ Built in:
 * ``constant``: phi = c, CV = c eps: SSD then only refits the coefficient of SDS's own noise
   term (the control that shows what a non-constant baseline adds).
 
-New baselines (normals, a learned network, ...) subclass :class:`Baseline` and register
+* ``pixel`` and ``jacobian`` (:mod:`.vector_baselines`): a per-pixel baseline from a small
+  network trained online, and a matrix baseline from the prior's Jacobian.
+
+New baselines (normals, ...) subclass :class:`Baseline` and register
 under a name with :func:`register_baseline`; :func:`make_baseline` builds one by name.
 """
 
@@ -56,14 +59,21 @@ class BaselineError(Distill3DError, ValueError):
 class BaselineValue:
     """phi and its gradient at x_t, both detached.
 
+    For a scalar baseline ``phi`` is [B] and ``grad`` is grad_x phi; for a vector (per-pixel)
+    baseline ``phi`` is h(x_t), shaped like x_t, and ``grad`` is the diagonal of its Jacobian,
+    d h_i / d x_i (exact, or a Hutchinson estimate independent of eps): the control variate is
+    eps * phi - s_t * grad in both cases. A baseline may instead give the control variate
+    itself (``cv``, zero-mean by its own construction; ``phi`` is then only logged).
+
     ``eps_pred`` is the guided noise prediction at x_t when the baseline had to compute it
     (the ``x0_hat`` depth baseline does); SSD reuses it for the SDS term instead of running
     the prior twice.
     """
 
-    phi: torch.Tensor  # [B]
+    phi: torch.Tensor  # [B] (scalar baseline) or like x_t (vector baseline)
     grad: torch.Tensor  # like x_t
     eps_pred: Optional[torch.Tensor] = None
+    cv: Optional[torch.Tensor] = None  # like x_t: the control variate, when the baseline forms it
 
 
 class Baseline(abc.ABC):
@@ -80,6 +90,28 @@ class Baseline(abc.ABC):
 
     #: True when the baseline needs the prior's noise prediction at x_t (with its graph)
     needs_eps_pred: bool = False
+    #: True when the baseline has parameters SSD trains online (:meth:`learn`)
+    learnable: bool = False
+    #: True when its gradient back-propagates through the prior's networks (memory: the
+    #: trainer then frees the VAE-encode graph during the direction)
+    through_prior: bool = False
+
+    def learn(self, d_base: torch.Tensor, batch: DistillBatch, prior: Prior, weights: torch.Tensor) -> dict[str, float]:
+        """One training step on a batch whose direction was already formed (learnable baselines
+        only): the next draws' control variates depend on past draws only. Default: nothing."""
+        return {}
+
+    def freeze(self, frozen: bool = True) -> None:
+        """Stop (or resume) :meth:`learn` (measurement at a fixed baseline)."""
+        self.frozen = frozen
+
+    frozen: bool = False
+
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        pass
 
     def value_and_grad(self, x_t: torch.Tensor, t: torch.Tensor, batch: DistillBatch, prior: Prior) -> BaselineValue:
         """phi(x_t) and grad_x phi(x_t), computed with autograd on a detached copy of x_t."""
@@ -174,6 +206,7 @@ class DepthCorrelationBaseline(Baseline):
             raise BaselineError(f"background_weight must be a number in [0, 1], got {background_weight!r}")
         self.depth_on = depth_on
         self.background_weight = float(background_weight)
+        self.through_prior = True
         self.needs_eps_pred = depth_on == "x0_hat"
 
     def estimated_depth(self, x_t: torch.Tensor, t: torch.Tensor, batch: DistillBatch, prior: Prior, eps_pred: Optional[torch.Tensor]) -> torch.Tensor:
@@ -267,3 +300,6 @@ class ConstantBaseline(Baseline):
 
     def analytic_grad(self, x_t: torch.Tensor) -> torch.Tensor:
         return torch.zeros_like(x_t)
+
+
+from . import vector_baselines as _vector_baselines  # noqa: E402,F401  (registers "pixel", "jacobian", "antithetic")

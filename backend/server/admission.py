@@ -174,7 +174,7 @@ def _prior_part(config: JobConfig, cuda: bool) -> Part:
         fixed = 0.0
         if _unet_passes(config) > 1:
             per_view += SD_PER_VIEW_GIB["lora"]
-        if isinstance(config.method, SSDConfig):
+        if isinstance(config.method, SSDConfig) and config.method.baseline == "depth":  # the other baselines run no depth model
             per_view += SD_PER_VIEW_GIB["depth"]
             fixed += DEPTH_MODEL_GIB
         nbytes = SD_PARAMETERS * (2 if fp16 else 4) + (fixed + per_view * views) * scale * GIB

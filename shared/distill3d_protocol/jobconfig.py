@@ -186,10 +186,17 @@ class ESDKernelConfig(MethodConfig):
 @METHODS.register("ssd", "SSD", "SteinDreamer: SDS with a depth-based control variate that lowers gradient variance")
 @dataclass
 class SSDConfig(MethodConfig):
-    """SSD: SDS plus mu times a zero-mean Stein control variate (depth-correlation baseline)."""
+    """SSD: SDS plus mu times a zero-mean Stein control variate (depth-correlation baseline by default)."""
 
     mu: str = setting("scalar", "control-variate coefficient fitted online: one scalar or one per channel", choices=("scalar", "channel"))
     depth_on: str = setting("x_t", "the baseline's depth is estimated on x_t or on the one-step denoised x0_hat", choices=("x_t", "x0_hat"))
+    baseline: str = setting("depth", "Stein baseline: depth = 1 - Pearson(rendered, estimated depth); pixel = per-pixel h from a small "
+                            "network trained online; jacobian = I - s_t J of the prior's noise prediction at an independent noisy copy",
+                            choices=("depth", "pixel", "jacobian", "antithetic"))
+    mu_bands: int = setting(1, "timestep bands of equal width, each with its own online mu", lo=1, hi=100)
+    pixel_inputs: str = setting("x0", "pixel baseline's inputs: the render and t (exact), or also x_t (Hutchinson diagonal)",
+                                choices=("x0", "x0+x_t"))
+    pixel_lr: float = setting(1e-3, "pixel baseline network's learning rate (Adam, one step per iteration)", lo=0.0, hi=1.0, lo_open=True)
 
 
 # ----------------------------------------------------------------------------- fields
