@@ -96,6 +96,7 @@ def generate(
         "timings_s": {"setup": setup_s, "train": train.seconds, **{f"train_{k}": v for k, v in train.timings.items()}, "export": export_s, "total": time.perf_counter() - wall0},
         "seconds_per_iteration": train.seconds / max(train.steps, 1),
         "final_losses": train.losses,
+        "estimator": train.summary,
         "mesh": {"vertices": int(len(mesh.vertices)), "faces": int(len(mesh.faces)), "textured": isinstance(mesh, TexturedMesh),
                  "placement": placement.to_dict(), "height": float(np.ptp(mesh.vertices[:, 2])), **quality},
     }

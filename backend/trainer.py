@@ -15,7 +15,7 @@ import math
 import shutil
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional
 
@@ -88,6 +88,8 @@ class TrainResult:
     seconds: float
     timings: dict[str, float]
     losses: dict[str, float]
+    #: the estimator's run-level figures (e.g. eps_psi's mean camera sensitivity; Estimator.summary)
+    summary: dict[str, float] = field(default_factory=dict)
 
 
 # ---------------------------------------------------------------------------- building blocks
@@ -352,7 +354,11 @@ class Trainer:
         if checkpoint_dir is not None:
             self.save_checkpoint(checkpoint_dir)
         self.field.eval()
-        return TrainResult(steps=self.step, seconds=time.perf_counter() - start, timings=dict(self.timings), losses=self.last_losses)
+        summary = self.estimator.summary()
+        if summary:
+            log.info("estimator summary: %s", ", ".join(f"{k} {v:.3g}" for k, v in summary.items()))
+        return TrainResult(steps=self.step, seconds=time.perf_counter() - start, timings=dict(self.timings), losses=self.last_losses,
+                           summary=summary)
 
     def export(self):
         """The final mesh (textured unless the config says vertex colours); for a texture job, the

@@ -334,3 +334,100 @@ def test_the_fp16_loss_scale_keeps_lora_gradients_close_to_fp32():
         num = sum(float((half[n] - exact[n]).norm() ** 2) for n in exact) ** 0.5
         errors[scale] = num / sum(float(exact[n].norm() ** 2) for n in exact) ** 0.5
     assert errors[1024.0] < 0.05, errors  # relative error of the whole gradient
+
+
+# ---------------------------------------------------------------------- the fused call (issue 16, item 3)
+def _unfused(learned):
+    """The same eps_psi's config with the fused call switched off."""
+    return LearnedScoreConfig(**{**vars(learned.config.settings), "fused": False})
+
+
+def _count_unet_calls(prior):
+    calls = []
+    handle = prior.unet.register_forward_hook(lambda m, i, o: calls.append(i[0].shape[0]))
+    return calls, handle
+
+
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
+@pytest.mark.parametrize("guidance", [7.5, 1.0])
+def test_fused_call_gives_the_separate_calls_numbers_in_one_unet_call(prediction_type, guidance):
+    prior = random_prior("tiny", seed=3, prediction_type=prediction_type)
+    learned = _trained(prior)
+    batch = _batch(prior, b=3, seed=4, guidance=guidance)
+    batch.prompt = prior.embed_prompt("a cat", "blurry", view_dependent=True)  # per-sample conditional states too
+    fused_config, unfused_config = learned.config, _unfused(learned)
+    for want_cam, want_null in ((True, False), (False, True), (True, True)):
+        with torch.no_grad():
+            calls, handle = _count_unet_calls(prior)
+            fused = learned.predict_with_prior(batch.x_t, batch.t, batch.cameras, batch.prompt, guidance, want_cam, want_null)
+            handle.remove()
+            fused_calls = list(calls)
+            calls.clear()
+            learned.config = unfused_config
+            handle = prior.unet.register_forward_hook(lambda m, i, o: calls.append(i[0].shape[0]))
+            separate = learned.predict_with_prior(batch.x_t, batch.t, batch.cameras, batch.prompt, guidance, want_cam, want_null)
+            handle.remove()
+            learned.config = fused_config
+        assert len(calls) == 2  # separately: the prior's guided call, then eps_psi's
+        rows = (2 if guidance != 1.0 else 1) + int(want_cam) + int(want_null)
+        assert fused_calls == [3 * rows]  # one UNet call over every row
+        for a, b in zip(fused, separate):
+            assert (a is None) == (b is None)
+            if a is not None:
+                torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+    # the adapter is off again outside the call: the prior's own prediction is LoRA-free
+    with torch.no_grad():
+        plain = prior.predict_eps(batch.x_t, batch.t, batch.prompt, guidance, batch.cameras)
+    torch.testing.assert_close(fused[0], plain, rtol=1e-4, atol=1e-4)
+
+
+def test_eps_psi_trains_every_k_iterations_on_part_of_the_batch(prior):
+    learned = LoRAScore(prior, LearnedScoreConfig(lr=1e-2, train_every=3, train_fraction=0.5))
+    est = ESD(prior, learned, lam=0.5)
+    batch = _batch(prior, b=4)
+    seen = []
+    original = learned.train_step
+    learned.train_step = lambda x0, cams, prompt, g: (seen.append(x0.shape[0]), original(x0, cams, prompt, g))[1]
+    g = torch.Generator().manual_seed(5)
+    logs = [est.update(batch.x0, batch.cameras, batch.prompt, g) for _ in range(7)]
+    assert learned.steps == 3 and seen == [2, 2, 2]  # iterations 0, 3 and 6, two of the four renders each
+    assert ["psi_loss" in entry for entry in logs] == [True, False, False, True, False, False, True]
+
+
+def test_early_iterations_take_extra_eps_psi_steps(prior):
+    learned = LoRAScore(prior, LearnedScoreConfig(lr=1e-2, early_iters=2, early_steps=3, train_every=2))
+    est = ESD(prior, learned, lam=0.5)
+    batch = _batch(prior)
+    g = torch.Generator().manual_seed(6)
+    for _ in range(5):
+        est.update(batch.x0, batch.cameras, batch.prompt, g)
+    assert learned.steps == 3 + 3 + 1 + 1  # 3 at iterations 0 and 1, then one at 2 and 4 (every 2nd)
+
+
+def test_camera_sensitivity_is_logged_and_summarised(prior):
+    learned = _trained(prior)
+    est = ESD(prior, learned, lam=0.5)
+    batch = _batch(prior, b=3, seed=7)
+    _, logs = est.direction(batch)
+    with torch.no_grad():
+        eps_cam, eps_null = learned.predict_pair(batch.x_t, batch.t, batch.cameras, batch.prompt)
+        eps_q, empty = est.probe.kernel_eps(batch)
+    assert not bool(empty.any())  # three renders 120 degrees apart: each has two others in its mixture
+    num = (eps_cam - eps_null).flatten(1).norm(dim=1)
+    den = (eps_null - eps_q).flatten(1).norm(dim=1)
+    assert logs["psi_cam_null"] == pytest.approx(float(num.mean()), rel=1e-4)
+    assert logs["psi_null_vs_q"] == pytest.approx(float(den.mean()), rel=1e-4)
+    assert logs["psi_camera_sensitivity"] == pytest.approx(float((num / den).mean()), rel=1e-4)
+    assert est.summary()["mean_psi_camera_sensitivity"] == pytest.approx(logs["psi_camera_sensitivity"])
+
+
+def test_vsd_probes_the_null_branch_only_every_few_iterations(prior):
+    learned = _trained(prior)
+    est = VSD(prior, learned)
+    batch = _batch(prior, b=2)
+    probed = []
+    for _ in range(est.probe_every + 1):
+        _, logs = est.direction(batch)
+        probed.append("psi_cam_null" in logs)
+        est.step += 1  # (update's counter, without training)
+    assert probed == [True] + [False] * (est.probe_every - 1) + [True]

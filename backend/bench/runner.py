@@ -273,7 +273,7 @@ def run_job(config: BenchConfig, job: RunJob) -> tuple[dict[str, Any], np.ndarra
         "method": job.spec.name, "estimator": job.spec.method, "lam": job.spec.lam, "overrides": dict(job.spec.overrides),
         "metrics": metrics, "seconds_per_iteration": train_s / max(result.steps, 1),
         "timings_per_iteration": {k: v / max(result.steps, 1) for k, v in result.timings.items() if k != "preview"},
-        "iterations": result.steps, "wall_seconds": time.perf_counter() - wall0, "variance": sorted(variance, key=lambda r: r["step"]),
+        "estimator_summary": dict(result.summary), "iterations": result.steps, "wall_seconds": time.perf_counter() - wall0, "variance": sorted(variance, key=lambda r: r["step"]),
         "notes": [mesh_note] if mesh_note else [],
     }
     return record, strip

@@ -56,6 +56,10 @@ class Estimator(abc.ABC):
         (learned-score estimators train eps_psi here). Returns scalar logs."""
         return {}
 
+    def summary(self) -> dict[str, float]:
+        """Run-level figures the estimator keeps about itself (means of its diagnostics); none by default."""
+        return {}
+
     def state_dict(self) -> dict[str, Any]:
         return {}
 

@@ -75,42 +75,104 @@ def _check_lam(lam: Any) -> float:
 
 
 class ESD(Estimator):
-    """Entropic Score Distillation with a learned eps_psi; ``lam`` is the paper's lambda."""
+    """Entropic Score Distillation with a learned eps_psi; ``lam`` is the paper's lambda.
+
+    The prior's guided prediction and the eps_psi branches the direction needs come from one
+    batched UNet call where eps_psi is a LoRA (:meth:`LearnedScore.predict_with_prior`). eps_psi
+    trains in :meth:`update` once every ``train_every`` iterations on ``train_fraction`` of the
+    batch, ``early_steps`` times per iteration over the first ``early_iters`` (its settings).
+
+    Camera sensitivity (logged): ``psi_cam_null`` = ||eps_psi(c) - eps_psi(null)||,
+    ``psi_null_vs_q`` = ||eps_psi(null) - eps_q|| with eps_q the leave-one-out mixture score of the
+    renders (:class:`ESDKernel`'s estimate: this step's renders and a bank of recent distant ones;
+    exact in pixel space), and their ratio ``psi_camera_sensitivity``. A ratio far below 1 means
+    eps_psi barely uses the camera: its two branches are closer to each other than the null
+    branch is to the score it should learn, so ESD acts as VSD. Where the direction needs one
+    branch only (VSD, lambda 1) the other is added to the fused call every ``probe_every`` steps.
+    """
 
     name = ESDConfig.KIND
+    #: iterations between camera-sensitivity probes where the direction does not compute both branches
+    probe_every = 10
 
     def __init__(self, prior: Prior, learned: LearnedScore, lam: float = 0.5) -> None:
         super().__init__(prior)
         self.learned = learned
         self.lam = _check_lam(lam)
+        self.step = 0
+        self.probe = ESDKernel(prior, bank_size=16, lam=1.0)  # eps_q for the sensitivity log only
+        self._sums: dict[str, float] = {}
+        self._counts: dict[str, int] = {}
 
     def direction(self, batch: DistillBatch) -> tuple[torch.Tensor, dict[str, float]]:
+        probing = self.probe_every > 0 and self.step % self.probe_every == 0
+        want_cam = self.lam < 1.0 or probing
+        want_null = self.lam > 0.0 or probing
         with torch.no_grad():
-            eps_pre = self.prior.predict_eps(batch.x_t, batch.t, batch.prompt, batch.guidance_scale, batch.cameras)
-            if self.lam == 0.0:  # VSD: the null branch is not computed at all
-                eps_psi = self.learned.predict(batch.x_t, batch.t, batch.cameras, batch.prompt)
+            eps_pre, eps_cam, eps_null = self.learned.predict_with_prior(
+                batch.x_t, batch.t, batch.cameras, batch.prompt, batch.guidance_scale, want_cam, want_null)
+            if self.lam == 0.0:
+                eps_psi = eps_cam
             elif self.lam == 1.0:
-                eps_psi = self.learned.predict(batch.x_t, batch.t, None, batch.prompt)
+                eps_psi = eps_null
             else:
-                eps_cam, eps_null = self.learned.predict_pair(batch.x_t, batch.t, batch.cameras, batch.prompt)
                 eps_psi = self.lam * eps_null + (1.0 - self.lam) * eps_cam
             d = eps_pre.float() - eps_psi.float()
-        return d, {
-            f"{self.name}_norm": float(d.flatten(1).norm(dim=1).mean()),
-            "psi_vs_noise": float((eps_psi.float() - batch.eps.float()).flatten(1).norm(dim=1).mean()),
-        }
+            logs = {
+                f"{self.name}_norm": float(d.flatten(1).norm(dim=1).mean()),
+                "psi_vs_noise": float((eps_psi.float() - batch.eps.float()).flatten(1).norm(dim=1).mean()),
+            }
+            if eps_cam is not None and eps_null is not None:
+                logs.update(self.sensitivity(batch, eps_cam, eps_null))
+        return d, logs
+
+    def sensitivity(self, batch: DistillBatch, eps_cam: torch.Tensor, eps_null: torch.Tensor) -> dict[str, float]:
+        """The camera-sensitivity logs (class docstring); the ratio only where eps_q has components."""
+        norm = lambda a: a.float().flatten(1).norm(dim=1)  # noqa: E731
+        out = {"psi_cam_null": float(norm(eps_cam - eps_null).mean())}
+        eps_q, empty = self.probe.kernel_eps(batch)
+        if not bool(empty.all()):
+            has = ~empty
+            num, den = norm(eps_cam - eps_null)[has], norm(eps_null - eps_q)[has]
+            out["psi_null_vs_q"] = float(den.mean())
+            out["psi_camera_sensitivity"] = float((num / den.clamp_min(1e-8)).mean())
+        for key, value in out.items():
+            self._sums[key] = self._sums.get(key, 0.0) + value
+            self._counts[key] = self._counts.get(key, 0) + 1
+        return out
+
+    def summary(self) -> dict[str, float]:
+        """Means of the camera-sensitivity logs over the run (see the class docstring)."""
+        return {f"mean_{k}": self._sums[k] / self._counts[k] for k in self._sums}
 
     def update(self, x0: torch.Tensor, cameras: CameraBatch, prompt: PromptEmbedding, generator: Optional[torch.Generator] = None) -> dict[str, float]:
-        """One training step of eps_psi on the detached renders."""
-        return {"psi_loss": self.learned.train_step(x0.detach(), cameras, prompt, generator)}
+        """Train eps_psi on the detached renders (per its schedule, class docstring); refresh the probe's bank."""
+        cfg = self.learned.config
+        step, self.step = self.step, self.step + 1
+        self.probe.update(x0, cameras, prompt, generator)
+        if step < cfg.early_iters:
+            repeats = cfg.early_steps
+        else:
+            repeats = 1 if step % cfg.train_every == 0 else 0
+        if repeats == 0:
+            return {}
+        b = x0.shape[0]
+        keep = max(1, int(round(cfg.train_fraction * b)))
+        if keep < b:
+            gen_device = generator.device if generator is not None else torch.device("cpu")
+            rows = torch.randperm(b, generator=generator, device=gen_device)[:keep].to(x0.device)
+            x0, cameras = x0[rows], cameras.index(rows)
+        losses = [self.learned.train_step(x0.detach(), cameras, prompt, generator) for _ in range(repeats)]
+        return {"psi_loss": sum(losses) / len(losses)}
 
     def state_dict(self) -> dict[str, Any]:
-        return {"method": self.name, "lam": self.lam, "learned": self.learned.state_dict()}
+        return {"method": self.name, "lam": self.lam, "step": self.step, "learned": self.learned.state_dict()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if state.get("method") not in (None, self.name):
             raise EstimatorError(f"checkpoint is for method {state.get('method')!r}, not {self.name!r}")
         self.learned.load_state_dict(state["learned"])
+        self.step = int(state.get("step", self.learned.steps))
 
 
 class VSD(ESD):
@@ -253,6 +315,12 @@ class ESDKernel(ESDExact):
         return torch.cat([current, bank], dim=1)
 
     def entropy_eps(self, batch: DistillBatch) -> tuple[torch.Tensor, dict[str, float]]:
+        eps_q, empty = self.kernel_eps(batch)
+        return eps_q, {"q_empty": float(empty.float().mean())}
+
+    def kernel_eps(self, batch: DistillBatch) -> tuple[torch.Tensor, torch.Tensor]:
+        """(eps_q [B, ...], empty [B] bool): the mixture's noise prediction at the batch's (x_t, t),
+        eps itself for the renders with no component left (``empty``)."""
         from ..priors.reference.mixture import mixture_eps
 
         x0 = batch.x0.detach().float()
@@ -262,7 +330,7 @@ class ESDKernel(ESDExact):
         weights[empty] = 0.0  # (any finite row; its result is replaced by eps below)
         eps_q = mixture_eps(batch.x_t.float(), batch.t, refs, weights, 0.0, self.prior.alphas_cumprod)
         eps_q[empty] = batch.eps.float()[empty]
-        return eps_q, {"q_empty": float(empty.float().mean())}
+        return eps_q, empty
 
     def update(self, x0: torch.Tensor, cameras: CameraBatch, prompt: PromptEmbedding, generator: Optional[torch.Generator] = None) -> dict[str, float]:
         """Add this step's detached renders and cameras to the bank; drop entries beyond its size or age."""

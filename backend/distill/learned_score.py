@@ -193,6 +193,20 @@ class LearnedScore(abc.ABC):
         eps = self._to_eps(self._output(x2, t2, features, null, prompt), x2, t2)
         return eps[:b], eps[b:]
 
+    def predict_with_prior(self, x_t: torch.Tensor, t: torch.Tensor, cameras: CameraBatch, prompt: PromptEmbedding,
+                           guidance_scale: float, want_cam: bool = True, want_null: bool = False
+                           ) -> tuple[torch.Tensor, Optional[torch.Tensor], Optional[torch.Tensor]]:
+        """(eps_pre, eps_psi(c) or None, eps_psi(null) or None): the prior's guided prediction and the
+        requested branches of eps_psi at the same (x_t, t). Here as separate calls; :class:`LoRAScore`
+        runs them as one batched UNet call."""
+        eps_pre = self.prior.predict_eps(x_t, t, prompt, guidance_scale, cameras).float()
+        if want_cam and want_null:
+            eps_cam, eps_null = self.predict_pair(x_t, t, cameras, prompt)
+            return eps_pre, eps_cam, eps_null
+        eps_cam = self.predict(x_t, t, cameras, prompt) if want_cam else None
+        eps_null = self.predict(x_t, t, None, prompt) if want_null else None
+        return eps_pre, eps_cam, eps_null
+
     # ------------------------------------------------------------------ training
     def train_step(self, x0: torch.Tensor, cameras: CameraBatch, prompt: PromptEmbedding, generator: Optional[torch.Generator] = None) -> float:
         """One AdamW step of the denoising loss on the detached renders ``x0``.
@@ -304,6 +318,9 @@ class LoRAScore(LearnedScore):
                 raise LearnedScoreError(f"cannot attach the LoRA adapter: {exc}") from None
             self.camera = CameraEmbedding(time_dim, self.config.camera_hidden).to(self.device)
         self._layers = [m for m in unet.modules() if isinstance(m, BaseTunerLayer)]
+        self._row_scale: Optional[torch.Tensor] = None  # [N]: the adapter's per-sample weight inside a fused call
+        self._scale_hooks = [layer.lora_B[ADAPTER_NAME].register_forward_hook(self._scale_rows)
+                             for layer in self._layers if ADAPTER_NAME in getattr(layer, "lora_B", {})]
         self._lora_params: dict[str, torch.nn.Parameter] = {}
         for name, param in unet.named_parameters():
             if "lora_" in name and ADAPTER_NAME in name:
@@ -333,6 +350,53 @@ class LoRAScore(LearnedScore):
         if self._camera_emb is None:
             return output
         return output + self._camera_emb.to(output.dtype)
+
+    def _scale_rows(self, module: torch.nn.Module, inputs: Any, output: torch.Tensor) -> torch.Tensor:
+        """Per-sample adapter switch: the LoRA update of row i is multiplied by ``_row_scale[i]`` (0 or 1)."""
+        scale = self._row_scale
+        if scale is None:
+            return output
+        if output.shape[0] != scale.shape[0]:
+            raise LearnedScoreError(f"a LoRA layer saw {output.shape[0]} rows in a fused call of {scale.shape[0]}")
+        return output * scale.to(output.dtype).view(-1, *([1] * (output.ndim - 1)))
+
+    def predict_with_prior(self, x_t, t, cameras, prompt, guidance_scale, want_cam=True, want_null=False):
+        """One UNet call over [cond; uncond (if guided); eps_psi(c) (if asked); eps_psi(null) (if asked)]:
+        the adapter is on for eps_psi's rows only (:meth:`_scale_rows`), the camera embedding is zero on
+        every other row, so each row computes what its own call would (threestudio's 2x batch, with
+        the pretrained pass in it too)."""
+        cond_states = getattr(self.prior, "cond_states", None)
+        if not self.config.fused or cond_states is None or not (want_cam or want_null):
+            return super().predict_with_prior(x_t, t, cameras, prompt, guidance_scale, want_cam, want_null)
+        b = x_t.shape[0]
+        t = _batch_t(t, b).to(self.device)
+        guided = guidance_scale != 1.0
+        states = [cond_states(prompt, b, cameras)] + ([prompt.uncond.expand(b, -1, -1)] if guided else [])
+        n_pre = len(states) * b
+        features, null, lora = [torch.zeros(n_pre, CAMERA_FEATURES, device=self.device)], [torch.ones(n_pre, dtype=torch.bool, device=self.device)], []
+        if want_cam:
+            f, n = self._features(cameras, b)
+            features.append(f), null.append(n), states.append(prompt.data.expand(b, -1, -1))
+        if want_null:
+            f, n = self._features(None, b)
+            features.append(f), null.append(n), states.append(prompt.data.expand(b, -1, -1))
+        rows = len(states) * b
+        scale = torch.zeros(rows, device=self.device)
+        scale[n_pre:] = 1.0
+        x_all, t_all = x_t.repeat(len(states), *([1] * (x_t.ndim - 1))), t.repeat(len(states))
+        emb = self.camera(torch.cat(features), torch.cat(null))
+        with torch.no_grad(), self._active(emb):
+            self._row_scale = scale
+            try:
+                out = self.prior.unet_output(x_all, t_all, torch.cat(states))
+            finally:
+                self._row_scale = None
+        pre = self.prior.output_to_eps(out[:n_pre], x_all[:n_pre], t_all[:n_pre])
+        eps_pre = pre[:b] if not guided else pre[b:] + guidance_scale * (pre[:b] - pre[b:])
+        psi = self._to_eps(out[n_pre:], x_all[n_pre:], t_all[n_pre:])
+        eps_cam = psi[:b] if want_cam else None
+        eps_null = psi[-b:] if want_null else None
+        return eps_pre.float(), eps_cam, eps_null
 
     @contextmanager
     def _session(self) -> Iterator[None]:
@@ -385,6 +449,9 @@ class LoRAScore(LearnedScore):
     def close(self) -> None:
         """Remove the camera hook and the adapter from the shared UNet."""
         self._hook.remove()
+        for hook in self._scale_hooks:
+            hook.remove()
+        self._scale_hooks = []
         if getattr(self.unet, "_distill3d_eps_psi", None) is self:
             del self.unet._distill3d_eps_psi
         if ADAPTER_NAME in getattr(self.unet, "peft_config", {}):

@@ -134,6 +134,14 @@ class LearnedScoreConfig:
     target_modules: tuple = setting(("to_q", "to_k", "to_v", "to_out.0"), "UNet modules the LoRA adapts", min_items=1)
     channels: tuple = setting((32, 64, 64), "pixel-space eps_psi UNet's block widths (reference world)",
                               lo=8, hi=1024, multiple_of=8, min_items=1)
+    fused: bool = setting(True, "LoRA on a UNet: the pretrained guided pass and eps_psi's camera and null predictions "
+                                "as one batched UNet call (the adapter switched per sample; same numbers, fewer calls)")
+    train_every: int = setting(1, "eps_psi trains once every this many iterations (1 = every iteration)", lo=1, hi=1000)
+    train_fraction: float = setting(1.0, "share of the batch eps_psi trains on each time (at least one render, drawn at random)",
+                                    lo=0.0, hi=1.0, lo_open=True)
+    early_iters: int = setting(0, "for this many first iterations eps_psi takes early_steps training steps per iteration",
+                               lo=0, hi=100_000)
+    early_steps: int = setting(4, "eps_psi training steps per iteration during the first early_iters iterations", lo=1, hi=64)
 
 
 @METHODS.register("vsd", "VSD", "Variational Score Distillation: a camera-conditioned LoRA learns the render distribution")
