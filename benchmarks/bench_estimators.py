@@ -11,8 +11,13 @@ each iteration so the ratio can be read both ways.
   python benchmarks/bench_estimators.py --methods sds,ssd-antithetic,ssd-jacobian,ssd-pixel   # SSD's baselines
 
 Weights are random (timing only; no download). Reports seconds per iteration, the ratio of
-VSD's and ESD's cost to SDS's in the same run, and the peak GPU memory per method
-(``torch.cuda.max_memory_allocated``).
+VSD's and ESD's cost to SDS's in the same run (against issue 16's targets: learned ESD <= 1.6x,
+esd-kernel <= 1.1x), and the peak GPU memory per method (``torch.cuda.max_memory_allocated``).
+VSD/ESD run the prior's guided pass and eps_psi's branches as one UNet call (``--unfused``:
+separate calls) and train eps_psi every ``--train-every`` iterations. The FLOPs counted at SD
+2.1-base size are in ``benchmarks/bench_memory.py``.
+
+  python benchmarks/bench_estimators.py --train-every 4  # eps_psi trained every 4th iteration
 """
 
 from __future__ import annotations
@@ -35,6 +40,10 @@ from distill3d.distill.esd import ESD, VSD, ESDKernel
 from distill3d.distill.ssd import SSD
 from distill3d.distill.learned_score import LearnedScoreConfig, LoRAScore
 from distill3d.priors.stable_diffusion import random_prior
+
+
+#: issue 16's per-iteration cost targets, relative to SDS
+TARGETS = {"esd": 1.6, "esd-kernel": 1.1}
 
 
 def _sync(device: torch.device) -> None:
@@ -81,7 +90,8 @@ def time_method(prior, name: str, args, generator: torch.Generator) -> dict:
         away = CameraDistribution(azimuth_range=(150.0, 210.0)).sample(16, generator).to(device)
         estimator.update(0.5 * torch.randn(16, 4, prior.latent_size, prior.latent_size, generator=generator).to(device), away, None)
     else:
-        learned = LoRAScore(prior, LearnedScoreConfig(lora_rank=args.lora_rank, lr=1e-4, p_null=0.1))
+        learned = LoRAScore(prior, LearnedScoreConfig(lora_rank=args.lora_rank, lr=1e-4, p_null=0.1, fused=not args.unfused,
+                                                      train_every=args.train_every))
         estimator = VSD(prior, learned) if name == "vsd" else ESD(prior, learned, lam=0.5)
     batch = _make_batch(prior, args.batch, generator, guidance=100.0 if name in ("sds", "esd-kernel") or name.startswith("ssd-") else 7.5)
     if device.type == "cuda":
@@ -99,9 +109,12 @@ def time_method(prior, name: str, args, generator: torch.Generator) -> dict:
     peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
     if learned is not None:
         learned.close()
+    # median over whole train_every cycles (each cycle's mean), so the amortised training step is counted
+    k = max(1, args.train_every) if learned is not None else 1
+    cycles = [statistics.mean(times[i:i + k]) for i in range(0, len(times) - k + 1, k)]
     return {
         "method": name,
-        "s_per_iter": statistics.median(times),
+        "s_per_iter": statistics.median(cycles),
         "s_per_iter_min": min(times),
         "iters": len(times),
         "peak_gpu_gib": peak,
@@ -118,6 +131,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--iters", type=int, default=None, help="timed iterations per method (default 20 tiny / 10 full on GPU, 3 full on CPU)")
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--lora-rank", type=int, default=4)
+    parser.add_argument("--train-every", type=int, default=1, help="VSD/ESD: eps_psi trains once every K iterations (method.train_every)")
+    parser.add_argument("--unfused", action="store_true", help="VSD/ESD: the prior's pass and eps_psi's as separate UNet calls (method.fused false)")
     parser.add_argument("--with-vae", action="store_true", help="include the VAE encode of the renders and its backward")
     parser.add_argument("--methods", default="sds,vsd,esd,esd-kernel")
     parser.add_argument("--threads", type=int, default=0, help="CPU threads for torch (0 = leave as is)")
@@ -130,6 +145,7 @@ def main(argv: list[str] | None = None) -> int:
     device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else ("cpu" if args.device == "auto" else args.device))
     if args.iters is None:
         args.iters = 20 if not args.full else (10 if device.type == "cuda" else 3)
+    args.iters = max(args.iters, args.train_every)  # at least one whole training cycle
     dtype = {"auto": None, "float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[args.dtype]
     size = "sd21-base" if args.full else "tiny"
     t0 = time.perf_counter()
@@ -160,6 +176,13 @@ def main(argv: list[str] | None = None) -> int:
         peak = f"{r['peak_gpu_gib']:.2f}" if r["peak_gpu_gib"] is not None else "-"
         ratio = f"{r['ratio_to_sds']:.2f}" if r["ratio_to_sds"] is not None else "-"
         print(f"{r['method']:16s} {r['s_per_iter']:10.4f} {ratio:>7s} {peak:>9s}")
+    print(f"ratios to SDS in this run (VSD/ESD {'separate calls' if args.unfused else 'fused call'}, eps_psi trained every "
+          f"{args.train_every} iteration(s)); issue 16's targets: learned ESD <= 1.6, esd-kernel <= 1.1")
+    for r in results:
+        target = TARGETS.get(r["method"])
+        if r["ratio_to_sds"] is not None and target is not None:
+            print(f"  {r['method']}: {r['ratio_to_sds']:.2f}x SDS (target <= {target:g}: {'met' if r['ratio_to_sds'] <= target else 'NOT met'})")
+    info["train_every"], info["fused"] = args.train_every, not args.unfused
     if args.json:
         with open(args.json, "w", encoding="utf-8") as fh:
             json.dump(info, fh, indent=2)

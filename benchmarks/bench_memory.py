@@ -7,10 +7,13 @@ DPT-Hybrid for SSD) built on ``torch.device("meta")``, and every tensor it creat
 (``--no-recipe``: the job description's defaults), fp16, 64 px renders upsampled to 512 px for
 the VAE. VSD and ESD are measured with and without gradient checkpointing in the LoRA step
 (``method.gradient_checkpointing``). Prints a table (peak, GFLOPs per iteration, the peak inside
-each phase), each method's split and the targets of issue 14; ``--json`` prints JSON instead.
+each phase), each method's split, the targets of issue 14 and each method's FLOPs per iteration
+relative to SDS's with issue 16's targets (learned ESD <= 1.6x, esd-kernel <= 1.1x; eps_psi's
+training step amortised over ``--train-every``); ``--json`` prints JSON instead.
 
   python benchmarks/bench_memory.py
   python benchmarks/bench_memory.py --methods sds,ssd --batch 4 --no-recipe
+  python benchmarks/bench_memory.py --methods sds,esd,esd-kernel --batch 1 --train-every 4
   python benchmarks/bench_memory.py --set renderer.chunk_rays=2048 --json
 """
 
@@ -22,8 +25,8 @@ import logging
 import sys
 from pathlib import Path
 
-from distill3d.bench.memory import (METHODS, format_phases, format_table, format_targets, measure_methods,
-                                    quiet_model_logs, report_dict)
+from distill3d.bench.memory import (METHODS, format_cost_ratios, format_phases, format_table, format_targets,
+                                    measure_methods, quiet_model_logs, report_dict)
 
 
 def parse_set(items: list[str]) -> dict:
@@ -50,6 +53,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-recipe", action="store_true", help="the job description's defaults instead of the recipe")
     p.add_argument("--set", dest="set_values", action="append", default=[], metavar="PATH=VALUE",
                    help="a job setting by dotted path (repeatable), e.g. renderer.chunk_rays=2048")
+    p.add_argument("--train-every", type=int, default=None, help="VSD/ESD: method.train_every (eps_psi trains once every K iterations)")
     p.add_argument("--json", action="store_true", help="print JSON instead of the tables")
     p.add_argument("--out", type=Path, default=None, help="also write the JSON here")
     args = p.parse_args(argv)
@@ -60,7 +64,7 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         p.error(f"unknown methods {unknown}; choose from {', '.join(METHODS)}")
     results = measure_methods(methods, size=args.size, batch=args.batch, resolution=args.resolution, dtype=args.dtype,
-                              recipe=not args.no_recipe, overrides=parse_set(args.set_values))
+                              recipe=not args.no_recipe, overrides=parse_set(args.set_values), train_every=args.train_every)
     report = report_dict(results)
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
@@ -77,6 +81,11 @@ def main(argv: list[str] | None = None) -> int:
     print()
     print("targets (issue 14, peak with the fixed overhead):")
     print(format_targets(results))
+    ratios = format_cost_ratios(results)
+    if ratios:
+        print()
+        print("FLOPs per iteration relative to SDS (eps_psi's step amortised over method.train_every; issue 16's targets):")
+        print(ratios)
     return 0
 
 

@@ -143,7 +143,21 @@ def test_report_and_script_json(tmp_path, capsys):
     labels = [r["label"] for r in report["results"]]
     assert labels == ["sds", "esd (ckpt on)", "esd (ckpt off)"]
     assert {t["method"] for t in report["targets"]} == {"sds", "esd"}
+    ratios = {c["label"]: c for c in report["cost_ratios"]}  # issue 16's FLOPs ratios, eps_psi's step amortised
+    assert ratios["sds"]["ratio_to_sds"] == 1.0 and ratios["sds"]["target"] is None
+    assert ratios["esd (ckpt on)"]["target"] == 1.6 and ratios["esd (ckpt on)"]["ratio_to_sds"] > ratios["esd (ckpt off)"]["ratio_to_sds"] > 1.0
     for r in report["results"]:
         assert r["peak_with_overhead_gib"] > r["peak_gib"] > r["weights_gib"] > 0
         assert r["phases"]["render"]["peak_gib"] <= r["peak_gib"]
     assert report_dict([])["results"] == []
+
+
+def test_amortised_flops_count_eps_psi_once_every_train_every():
+    options = dict(size="tiny", dtype="float32", resolution=16, batch=1, device="meta")
+    every1 = measure_iteration("vsd", overrides={**SMALL, "method.train_every": 1}, **options)
+    every2 = measure_iteration("vsd", overrides={**SMALL, "method.train_every": 2}, **options)
+    per_call = every1.phases["lora_step"].flops / every1.phases["lora_step"].calls
+    assert every1.amortised_flops == every1.flops  # it trains every step: nothing to amortise
+    assert every2.flops == pytest.approx(every1.flops - per_call, rel=1e-6)  # step 1 does not train
+    assert every2.amortised_flops == pytest.approx(every2.flops + per_call / 2, rel=1e-6)
+    assert every2.label == "vsd (ckpt on, every 2)"

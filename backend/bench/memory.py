@@ -63,15 +63,17 @@ from torch.utils._pytree import tree_leaves
 from torch.utils.flop_counter import flop_registry
 
 from ..config import METHODS as METHOD_RECORDS
-from ..config import ESDConfig, LearnedScoreConfig, SDSConfig, SSDConfig, VSDConfig
+from ..config import ESDConfig, ESDKernelConfig, LearnedScoreConfig, SDSConfig, SSDConfig, VSDConfig
 
 GiB = float(2**30)
 #: CUDA context (~0.5 GiB) + cuBLAS / cuDNN workspaces (~0.25 GiB): on the card, outside torch's count
 CUDA_OVERHEAD_GIB = 0.75
 #: issue 14's peak targets at the SD defaults (SD 2.1-base size, fp16, 64 px renders upsampled to 512)
 TARGETS_GIB = {SDSConfig.KIND: 8.0, VSDConfig.KIND: 12.0, ESDConfig.KIND: 12.0, SSDConfig.KIND: 14.0}
+#: issue 16's cost targets: FLOPs of one iteration (eps_psi's training amortised over train_every) over SDS's
+COST_TARGETS = {ESDConfig.KIND: 1.6, ESDKernelConfig.KIND: 1.1}
 #: the methods measured, and those with eps_psi's LoRA step
-METHODS = tuple(TARGETS_GIB)
+METHODS = (SDSConfig.KIND, VSDConfig.KIND, ESDConfig.KIND, ESDKernelConfig.KIND, SSDConfig.KIND)
 LEARNED_METHODS = tuple(m for m in METHODS if issubclass(METHOD_RECORDS.classes[m], LearnedScoreConfig))
 #: the caching allocator's block granularity
 ALLOCATOR_ROUNDING = 512
@@ -469,6 +471,8 @@ class IterationMemory:
     state_bytes: int  # live between iterations beyond the weights (optimiser moments, field grads, grid)
     peak_bytes: int  # highest live total over steps 0 and 1
     flops: int  # one steady-state iteration (step 1)
+    #: FLOPs per iteration on average: step 1 with eps_psi's training step counted 1 / train_every times
+    amortised_flops: int
     phases: dict[str, PhaseStats]
     render_samples: int
     attention_calls: dict[str, int]
@@ -493,11 +497,15 @@ class IterationMemory:
     def meets_target(self) -> Optional[bool]:
         return None if self.target_gib is None else self.device_gib <= self.target_gib
 
+    #: VSD/ESD: eps_psi trains once every this many iterations (method.train_every)
+    train_every: int = 1
+
     @property
     def label(self) -> str:
         if self.lora_checkpointing is None:
             return self.method
-        return f"{self.method} (ckpt {'on' if self.lora_checkpointing else 'off'})"
+        every = f", every {self.train_every}" if self.train_every != 1 else ""
+        return f"{self.method} (ckpt {'on' if self.lora_checkpointing else 'off'}{every})"
 
     def to_dict(self) -> dict[str, Any]:
         phases = {
@@ -511,6 +519,7 @@ class IterationMemory:
             "lora_gradient_checkpointing": self.lora_checkpointing,
             "peak_gib": self.peak_gib, "peak_with_overhead_gib": self.device_gib, "target_gib": self.target_gib,
             "meets_target": self.meets_target, "gflops_per_iteration": self.flops / 1e9,
+            "amortised_gflops_per_iteration": self.amortised_flops / 1e9,
             "weights_gib": self.weights_bytes / GiB, "state_gib": self.state_bytes / GiB, "phases": phases,
             "render_samples": self.render_samples,
             "render_bytes_per_sample": (self.phases["render"].held_bytes / self.render_samples
@@ -564,22 +573,32 @@ def measure_iteration(method: str, *, size: str = "sd21-base", device: str = "me
     order = list(PHASES)
     phases = dict(sorted(phases.items(), key=lambda kv: order.index(kv[0]) if kv[0] in order else len(order)))
     learned = job.method.gradient_checkpointing if method in LEARNED_METHODS else None
+    amortised = windows[1][2]
+    if "lora_step" in phases:  # step 1's training step (if it trained) replaced by the mean over train_every steps
+        per_call = phases["lora_step"].flops / phases["lora_step"].calls
+        step1 = windows[1][1]["lora_step"].flops if "lora_step" in windows[1][1] else 0
+        amortised = windows[1][2] - step1 + int(per_call / job.method.train_every)
     return IterationMemory(
         method=method, size=size, device=device, dtype=dtype, batch_size=job.batch_size, resolution=job.resolution,
         image_size=int(prior.image_size), lora_checkpointing=learned, weights_bytes=weights, state_bytes=state,
-        peak_bytes=max(w[0] for w in windows), flops=windows[1][2], phases=phases,
+        peak_bytes=max(w[0] for w in windows), flops=windows[1][2], amortised_flops=amortised, phases=phases,
         render_samples=samples[-1] if samples else 0, attention_calls=dict(attention),
         values_read=stand_ins.values_read if stand_ins is not None else 0, seconds=time.perf_counter() - started, notes=notes,
+        train_every=int(getattr(job.method, "train_every", 1)),
     )
 
 
-def measure_methods(methods: tuple[str, ...] = METHODS, **options: Any) -> list[IterationMemory]:
-    """:func:`measure_iteration` for each method; VSD/ESD with and without LoRA checkpointing."""
+def measure_methods(methods: tuple[str, ...] = METHODS, train_every: Optional[int] = None, **options: Any) -> list[IterationMemory]:
+    """:func:`measure_iteration` for each method; VSD/ESD with and without LoRA checkpointing, and
+    with ``method.train_every`` set to ``train_every`` when given."""
     results = []
     for method in methods:
         variants = (True, False) if method in LEARNED_METHODS else (None,)
+        opts = dict(options)
+        if train_every is not None and method in LEARNED_METHODS:
+            opts["overrides"] = {**(opts.get("overrides") or {}), "method.train_every": int(train_every)}
         for checkpointing in variants:
-            results.append(measure_iteration(method, lora_checkpointing=checkpointing, **options))
+            results.append(measure_iteration(method, lora_checkpointing=checkpointing, **opts))
     return results
 
 
@@ -657,6 +676,30 @@ def format_targets(results: list[IterationMemory]) -> str:
                      for t in targets_summary(results))
 
 
+def cost_ratios(results: list[IterationMemory]) -> list[dict[str, Any]]:
+    """Each result's amortised FLOPs per iteration over SDS's (the first SDS row), with the
+    :data:`COST_TARGETS` where the method has one; empty without an SDS row."""
+    base = next((r for r in results if r.method == SDSConfig.KIND), None)
+    if base is None or base.amortised_flops <= 0:
+        return []
+    out = []
+    for r in results:
+        ratio = r.amortised_flops / base.amortised_flops
+        target = COST_TARGETS.get(r.method)
+        out.append({"label": r.label, "method": r.method, "ratio_to_sds": ratio, "target": target,
+                    "met": None if target is None else ratio <= target})
+    return out
+
+
+def format_cost_ratios(results: list[IterationMemory]) -> str:
+    """``esd (ckpt on)  1.56x SDS  (target <= 1.6: met)`` per result (see :func:`cost_ratios`)."""
+    lines = []
+    for c in cost_ratios(results):
+        target = "" if c["target"] is None else f"  (target <= {c['target']:g}: {'met' if c['met'] else 'NOT met'})"
+        lines.append(f"  {c['label']:<18} {c['ratio_to_sds']:5.2f}x SDS{target}")
+    return "\n".join(lines)
+
+
 def report_dict(results: list[IterationMemory]) -> dict[str, Any]:
     """Everything as JSON-ready data."""
     return {
@@ -664,6 +707,8 @@ def report_dict(results: list[IterationMemory]) -> dict[str, Any]:
         "cuda_overhead_gib": CUDA_OVERHEAD_GIB,
         "targets_gib": TARGETS_GIB,
         "targets": targets_summary(results),
+        "cost_targets": COST_TARGETS,
+        "cost_ratios": cost_ratios(results),
         "phases": PHASES,
         "not_counted": ["CUDA context and cuBLAS/cuDNN workspaces (the fixed overhead)", "allocator fragmentation",
                         "memory kernels allocate without a tensor", "host memory"],
@@ -672,7 +717,7 @@ def report_dict(results: list[IterationMemory]) -> dict[str, Any]:
 
 
 __all__ = [
-    "CUDA_OVERHEAD_GIB", "GiB", "IterationMemory", "MemoryTracker", "MetaStandIns", "PHASES", "PhaseStats", "PhaseTimer", "TARGETS_GIB",
+    "COST_TARGETS", "CUDA_OVERHEAD_GIB", "GiB", "cost_ratios", "format_cost_ratios", "IterationMemory", "MemoryTracker", "MetaStandIns", "PHASES", "PhaseStats", "PhaseTimer", "TARGETS_GIB",
     "bench_job", "cuda_attention", "dpt_hybrid_midas_config", "format_phases", "format_table", "format_targets", "instrument",
     "measure_iteration", "measure_methods", "quiet_model_logs", "random_sd_prior", "report_dict", "sd21_text_encoder", "targets_summary",
 ]

@@ -280,6 +280,7 @@ def write_markdown(path: Path, config: BenchConfig, result: dict[str, Any], summ
             rows = summary[b]["objects"].get(obj)
             if rows:
                 L += [f"### {obj} (mean ± std over seeds)", ""] + _table(rows, result["ground_truth"][f"{obj}|{b}"], cost) + [""]
+    L += camera_sensitivity_section(result["records"])
     if variance:
         L += ["## Gradient variance", "",
               f"Per-sample variance of the parameter gradient (trace of its covariance over draws of t, camera and eps at a fixed field; "
@@ -301,6 +302,28 @@ def write_markdown(path: Path, config: BenchConfig, result: dict[str, Any], summ
     L += ["## Reproduce", "", "```", result.get("command", "distill3d bench"), "```", ""]
     path.write_text("\n".join(L))
     return path
+
+
+def camera_sensitivity_section(records: list[dict[str, Any]]) -> list[str]:
+    """Markdown: per learned method (VSD, ESD) the run means of eps_psi's camera-sensitivity logs
+    (:class:`distill3d.distill.esd.ESD`), averaged over its recorded runs; nothing without any."""
+    keys = ("mean_psi_camera_sensitivity", "mean_psi_cam_null", "mean_psi_null_vs_q")
+    by_method: dict[str, list[dict[str, float]]] = {}
+    for r in records:
+        s = r.get("estimator_summary") or {}
+        if keys[0] in s:
+            by_method.setdefault(r["method"], []).append(s)
+    if not by_method:
+        return []
+    L = ["## eps_psi's camera sensitivity", "",
+         "Run means of ||eps_psi(c) − eps_psi(null)|| (*cam − null*), ||eps_psi(null) − eps_q|| (*null − q*: eps_q is the "
+         "leave-one-out mixture score of the step's renders and recent distant ones) and their per-sample ratio (*sensitivity*). "
+         "Far below 1: eps_psi barely uses the camera, so ESD acts as VSD.", "",
+         "| method | sensitivity | cam − null | null − q | runs |", "|---|---|---|---|---|"]
+    for name, rows in by_method.items():
+        means = [statistics.fmean(row[k] for row in rows if k in row) if any(k in row for row in rows) else math.nan for k in keys]
+        L.append(f"| {name} | {means[0]:.3f} | {means[1]:.3f} | {means[2]:.3f} | {len(rows)} |")
+    return L + [""]
 
 
 # ---------------------------------------------------------------------------- plots

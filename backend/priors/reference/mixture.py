@@ -43,7 +43,8 @@ def coefficients(t_or_as: TimeOrCoefficients, batch: int, dtype: torch.dtype, de
         raise PriorError("timesteps must be integers in [0, 1000); pass (a_t, s_t) for continuous noise levels")
     ac = scaled_linear_alphas_cumprod() if alphas_cumprod is None else alphas_cumprod
     ac = ac.to(device=device, dtype=dtype)
-    if bool(((t < 0) | (t >= ac.shape[0])).any()):
+    # (counted, not tested as a boolean: the meta-device cost count reads every count as 0 and every boolean as True)
+    if int(((t < 0) | (t >= ac.shape[0])).sum()) > 0:
         raise PriorError(f"timesteps must lie in [0, {ac.shape[0]}), got {t.min().item()}..{t.max().item()}")
     ac_t = ac[t.long().reshape(-1)].expand(batch)
     return ac_t.sqrt(), (1 - ac_t).sqrt()
@@ -57,7 +58,7 @@ def _log_weights(log_weights: Optional[Tensor], batch: int, k: int, dtype: torch
         lw = lw[None]
     if lw.shape[-1] != k or lw.shape[0] not in (1, batch):
         raise PriorError(f"log_weights must be [K] or [B, K] with K={k}, B={batch}; got {list(log_weights.shape)}")
-    if bool(torch.isneginf(lw).all(dim=-1).any()):
+    if int(torch.isneginf(lw).all(dim=-1).sum()) > 0:
         raise PriorError("every sample needs at least one reference with finite log-weight")
     return lw
 
