@@ -81,19 +81,20 @@ def _iteration(prior, estimator, batch: DistillBatch, generator: torch.Generator
 def time_method(prior, name: str, args, generator: torch.Generator) -> dict:
     device = prior.device
     learned = None
+    batch = _make_batch(prior, args.batch, generator, guidance=100.0 if name in ("sds", "esd-kernel") or name.startswith("ssd-") else 7.5)
     if name == "sds":
         estimator = SDS(prior)
     elif name.startswith("ssd-"):  # SSD with a named baseline on SDS (depth needs a depth model: not in the random prior)
         estimator = SSD(prior, make_baseline(name[len("ssd-"):]))
     elif name == "esd-kernel":  # a full bank of distant cameras: the mixture over 16 + batch renders is computed
         estimator = ESDKernel(prior, lam=0.5, bank_size=64, max_age=10**6)  # (64: the 16 stay while the timed steps push theirs)
-        away = CameraDistribution(azimuth_range=(150.0, 210.0)).sample(16, generator).to(device)
+        lo = (float(batch.cameras.azimuth[0]) + 150.0 + 180.0) % 360.0 - 180.0  # 150 to 210 degrees from the batch's camera
+        away = CameraDistribution(azimuth_range=(lo, lo + 60.0)).sample(16, generator).to(device)
         estimator.update(0.5 * torch.randn(16, 4, prior.latent_size, prior.latent_size, generator=generator).to(device), away, None)
     else:
         learned = LoRAScore(prior, LearnedScoreConfig(lora_rank=args.lora_rank, lr=1e-4, p_null=0.1, fused=not args.unfused,
                                                       train_every=args.train_every))
         estimator = VSD(prior, learned) if name == "vsd" else ESD(prior, learned, lam=0.5)
-    batch = _make_batch(prior, args.batch, generator, guidance=100.0 if name in ("sds", "esd-kernel") or name.startswith("ssd-") else 7.5)
     if device.type == "cuda":
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)

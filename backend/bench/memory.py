@@ -696,7 +696,7 @@ def format_cost_ratios(results: list[IterationMemory]) -> str:
     lines = []
     for c in cost_ratios(results):
         target = "" if c["target"] is None else f"  (target <= {c['target']:g}: {'met' if c['met'] else 'NOT met'})"
-        lines.append(f"  {c['label']:<18} {c['ratio_to_sds']:5.2f}x SDS{target}")
+        lines.append(f"  {c['label']:<26} {c['ratio_to_sds']:5.2f}x SDS{target}")
     return "\n".join(lines)
 
 
