@@ -23,7 +23,7 @@ from distill3d.bench.config import (
     normalize_overrides,
     quick_config,
 )
-from distill3d.bench.report import aggregate, mean_std
+from distill3d.bench.report import aggregate, camera_sensitivity_section, mean_std
 from distill3d.bench.runner import eval_cameras, plan_jobs
 from distill3d.cli import main
 
@@ -177,6 +177,20 @@ def test_aggregation_mean_std_and_front_share():
     assert s["strong"]["overall"]["esd-0.5"]["front_is_one"] == {"share": 1.0, "count": 2, "n": 2, "zero": 0, "two_or_more": 0}
     assert s["strong"]["overall"]["sds"]["front_is_one"]["zero"] == 1 and s["strong"]["overall"]["sds"]["front_is_one"]["two_or_more"] == 1
     assert s["cost"]["esd-0.5"]["relative_to_sds"] == pytest.approx(4.0)
+
+
+def test_camera_sensitivity_section_averages_the_learned_runs():
+    def rec(method, summary):
+        return {"method": method, "estimator_summary": summary}
+
+    one = {"mean_psi_camera_sensitivity": 0.1, "mean_psi_cam_null": 1.0, "mean_psi_null_vs_q": 10.0}
+    two = {"mean_psi_camera_sensitivity": 0.3, "mean_psi_cam_null": 3.0, "mean_psi_null_vs_q": 12.0}
+    lines = camera_sensitivity_section([rec("esd-1-vd", one), rec("esd-1-vd", two), rec("sds", {}), {"method": "old record"}])
+    assert lines[0] == "## eps_psi's camera sensitivity"
+    rows = [line for line in lines if line.startswith("| esd-1-vd")]
+    assert rows == ["| esd-1-vd | 0.200 | 2.000 | 11.000 | 2 |"]
+    assert not any(line.startswith("| sds") for line in lines)
+    assert camera_sensitivity_section([rec("sds", {})]) == []  # no learned run: no section
 
 
 def _check_outputs(out: Path, methods: list[str], biases: list[str], objects: list[str]) -> dict:

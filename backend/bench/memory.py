@@ -497,7 +497,7 @@ class IterationMemory:
     def meets_target(self) -> Optional[bool]:
         return None if self.target_gib is None else self.device_gib <= self.target_gib
 
-    #: VSD/ESD: eps_psi trains once every this many iterations (method.train_every)
+    #: VSD/ESD: the job's method.train_every
     train_every: int = 1
 
     @property
