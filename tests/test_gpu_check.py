@@ -26,7 +26,7 @@ def test_dry_run_reports_every_method_and_the_occupancy_grid_part(gpu_check, tmp
     assert "DRY RUN" in printed and "occupancy-grid SDS run" in printed
     report = json.loads(out.read_text())
     assert report["dry_run"] and report["errors"] == [] and report["non_finite"] == []
-    assert [r["method"] for r in report["methods"]] == ["sds", "vsd", "esd", "ssd"]
+    assert [r["method"] for r in report["methods"]] == ["sds", "vsd", "esd", "esd-kernel", "ssd"]
     for r in report["methods"]:
         assert "error" not in r, r
         assert r["ms_per_iteration"] > 0 and r["losses_finite"] and r["estimated_peak_gib"] > 0
