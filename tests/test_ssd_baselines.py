@@ -19,8 +19,8 @@ from distill3d.distill.base import SDS
 from distill3d.distill.baselines import BaselineError, make_baseline
 from distill3d.distill.ssd import SSD, SSDError, make_ssd
 from distill3d.distill.vector_baselines import AntitheticBaseline, JacobianBaseline, PixelNetBaseline
-from distill3d.trainer import Trainer
 from test_ssd import Z_CRIT, MixturePrior, make_batch, projections_within_interval, random_directions
+from test_variance import trainer  # noqa: F401 - the fixture
 
 
 @pytest.fixture(scope="module")
@@ -217,13 +217,8 @@ def test_make_ssd_follows_the_new_settings(smooth):
     assert not anti.direction_needs_memory and make_ssd(smooth, SSDConfig()).direction_needs_memory  # only depth back-propagates through the prior
 
 
-def test_variance_instrument_measures_a_configured_baseline():
-    prior = MixturePrior(size=8, smoothing=0.3)
-    cfg = parse_job({"prompt": "mixture", "method": {"kind": "sds"}, "resolution": 8, "field": {"kind": "dense", "resolution": 12},
-                     "renderer": {"samples_per_ray": 12}, "batch_size": 2, "iters": 20, "preview": {"every": 0}, "seed": 3})
-    tr = Trainer(cfg, prior=prior)
-    for _ in range(3):
-        tr.train_step()
+def test_variance_instrument_measures_a_configured_baseline(trainer):
+    tr = trainer  # test_variance's small trained field
     conf = VarianceConfig(samples=64, eps_per_draw=2, groups=8, pilot=16, seed=1, ssd_settings={"baseline": "antithetic", "mu_bands": 2})
     report = measure_variance(tr, conf)
     ssd = report.estimators["ssd"]
