@@ -702,7 +702,7 @@ def test_generate_updates_one_preview_in_place_and_imports_the_textured_result(b
     scene = bpy.context.scene
     scene.cursor.location = (1.0, -2.0, 0.5)
     configure(blender, backend.endpoint)
-    small_job(scene.distill3d)
+    small_job(scene.distill3d, iters=8, preview__every=2)  # previews spaced by training steps: none coalesce away
     assert bpy.ops.distill3d.generate() == {"FINISHED"}
     assert controller.busy and not bpy.ops.distill3d.generate.poll()  # Generate turns into Cancel
     seen_objects, seen_meshes, most_at_once = set(), set(), 0
@@ -753,7 +753,7 @@ def test_generate_updates_one_preview_in_place_and_imports_the_textured_result(b
     np.testing.assert_array_equal(blender.submodule("scene_import").image_pixels_rgba(image), stored["texture"])
     # the job's settings ride along for regeneration
     saved = json.loads(obj["distill3d_job"])
-    assert saved == job.config and saved["seed"] == 7 and saved["iters"] == SMALL_JOB_SETTINGS["iters"]
+    assert saved == job.config and saved["seed"] == 7 and saved["iters"] == 8
     assert obj["distill3d_job_id"] == job.job_id
     assert "Done" in controller.status and not controller.status_is_error
     # a finished job can be fetched again into a new object (e.g. after Blender restarted)
