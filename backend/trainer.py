@@ -125,7 +125,8 @@ class Trainer:
                                      "or send the mesh's arrays with the submit")
             target = None
             if config.geometry.fit == "auto":  # where the prior knows the object, its frame is the one to match
-                truth = self.prior.ground_truth(self.prompt, resolution=64)
+                # at the export's resolution: the job scores the result against the same (cached) true mesh
+                truth = self.prior.ground_truth(self.prompt, resolution=config.export.mc_resolution)
                 target = None if truth is None else (truth[1].min(axis=0), truth[1].max(axis=0))
             self.field, self.mesh_fit = mesh_shaped_field(self.field, input_mesh.vertices, input_mesh.faces, config.geometry,
                                                           config.seed, target)

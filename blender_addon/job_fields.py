@@ -65,17 +65,19 @@ def not_a_property(path: str) -> bool:
     """Whether the job value at ``path`` (or a section above it) is left to other parts of the add-on."""
     return any(path == key or path.startswith(key + ".") for key in NOT_PROPERTIES)
 
-def _flat(overrides: dict, prefix: str = "") -> Iterator[tuple[str, Any]]:
-    for key, value in overrides.items():
+def flat_paths(overrides: dict, prefix: str = "") -> Iterator[tuple[str, Any]]:
+    """``{"method": {"kind": "esd", "lam": 1}}`` -> ("method.kind", "esd"), ("method.lam", 1): a
+    union's kind first, so the settings after it apply to the kind it chose."""
+    for key, value in sorted(overrides.items(), key=lambda kv: kv[0] != KIND_KEY):
         if isinstance(value, dict):
-            yield from _flat(value, f"{prefix}{key}.")
+            yield from flat_paths(value, f"{prefix}{key}.")
         else:
             yield f"{prefix}{key}", value
 
 
 #: a fresh panel starts from the default prior's measured best estimator (protocol recipes.RECOMMENDED:
 #: esd-exact at lambda 1 with view-dependent prompts for the reference world), not the description's plain SDS
-PANEL_DEFAULTS: dict[str, Any] = dict(_flat(recipes.recommended_for(JobConfig().prior.KIND)[1]))
+PANEL_DEFAULTS: dict[str, Any] = dict(flat_paths(recipes.recommended_for(JobConfig().prior.KIND)[1]))
 
 # Words shown in capitals in labels derived from field names ("lora_lr" -> "LoRA LR").
 _LABEL_WORDS = {"lr": "LR", "mlp": "MLP", "mlps": "MLPs", "lora": "LoRA", "cpu": "CPU", "vae": "VAE", "ema": "EMA", "occ": "occupancy",

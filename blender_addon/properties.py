@@ -92,21 +92,10 @@ def blender_properties(entry: PanelSetting) -> Iterator[tuple[str, Any]]:
 PRIOR_KIND_PATH = "prior.kind"
 
 
-def _flat_overrides(overrides: dict, prefix: str = "") -> Iterator[tuple[str, Any]]:
-    """``{"method": {"kind": "esd", "lam": 1}}`` -> ("method.kind", "esd"), ("method.lam", 1): kinds first."""
-    items = sorted(overrides.items(), key=lambda kv: kv[0] != records.KIND_KEY)
-    for key, value in items:
-        path = f"{prefix}{key}"
-        if isinstance(value, dict):
-            yield from _flat_overrides(value, path + ".")
-        else:
-            yield path, value
-
-
 def apply_overrides(settings: Any, overrides: dict) -> list[str]:
     """Set dotted ``overrides`` (a recipe's, a preset's) in the panel; returns what could not be set."""
     skipped = []
-    for path, value in _flat_overrides(overrides):
+    for path, value in job_fields.flat_paths(overrides):
         entry = job_fields.KIND_SETTINGS.get(path[: -len(".kind")]) if path.endswith(".kind") else job_fields.applicable(path, settings)
         if entry is None:
             skipped.append(f"{path}: not a setting of the chosen kinds")

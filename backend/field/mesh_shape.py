@@ -217,12 +217,15 @@ class MeshShapedField(RadianceField):
         flat = (i[:, 0] * self.cells + i[:, 1]) * self.cells + i[:, 2]
         self.reach.view(-1).index_add_(0, flat, grad.detach().abs().sum(dim=-1).to(self.reach.dtype))
 
+    def surface_nodes(self) -> torch.Tensor:
+        """Grid nodes ([x, y, z]) within two cells of the surface."""
+        return self.distance[0, 0].permute(2, 1, 0).abs() < 2.0 * self.cell
+
     @property
     def seen(self) -> torch.Tensor:
         """Nodes whose colour training reached: a reach of at least ``SEEN_SHARE`` of the median
         reach of the surface nodes reached at all (a grazing ray's trickle does not count)."""
-        surface = self.distance[0, 0].permute(2, 1, 0).abs() < 2.0 * self.cell
-        reached = self.reach[surface & (self.reach > 0)]
+        reached = self.reach[self.surface_nodes() & (self.reach > 0)]
         if reached.numel() == 0:
             return torch.zeros_like(self.reach, dtype=torch.bool)
         return self.reach >= SEEN_SHARE * reached.median()
@@ -239,7 +242,7 @@ class MeshShapedField(RadianceField):
         from scipy.spatial import cKDTree
 
         seen_nodes = self.seen
-        near = (self.distance[0, 0].permute(2, 1, 0).abs() < 2.0 * self.cell) & seen_nodes
+        near = self.surface_nodes() & seen_nodes
         nodes = near.nonzero().cpu().numpy()
         if len(nodes) == 0:
             return albedo_fn
