@@ -1,6 +1,6 @@
 """Pictures and numbers of the learned reference prior's samples (docs/learned_prior.md).
 
-    python benchmarks/learned_prior_report.py --out docs/learned_prior [--weights DIR] [--n 16]
+    python benchmarks/learned_prior_report.py --out docs/learned_prior [--weights DIR | --bias mild] [--n 16]
 
 Writes ``samples_<object>.png`` (rows: no view word, front, side, back view; columns: seeds),
 ``collection_<object>.png`` (the training collection's views, for comparison) and
@@ -31,7 +31,8 @@ def to_png(images: torch.Tensor, path: Path, columns: int, scale: int = 3) -> No
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="docs/learned_prior")
-    parser.add_argument("--weights", default=None, help="learned-prior folder (default: the shipped weights)")
+    parser.add_argument("--weights", default=None, help="learned-prior folder (default: the shipped weights of --bias)")
+    parser.add_argument("--bias", default="strong", choices=("strong", "mild"), help="which shipped weights (default strong)")
     parser.add_argument("--n", type=int, default=16, help="samples per object and prompt for the numbers")
     parser.add_argument("--columns", type=int, default=8, help="samples per row in the pictures")
     parser.add_argument("--steps", type=int, default=25)
@@ -46,7 +47,7 @@ def main() -> int:
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    prior = LearnedReferencePrior.load(args.weights)
+    prior = LearnedReferencePrior.load(args.weights, bias=args.bias)
     for k, name in enumerate(prior.object_names):
         emb = prior.embed_prompt(f"a {name.replace('_', ' ')}", view_dependent=True)
         rows = [sample(prior, emb, args.columns, args.steps, args.guidance, seed=1000 + k)]

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from distill3d.priors.learned import model as M
-from distill3d.priors.learned.prior import SHIPPED_WEIGHTS, LearnedReferencePrior
+from distill3d.priors.learned.prior import SHIPPED, SHIPPED_WEIGHTS, LearnedReferencePrior
 from distill3d.priors.stable_diffusion import PIXEL_FOLDER_FILES, StableDiffusionPrior, is_pixel_space_folder
 from distill3d.priors.hub import missing_files
 
@@ -21,15 +21,26 @@ def prior():
     return LearnedReferencePrior.load()
 
 
-def test_shipped_weights_are_a_small_diffusers_folder():
-    assert is_pixel_space_folder(str(SHIPPED_WEIGHTS))
-    assert missing_files(str(SHIPPED_WEIGHTS), PIXEL_FOLDER_FILES) == []
-    files = [p for p in SHIPPED_WEIGHTS.rglob("*") if p.is_file()]
-    assert sum(p.stat().st_size for p in files) <= 25 * 2**20
-    weights = [p for p in files if p.suffix in (".safetensors", ".bin", ".pt", ".ckpt")]
-    assert weights and all(p.suffix == ".safetensors" for p in weights)
-    index = json.loads((SHIPPED_WEIGHTS / "model_index.json").read_text())
-    assert index["vae"] == [None, None] and index["unet"] == ["diffusers", "UNet2DConditionModel"]
+@pytest.fixture(scope="module")
+def mild_prior():
+    torch.manual_seed(0)
+    return LearnedReferencePrior.load(bias="mild")
+
+
+def test_shipped_weights_are_small_diffusers_folders_one_per_bias():
+    total = 0
+    for bias, folder in SHIPPED.items():
+        assert is_pixel_space_folder(str(folder))
+        assert missing_files(str(folder), PIXEL_FOLDER_FILES) == []
+        files = [p for p in folder.rglob("*") if p.is_file()]
+        total += sum(p.stat().st_size for p in files)
+        weights = [p for p in files if p.suffix in (".safetensors", ".bin", ".pt", ".ckpt")]
+        assert weights and all(p.suffix == ".safetensors" for p in weights)
+        index = json.loads((folder / "model_index.json").read_text())
+        assert index["vae"] == [None, None] and index["unet"] == ["diffusers", "UNet2DConditionModel"]
+        record = json.loads((folder / "distill3d.json").read_text())
+        assert record["train"]["kappa"] == {"strong": 4.0, "mild": 1.0}[bias]  # trained on the bias it is shipped for
+    assert total <= 25 * 2**20  # both sets together
 
 
 def test_it_is_the_stable_diffusion_prior_in_pixel_space(prior):
@@ -107,15 +118,30 @@ def test_a_folder_that_is_no_learned_prior_is_refused(tmp_path):
         LearnedReferencePrior.load(tmp_path)
 
 
-def test_recorded_sample_metric_of_the_shipped_weights(prior):
+@pytest.mark.parametrize("which", ["prior", "mild_prior"])
+def test_recorded_sample_metric_of_the_shipped_weights(which, request):
     """A few seeded DDIM samples per object, classified by the exact object classifier: the
     agreement recorded at export (``distill3d.json``: ``quality.test_metric``) within tolerance."""
     from distill3d.priors.learned.quality import object_agreement_metric
 
+    prior = request.getfixturevalue(which)
     recorded = prior.record["quality"]["test_metric"]
     measured = object_agreement_metric(prior, **recorded["settings"])
     assert measured == pytest.approx(recorded["value"], abs=0.05)
     assert measured > 0.3  # above chance (1 / 5 objects)
+
+
+def test_the_mild_weights_are_picked_by_bias_and_know_the_mild_collection(mild_prior):
+    from distill3d.config import parse_job
+    from distill3d.priors.base import PriorError
+    from distill3d.priors.factory import PriorCache
+
+    assert mild_prior.collection("mug").spec.kappa == 1.0
+    job = parse_job({"prompt": "a mug", "prior": {"kind": "learned", "shipped": "mild"}})
+    loaded = PriorCache().get(job, torch.device("cpu"))
+    assert loaded.record["train"]["kappa"] == 1.0
+    with pytest.raises(PriorError, match="no shipped learned weights"):
+        LearnedReferencePrior.load(bias="uniform")
 
 
 def test_package_data_ships_every_weight_file():
@@ -127,7 +153,17 @@ def test_package_data_ships_every_weight_file():
     root = Path(__file__).resolve().parents[1]
     patterns = tomllib.loads((root / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"]["distill3d.priors.learned"]
     package = SHIPPED_WEIGHTS.parent
-    for path in SHIPPED_WEIGHTS.rglob("*"):
+    for path in (p for folder in SHIPPED.values() for p in folder.rglob("*")):
         if path.is_file():
             rel = path.relative_to(package).as_posix()
             assert any(fnmatch.fnmatch(rel, p) and rel.count("/") == p.count("/") for p in patterns), rel
+
+
+def test_a_learned_benchmark_runs_each_bias_on_the_weights_trained_on_it():
+    from distill3d.bench.config import BenchConfig, BenchConfigError
+
+    cfg = BenchConfig.from_dict({"prior": "learned", "objects": ["mug"], "biases": ["strong", "mild"], "methods": ["sds"]})
+    assert [cfg.base_job("mug", 0, b).prior.shipped for b in cfg.biases] == ["strong", "mild"]
+    assert BenchConfig.from_dict({"prior": "learned", "biases": [1.0]}).base_job("mug", 0, 1.0).prior.shipped == "mild"
+    with pytest.raises(BenchConfigError, match="strong .kappa 4. and mild .kappa 1. biases only"):
+        BenchConfig.from_dict({"prior": "learned", "biases": ["uniform"]})

@@ -25,9 +25,10 @@ explicit list; a bias is a preset name of :data:`~distill3d.priors.reference.KAP
 a concentration kappa >= 0.
 
 ``prior`` is ``"reference"`` (the exact prior, default) or ``"learned"`` (the learned reference
-prior, whose bias is the one it was trained with: strong). ``objects`` may name JSON or Python
-objects files (:mod:`distill3d.priors.reference.objects_file`) too: a file's objects are
-registered (in every worker) and benchmarked; ``objects_files`` lists the files.
+prior; a bias there picks the shipped weights trained on that bias: strong or mild).
+``objects`` may name JSON or Python objects files (:mod:`distill3d.priors.reference.objects_file`)
+too: a file's objects are registered (in every worker) and benchmarked; ``objects_files`` lists
+the files.
 """
 
 from __future__ import annotations
@@ -230,6 +231,10 @@ def _bias(value: Any) -> str | float:
     return float(value)
 
 
+#: the biases the learned prior ships weights for (distill3d.priors.learned.prior.SHIPPED)
+LEARNED_BIASES = ("strong", "mild")
+
+
 def bias_label(bias: str | float) -> str:
     return bias if isinstance(bias, str) else f"kappa={bias:g}"
 
@@ -324,11 +329,11 @@ class BenchConfig:
         known = object_names()
         if self.prior not in ("reference", "learned"):
             raise BenchConfigError(f"prior must be reference or learned, got {self.prior!r}")
-        if self.prior == "learned":  # its bias is the one its weights were trained with
-            if self.biases == ["strong", "mild"]:
-                self.biases = ["strong"]
-            if any(bias_kappa(_bias(b)) != 4.0 for b in ([self.biases] if isinstance(self.biases, (str, int, float)) else self.biases)):
-                raise BenchConfigError("the learned prior was trained on the strong bias (kappa 4): use biases [\"strong\"]")
+        if self.prior == "learned":  # a bias picks the shipped weights trained on it
+            shipped = {bias_kappa(name): name for name in LEARNED_BIASES}
+            if any(bias_kappa(_bias(b)) not in shipped for b in ([self.biases] if isinstance(self.biases, (str, int, float)) else self.biases)):
+                raise BenchConfigError("the learned prior ships weights for the strong (kappa 4) and mild (kappa 1) "
+                                       f"biases only; got biases {self.biases!r}")
         if not self.objects or any(o not in known for o in self.objects) or len(set(self.objects)) != len(self.objects):
             raise BenchConfigError(f"objects must be distinct known objects ({', '.join(known)}) or objects files; got {self.objects!r}")
         if isinstance(self.biases, (str, int, float)):
@@ -375,7 +380,8 @@ class BenchConfig:
         if self.objects_files:
             self.register_objects_files()
         if self.prior == "learned":
-            prior = {"kind": "learned", "objects": list(self.objects_files)}
+            prior = {"kind": "learned", "objects": list(self.objects_files),
+                     "shipped": {bias_kappa(name): name for name in LEARNED_BIASES}[bias_kappa(bias)]}
         else:
             prior = {"kind": "reference", "bias": bias_kappa(bias), "objects": list(self.objects) + list(self.objects_files),
                      "num_views": self.num_views}

@@ -35,7 +35,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--objects", default=None, help="comma-separated objects (see `distill3d reference list`) and/or JSON or "
                                                    "Python objects files (a file's objects are registered and benchmarked)")
     p.add_argument("--prior", choices=("reference", "learned"), default=None,
-                   help="the exact reference prior (default) or the learned reference prior (strong bias only)")
+                   help="the exact reference prior (default) or the learned reference prior (its shipped strong and mild weights)")
     from ..bench.config import BUILTIN_METHODS, VD_SUFFIX, lambda_methods
 
     p.add_argument("--methods", default=None,

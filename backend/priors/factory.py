@@ -53,7 +53,7 @@ def _reference(record: ReferencePriorConfig, job: JobConfig, device: torch.devic
 def _learned(record: LearnedPriorConfig, job: JobConfig, device: torch.device) -> Prior:
     from .learned.prior import LearnedReferencePrior
 
-    return LearnedReferencePrior.load(record.weights, device=device, objects_files=record.objects)
+    return LearnedReferencePrior.load(record.weights, device=device, objects_files=record.objects, bias=record.shipped)
 
 
 @loader_for(SDPriorConfig)

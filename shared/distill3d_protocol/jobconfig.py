@@ -87,7 +87,9 @@ class LearnedPriorConfig:
     """The learned reference prior: a pixel-space UNet + CLIP text model of the front-biased collections."""
 
     weights: Optional[str] = setting(None, "diffusers folder of a learned prior (`distill3d reference train-prior`); "
-                                     "null = the weights shipped in the package", kind="str", nullable=True, max_len=1024)
+                                     "null = the weights shipped in the package (see shipped)", kind="str", nullable=True, max_len=1024)
+    shipped: str = setting("strong", "which shipped weights (when weights is null): trained on the strong (kappa 4) or "
+                           "the mild (kappa 1) front-biased collections", choices=("strong", "mild"))
     objects: tuple = setting((), "JSON or Python files of the extra objects the weights were trained on (for ground "
                              "truth and metrics)", kind="strs")
     guidance_sds: float = setting(LEARNED_GUIDANCE_SDS, "default guidance of SDS and SSD", lo=0.0, hi=1000.0)

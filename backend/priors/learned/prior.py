@@ -13,7 +13,9 @@ reference world knows and SD does not:
 * a depth estimator for SSD: the exact posterior-mean depth of the reference views given the
   decoded image (:class:`ReferenceDepth`), standing where SD has its DPT model.
 
-The shipped weights live in ``weights/`` beside this module (:data:`SHIPPED_WEIGHTS`).
+Two sets of weights ship beside this module (:data:`SHIPPED`): ``weights/``, trained on the
+strong front-biased collections (kappa 4, the default), and ``weights_mild/``, the same recipe on
+the mild ones (kappa 1).
 """
 
 from __future__ import annotations
@@ -32,7 +34,10 @@ from .train import RECORD_NAME
 
 log = logging.getLogger(__name__)
 
-SHIPPED_WEIGHTS = Path(__file__).resolve().parent / "weights"
+#: the shipped weights by the front bias of the collections they were trained on
+SHIPPED: dict[str, Path] = {"strong": Path(__file__).resolve().parent / "weights",
+                            "mild": Path(__file__).resolve().parent / "weights_mild"}
+SHIPPED_WEIGHTS = SHIPPED["strong"]
 
 
 class ReferenceDepth(torch.nn.Module):
@@ -76,12 +81,15 @@ class LearnedReferencePrior(StableDiffusionPrior):
 
     @classmethod
     def load(cls, weights: Optional[str | Path] = None, device: torch.device | str = "cpu",
-             objects_files: Sequence[str] = ()) -> "LearnedReferencePrior":
-        """The prior in diffusers folder ``weights`` (None = the shipped weights), fp32, offline.
-        ``objects_files`` register the extra objects those weights were trained on."""
+             objects_files: Sequence[str] = (), bias: str = "strong") -> "LearnedReferencePrior":
+        """The prior in diffusers folder ``weights`` (None = the shipped weights of ``bias``, a key
+        of :data:`SHIPPED`), fp32, offline. ``objects_files`` register the extra objects those
+        weights were trained on."""
         from ...config import SDPriorConfig, build
 
-        folder = Path(weights) if weights else SHIPPED_WEIGHTS
+        if weights is None and bias not in SHIPPED:
+            raise PriorError(f"no shipped learned weights for bias {bias!r}; shipped: {', '.join(SHIPPED)}")
+        folder = Path(weights) if weights else SHIPPED[bias]
         if not is_pixel_space_folder(str(folder)):
             hint = " (the package was installed without its weights?)" if weights is None else ""
             raise PriorError(f"{folder} is not a learned-prior folder (a diffusers layout with model_index.json and no VAE, "

@@ -176,8 +176,8 @@ def train(out_dir: str | Path, config: TrainConfig, cache_dir=None, progress: bo
     if ckpt_path.is_file():
         state = torch.load(ckpt_path, map_location="cpu", weights_only=False)
         saved = TrainConfig(**state["config"])
-        if (saved.seed, saved.objects or names, saved.batch_size) != (config.seed, names, config.batch_size):
-            raise PriorError(f"{ckpt_path} was trained with another seed, objects or batch size; use a new --out")
+        if (saved.seed, saved.objects or names, saved.batch_size, saved.kappa) != (config.seed, names, config.batch_size, config.kappa):
+            raise PriorError(f"{ckpt_path} was trained with another seed, objects, batch size or kappa; use a new --out")
         log.info("resuming from %s at step %d", ckpt_path, state["step"])
 
     tokenizer = M.build_tokenizer(objects)
