@@ -167,3 +167,29 @@ def test_a_learned_benchmark_runs_each_bias_on_the_weights_trained_on_it():
     assert BenchConfig.from_dict({"prior": "learned", "biases": [1.0]}).base_job("mug", 0, 1.0).prior.shipped == "mild"
     with pytest.raises(BenchConfigError, match="strong .kappa 4. and mild .kappa 1. biases only"):
         BenchConfig.from_dict({"prior": "learned", "biases": ["uniform"]})
+
+
+def test_training_is_seeded_resumable_and_refuses_a_checkpoint_of_another_collection(tmp_path):
+    """`distill3d reference train-prior` in miniature: one object, 16-view collections, batch 2."""
+    from safetensors.torch import load_file
+
+    from distill3d.priors.base import PriorError
+    from distill3d.priors.learned.train import CHECKPOINT_NAME, TrainConfig, train
+
+    def config(steps, **kw):
+        return TrainConfig(steps=steps, batch_size=2, num_views=16, view_pool_views=16, objects=["mug"], **kw)
+
+    def unet_weights(model_dir):
+        return load_file(str(model_dir / "unet" / "diffusion_pytorch_model.safetensors"))
+
+    cache = tmp_path / "cache"
+    first = unet_weights(train(tmp_path / "a", config(2), cache_dir=cache, progress=False))
+    again = unet_weights(train(tmp_path / "b", config(2), cache_dir=cache, progress=False))
+    assert first.keys() == again.keys() and all(torch.equal(first[k], again[k]) for k in first)  # seeded
+    resumed = train(tmp_path / "b", config(3), cache_dir=cache, progress=False)  # continues at step 2
+    state = torch.load(tmp_path / "b" / CHECKPOINT_NAME, weights_only=False)
+    assert state["step"] == 3 and len(state["losses"]) == 3
+    assert json.loads((resumed / "distill3d.json").read_text())["steps_done"] == 3
+    assert not all(torch.equal(first[k], v) for k, v in unet_weights(resumed).items())
+    with pytest.raises(PriorError, match="kappa"):
+        train(tmp_path / "b", config(4, kappa=1.0), cache_dir=cache, progress=False)
