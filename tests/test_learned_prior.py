@@ -136,7 +136,7 @@ def test_the_mild_weights_are_picked_by_bias_and_know_the_mild_collection(mild_p
     from distill3d.priors.base import PriorError
     from distill3d.priors.factory import PriorCache
 
-    assert mild_prior.collection("mug").spec.kappa == 1.0
+    assert mild_prior.kappa == 1.0 and mild_prior.collection("mug").spec.kappa == 1.0
     job = parse_job({"prompt": "a mug", "prior": {"kind": "learned", "shipped": "mild"}})
     loaded = PriorCache().get(job, torch.device("cpu"))
     assert loaded.record["train"]["kappa"] == 1.0

@@ -104,6 +104,7 @@ class LearnedReferencePrior(StableDiffusionPrior):
         sd_record = build(SDPriorConfig, {"model": str(folder), "dtype": "float32", "depth_model": ""})
         prior = cls.from_config(sd_record, device=device, local_files_only=True)
         prior.record = record
+        prior.kappa = float(record.get("train", {}).get("kappa", prior.kappa))  # the bias of its training collections
         if record.get("objects"):
             from ..reference.objects import get_object
 
@@ -126,7 +127,7 @@ class LearnedReferencePrior(StableDiffusionPrior):
             raise PriorError(f"object {object_name!r} is not in the learned prior; objects: {', '.join(self.object_names)}")
         train = self.record.get("train", {})
         return load_collection(CollectionSpec(object_name, num_views=int(train.get("num_views", 256)),
-                                              kappa=float(train.get("kappa", self.kappa)), resolution=self.image_size))
+                                              kappa=self.kappa, resolution=self.image_size))
 
     def object_name(self, prompt: PromptEmbedding) -> Optional[str]:
         """The one object the prompt's words name, or None."""
