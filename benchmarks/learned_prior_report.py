@@ -29,10 +29,12 @@ def to_png(images: torch.Tensor, path: Path, columns: int, scale: int = 3) -> No
 
 
 def main() -> int:
+    from distill3d_protocol.jobconfig import LEARNED_SHIPPED_BIASES
+
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="docs/learned_prior")
     parser.add_argument("--weights", default=None, help="learned-prior folder (default: the shipped weights of --bias)")
-    parser.add_argument("--bias", default="strong", choices=("strong", "mild"), help="which shipped weights (default strong)")
+    parser.add_argument("--bias", default="strong", choices=LEARNED_SHIPPED_BIASES, help="which shipped weights (default strong)")
     parser.add_argument("--n", type=int, default=16, help="samples per object and prompt for the numbers")
     parser.add_argument("--columns", type=int, default=8, help="samples per row in the pictures")
     parser.add_argument("--steps", type=int, default=25)

